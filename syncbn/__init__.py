@@ -1,0 +1,31 @@
+"""syncbn: synchronized BatchNorm over torch.distributed (NCCL, gloo, any group) or MPI.
+
+One all-reduce per layer in each direction, exact for uneven and empty ranks, on CPU and GPU.
+"""
+from . import comm, functional
+from .comm import (
+    Communicator,
+    MPICommunicator,
+    SingleProcessCommunicator,
+    TorchDistributedCommunicator,
+    resolve_communicator,
+)
+from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .functional import sync_batch_norm
+from .module import SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "sync_batch_norm",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "Communicator",
+    "SingleProcessCommunicator",
+    "TorchDistributedCommunicator",
+    "MPICommunicator",
+    "resolve_communicator",
+    "comm",
+    "functional",
+]

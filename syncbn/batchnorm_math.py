@@ -1,0 +1,153 @@
+"""The arithmetic of synchronized BatchNorm, free of communication.
+
+Forward: local statistics -> packed payload -> (all-reduce elsewhere) -> global statistics
+-> running-stat update -> normalize. Backward: local gradient sums -> packed payload ->
+(all-reduce elsewhere) -> input gradient.
+
+Precision: local mean and variance come from a stable fused kernel in fp32 (fp64 for fp64
+input); the forward payload carries [count, sum x, sum x^2] in fp64, so merging ranks
+cancels only at fp64 precision (relative error ~1e-16 * (mean/std)^2), and counts stay exact.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def reduction_dims(ndim: int) -> List[int]:
+    """All dims but the channel dim 1."""
+    return [0] + list(range(2, ndim))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are kept in fp64 for fp64 input, else in fp32 (also for fp16/bf16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_view(values: Tensor, ndim: int) -> Tensor:
+    """(C,) -> (1, C, 1, ...) for broadcasting against an ndim-dimensional input."""
+    return values.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def local_count(x: Tensor) -> int:
+    """Values per channel on this rank; known on the host from the shape alone."""
+    return x.numel() // x.shape[1]
+
+
+def forward_payload(x: Tensor) -> Tensor:
+    """[count, sum x (C), sum x^2 (C)] of the local batch, in fp64, zeros for an empty batch."""
+    channels = x.shape[1]
+    payload = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    count = local_count(x)
+    if count == 0:
+        return payload
+    stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
+    mean = mean.double()
+    payload[0] = count
+    payload[1 : channels + 1] = mean * count
+    payload[channels + 1 :] = (var.double() + mean * mean) * count
+    return payload
+
+
+def global_moments(payload: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, biased var) of the whole group from the all-reduced forward payload.
+
+    The count stays a 0-dim device tensor so no host sync is needed; an empty group gives
+    mean 0 and var 0 (callers keep running stats unchanged then).
+    """
+    channels = (payload.numel() - 1) // 2
+    count = payload[0]
+    safe_count = count.clamp(min=1.0)
+    mean = payload[1 : channels + 1] / safe_count
+    var = (payload[channels + 1 :] / safe_count - mean * mean).clamp_(min=0.0)
+    return count, mean, var
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    count: Tensor,
+    mean: Tensor,
+    var: Tensor,
+) -> None:
+    """BatchNorm's running-stat update, skipped (device-side) when the group saw no values.
+
+    running_var takes the unbiased variance; momentum=None is the cumulative average
+    1 / num_batches_tracked, read on the device.
+    """
+    has_values = count > 0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(has_values.to(num_batches_tracked.dtype))
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+    else:
+        factor = torch.full((), float(momentum), dtype=mean.dtype, device=mean.device)
+    factor = torch.where(has_values, factor, torch.zeros_like(factor))
+    unbiased_var = var * (count / (count - 1).clamp(min=1.0))
+    new_mean = running_mean * (1 - factor) + mean * factor
+    new_var = running_var * (1 - factor) + unbiased_var * factor
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def _affine_in(param: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if param is None else param.to(dtype)
+
+
+def normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tensor:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias in one fused pass; keeps dtype and layout."""
+    acc = accumulation_dtype(x.dtype)
+    return torch.batch_norm(
+        x, _affine_in(weight, acc), _affine_in(bias, acc), mean.to(acc), var.to(acc),
+        False, 0.0, eps, torch.backends.cudnn.enabled,
+    )
+
+
+def backward_payload(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """[sum dy (C), sum dy * xhat (C)] of the local batch in the accumulation dtype."""
+    channels = x.shape[1]
+    acc = accumulation_dtype(x.dtype)
+    if local_count(x) == 0:  # the fused kernel below faults on empty input
+        return torch.zeros(2 * channels, dtype=acc, device=x.device)
+    ones = torch.ones(channels, dtype=acc, device=x.device)
+    # Eval-mode BatchNorm backward computes exactly these two per-channel sums in one pass:
+    # grad_weight = sum dy * (x - mean) * invstd, grad_bias = sum dy.
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, ones, mean.to(acc), var.to(acc), None, None, False, eps, [False, True, True]
+    )
+    return torch.cat([sum_dy, sum_dy_xhat])
+
+
+def input_grad(
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float,
+    global_payload: Tensor, count: Tensor,
+) -> Tensor:
+    """dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group.
+
+    Written per channel as dx = a * dy + b * x + c, two fused elementwise passes.
+    """
+    channels = x.shape[1]
+    acc = accumulation_dtype(x.dtype)
+    mean = mean.to(acc)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    safe_count = count.to(acc).clamp(min=1.0)
+    mean_dy = global_payload[:channels].to(acc) / safe_count
+    mean_dy_xhat = global_payload[channels:].to(acc) / safe_count
+    a = scale
+    b = -scale * invstd * mean_dy_xhat
+    c = scale * (mean * invstd * mean_dy_xhat - mean_dy)
+    ndim = x.dim()
+    dx = torch.addcmul(channel_view(c, ndim), x, channel_view(b, ndim))
+    dx.addcmul_(dy, channel_view(a, ndim))
+    return dx.to(x.dtype)
