@@ -64,19 +64,20 @@ def main() -> None:
     rank = _init_group(backend)
     host, port = os.environ["SYNCBN_POOL_ADDRESS"].rsplit(":", 1)
     connection = Client((host, int(port)), authkey=bytes.fromhex(os.environ["SYNCBN_POOL_AUTHKEY"]))
-    connection.send(rank)
+    connection.send_bytes(pickle.dumps(rank))
     while True:
         try:
-            message = connection.recv()
+            message = pickle.loads(connection.recv_bytes())
         except EOFError:  # the pool went away
             break
         if message[0] == "exit":
             break
         reply = _outcome(message[1])
         try:
-            connection.send(reply)
+            data = pickle.dumps(reply)
         except Exception as exc:  # an unpicklable result
-            connection.send(("error", None, f"rank {rank}: could not send the result back: {exc!r}"))
+            data = pickle.dumps(("error", None, f"rank {rank}: could not send the result back: {exc!r}"))
+        connection.send_bytes(data)
     _shut_down(backend)
 
 

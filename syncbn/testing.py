@@ -24,6 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+# Messages are pickled by hand: multiprocessing's own pickler would pass tensors as shared
+# file descriptors (torch registers such reducers), which breaks across these connections.
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -172,7 +174,7 @@ class RankPool:
                 raise RankFailure(f"{len(accepted)} of {self.world_size} ranks started within "
                                   f"{self.timeout:.0f} s{self._log_tails()}")
         for connection in accepted:
-            self._connections[connection.recv()] = connection
+            self._connections[pickle.loads(connection.recv_bytes())] = connection
 
     def _raise_if_exited(self, when: str) -> None:
         for label_index, process in enumerate(self._processes):
@@ -199,9 +201,9 @@ class RankPool:
 
     def _run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any],
              timeout: float) -> List[Any]:
-        task = pickle.dumps((fn, tuple(args), kwargs))
+        task = pickle.dumps(("run", pickle.dumps((fn, tuple(args), kwargs))))
         for connection in self._connections.values():
-            connection.send(("run", task))
+            connection.send_bytes(task)
         replies: Dict[int, tuple] = {}
         rank_of = {id(c): r for r, c in self._connections.items()}
         deadline = time.monotonic() + timeout
@@ -209,7 +211,7 @@ class RankPool:
             pending = [c for r, c in self._connections.items() if r not in replies]
             for connection in wait(pending, timeout=0.1):
                 try:
-                    replies[rank_of[id(connection)]] = connection.recv()
+                    replies[rank_of[id(connection)]] = pickle.loads(connection.recv_bytes())
                 except EOFError:
                     pass  # the rank died; reported below from its exit code
             errors = [r for r, reply in replies.items() if reply[0] == "error"]
@@ -239,7 +241,7 @@ class RankPool:
         self.closed = True
         for connection in self._connections.values():
             try:
-                connection.send(("exit",))
+                connection.send_bytes(pickle.dumps(("exit",)))
             except OSError:
                 pass
         deadline = time.monotonic() + 10.0
