@@ -11,7 +11,10 @@ tensor and sums it over the group. One implementation per backend:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -31,10 +34,15 @@ _MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COM
 
 
 class Communicator:
-    """The collective SyncBatchNorm needs: an in-place sum of a 1-D tensor over the group."""
+    """The collective SyncBatchNorm needs: an in-place sum of a 1-D tensor over the group.
+
+    ``label`` says what the next collective is for (set by :mod:`syncbn.guard`), so that a
+    timeout can name the layer that waits.
+    """
 
     rank: int
     size: int
+    label: str = "a SyncBatchNorm all-reduce"
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` (1-D, contiguous) over the group in place and return it."""
@@ -61,33 +69,96 @@ class TorchDistributedCommunicator(Communicator):
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
         return tensor
 
     def describe(self) -> str:
-        backend = self._dist.get_backend(self.group)
-        return f"torch.distributed group (backend={backend}, rank={self.rank}, size={self.size})"
+        return f"torch.distributed group (backend={self.backend}, rank={self.rank}, size={self.size})"
+
+
+def collective_timeout() -> float:
+    """Seconds a collective may wait before MPI's watchdog aborts (SYNCBN_TIMEOUT, default 1800)."""
+    return float(os.environ.get("SYNCBN_TIMEOUT", "1800"))
+
+
+class _MPIWatchdog:
+    """One daemon thread that aborts the MPI job when an all-reduce outlives its deadline.
+
+    MPI has no timeout of its own: a rank that never arrives leaves the others waiting
+    forever. Aborting the communicator ends every rank, with a message naming what waited.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waits: Dict[int, tuple] = {}
+        self._next_token = 0
+        threading.Thread(target=self._watch, name="syncbn-mpi-watchdog", daemon=True).start()
+
+    def begin(self, deadline: float, communicator: "MPICommunicator") -> int:
+        with self._lock:
+            self._next_token += 1
+            self._waits[self._next_token] = (deadline, communicator)
+            return self._next_token
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            del self._waits[token]
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                expired = [entry for entry in self._waits.values() if entry[0] < now]
+            for _, communicator in expired[:1]:
+                sys.stderr.write(
+                    f"syncbn: {communicator.label} over {communicator.describe()} waited longer "
+                    f"than {communicator.timeout:g} s (SYNCBN_TIMEOUT); a rank may have died, "
+                    "skipped a layer or stopped early; aborting the MPI job\n")
+                sys.stderr.flush()
+                communicator.comm.Abort(1)
+
+
+_watchdog: Optional[_MPIWatchdog] = None
+_watchdog_lock = threading.Lock()
+
+
+def _mpi_watchdog() -> _MPIWatchdog:
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None:
+            _watchdog = _MPIWatchdog()
+        return _watchdog
 
 
 class MPICommunicator(Communicator):
-    def __init__(self, comm: Any):
+    """``timeout``: seconds before a waiting all-reduce aborts the job (default: SYNCBN_TIMEOUT)."""
+
+    def __init__(self, comm: Any, timeout: Optional[float] = None):
         from mpi4py import MPI
 
         self._in_place = MPI.IN_PLACE
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        self.timeout = collective_timeout() if timeout is None else timeout
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type == "cpu" and tensor.is_contiguous():
-            self.comm.Allreduce(self._in_place, tensor.numpy())  # a view, reduced in place
+        watchdog = _mpi_watchdog()
+        token = watchdog.begin(time.monotonic() + self.timeout, self)
+        try:
+            if tensor.device.type == "cpu" and tensor.is_contiguous():
+                self.comm.Allreduce(self._in_place, tensor.numpy())  # a view, reduced in place
+                return tensor
+            host = tensor.to("cpu").contiguous()
+            self.comm.Allreduce(self._in_place, host.numpy())
+            tensor.copy_(host)
             return tensor
-        host = tensor.to("cpu").contiguous()
-        self.comm.Allreduce(self._in_place, host.numpy())
-        tensor.copy_(host)
-        return tensor
+        finally:
+            watchdog.end(token)
 
     def describe(self) -> str:
         name = self.comm.Get_name() or "MPI communicator"

@@ -1,8 +1,16 @@
 """``sync_batch_norm``: torch.nn.functional.batch_norm with statistics synchronized over a group.
 
-Exactly one all-reduce in the forward pass (count, sums, squared sums: 2C+1 fp64 values) and
-one in the backward pass (sum dy, sum dy*xhat: 2C values), whatever the world size. Every rank
-issues them in the same order whatever its batch, an empty one included, so none waits alone.
+Exactly one all-reduce in the forward pass (count, sums, squared sums and an invalid-input
+flag: 2C+2 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C values),
+whatever the world size. Every rank issues them in the same order whatever its batch, an
+empty or invalid one included, so no rank is left waiting alone.
+
+Errors that depend on the whole group (a single value per channel, a rank's invalid input,
+non-finite statistics with ``check_finite``) are read from the reduced payload, so every
+rank raises together. On CPU that read is free; on GPU it would be a host sync, so there it
+happens only with the debug guard on (``SYNCBN_DEBUG=1``): without it a rank with invalid
+input raises alone and the others fail at their next collective, and the
+single-value-per-channel case normalizes with a variance of 0 instead of raising.
 """
 from __future__ import annotations
 
@@ -12,45 +20,50 @@ import torch
 
 from . import batchnorm_math as bnm
 from .comm import Communicator, resolve_communicator
+from .guard import CollectiveError, all_reduce, debug_enabled
 
-__all__ = ["sync_batch_norm", "validate_input"]
+__all__ = ["sync_batch_norm", "input_problem"]
 
 
-def validate_input(x: torch.Tensor, num_features: Optional[int], layer: str) -> None:
-    """Raise a clear error for input no BatchNorm accepts; called before any collective."""
+def input_problem(x: torch.Tensor, num_features: Optional[int], layer: str,
+                  reference: Optional[torch.Tensor] = None) -> Optional[Exception]:
+    """The error input ``x`` deserves (not raised), or None if BatchNorm accepts it.
+
+    ``reference``: a parameter or buffer of the layer; ``x`` must be on its device.
+    """
     if x.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected input of shape (N, C) or (N, C, *), got {x.dim()}-D input "
-            f"of shape {tuple(x.shape)}"
-        )
+        return ValueError(f"{layer}: expected input of shape (N, C) or (N, C, *), got "
+                          f"{x.dim()}-D input of shape {tuple(x.shape)}")
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(
-            f"{layer}: expected {num_features} channels in dim 1, got input of shape {tuple(x.shape)}"
-        )
+        return ValueError(f"{layer}: expected {num_features} channels in dim 1, got input of "
+                          f"shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{layer}: expected a floating-point input, got {x.dtype}")
+        return TypeError(f"{layer}: expected a floating-point input, got {x.dtype}")
+    if reference is not None and x.device != reference.device:
+        return ValueError(f"{layer}: input is on {x.device} but the layer's parameters and "
+                          f"buffers are on {reference.device}")
+    return None
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, comm: Communicator, layer: str):
-        payload = comm.all_reduce_sum_(bnm.forward_payload(x))
-        count, mean, var = bnm.global_moments(payload)
-        if payload.device.type == "cpu":
-            # Every rank holds the same reduced count, so all raise together: no rank waits.
-            global_count = int(count.item())
-            if global_count == 1:
-                raise ValueError(
-                    f"{layer}: expected more than 1 value per channel when training, got 1 in "
-                    f"the whole group (input shape on rank {comm.rank}: {tuple(x.shape)})"
-                )
-        if running_mean is not None:
+                momentum, eps, comm: Communicator, layer: str, debug: bool, check_finite: bool):
+        channels = x.shape[1]
+        local = bnm.forward_payload(x)
+        payload = torch.cat([local, local.new_zeros(1)])  # last slot: ranks with invalid input
+        all_reduce(comm, payload, layer, "forward", channels, x.dtype, debug)
+        count, mean, var = bnm.global_moments(payload[:-1])
+        if payload.device.type == "cpu" or debug or check_finite:  # free on CPU, a sync on GPU
+            _raise_group_errors(payload, local, comm, layer, x, check_finite)
+        # Activation checkpointing re-runs this forward inside backward: the running
+        # statistics were already updated by the first run of this step.
+        recomputing = torch._C._current_graph_task_id() != -1
+        if running_mean is not None and not recomputing:
             bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                                      count, mean, var)
         ctx.save_for_backward(x, weight, mean, var, count)
-        ctx.eps = eps
-        ctx.comm = comm
+        ctx.eps, ctx.comm, ctx.layer, ctx.debug = eps, comm, layer, debug
         return bnm.normalize(x, mean, var, weight, bias, eps)
 
     @staticmethod
@@ -65,9 +78,37 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if weight is not None and ctx.needs_input_grad[2]:
             grad_bias = local_sums[:channels].to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            global_sums = ctx.comm.all_reduce_sum_(local_sums.clone())
+            global_sums = all_reduce(ctx.comm, local_sums.clone(), ctx.layer, "backward",
+                                     channels, x.dtype, ctx.debug)
             grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (grad_x, grad_weight, grad_bias) + (None,) * 9
+
+
+def _raise_group_errors(payload: torch.Tensor, local: torch.Tensor, comm: Communicator,
+                        layer: str, x: torch.Tensor, check_finite: bool) -> None:
+    """Errors every rank can see in the reduced payload, so all of them raise together."""
+    invalid_ranks = int(payload[-1].item())
+    if invalid_ranks:
+        raise CollectiveError(f"{layer}: {invalid_ranks} other rank(s) gave this layer invalid "
+                              "input (see their error); no statistics were updated")
+    global_count = int(payload[0].item())
+    if global_count == 1:
+        raise ValueError(f"{layer}: expected more than 1 value per channel when training, got 1 "
+                         f"in the whole group (input shape on rank {comm.rank}: {tuple(x.shape)})")
+    if check_finite and not bool(torch.isfinite(payload).all()):
+        where = "including this rank's" if not bool(torch.isfinite(local).all()) else "not this rank's"
+        raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
+                                 "statistics were left untouched")
+
+
+def _report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
+                          problem: Exception, debug: bool) -> None:
+    """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise."""
+    if comm.size > 1:
+        payload = torch.zeros(2 * channels + 2, dtype=torch.float64, device=device)
+        payload[-1] = 1.0
+        all_reduce(comm, payload, layer, "forward", channels, torch.float32, debug)
+    raise problem
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -90,6 +131,8 @@ def sync_batch_norm(
     process_group: Any = None,
     num_batches_tracked: Optional[torch.Tensor] = None,
     layer: str = "sync_batch_norm",
+    debug: Optional[bool] = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
     """torch.nn.functional.batch_norm, with batch statistics taken over ``process_group``.
 
@@ -100,10 +143,17 @@ def sync_batch_norm(
     Beyond F.batch_norm: ``num_batches_tracked`` (if given) is incremented when the group saw
     any value, and ``momentum=None`` means the cumulative average 1 / num_batches_tracked.
     A group that saw no value leaves the running statistics untouched. In evaluation
-    (``training=False`` with running statistics) nothing is communicated.
+    (``training=False`` with running statistics) nothing is communicated. ``layer`` names the
+    layer in errors; ``debug`` turns the collective cross-check on (default: SYNCBN_DEBUG);
+    ``check_finite`` refuses NaN/Inf batches, on every rank, before running stats change
+    (on GPU at the cost of one host sync per layer).
     """
-    validate_input(input, None, layer)
+    reference = next((t for t in (weight, running_mean) if t is not None), None)
+    channels = reference.shape[0] if reference is not None else (input.shape[1] if input.dim() >= 2 else None)
+    problem = input_problem(input, channels, layer, reference)
     if not training:
+        if problem is not None:
+            raise problem
         if running_mean is None or running_var is None:
             # Batch statistics without running ones, like torch.nn.SyncBatchNorm in eval: local.
             return torch.batch_norm(input, weight, bias, None, None, True, 0.0, eps,
@@ -111,5 +161,12 @@ def sync_batch_norm(
         return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
     comm = resolve_communicator(process_group)
+    debug = debug_enabled(debug)
+    if problem is not None:
+        if channels is None:
+            raise problem  # no channel count to size the shared payload by
+        device = reference.device if reference is not None else input.device
+        _report_invalid_input(comm, channels, device, layer, problem, debug)
     return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, momentum, eps, comm, layer)
+                                        num_batches_tracked, momentum, eps, comm, layer, debug,
+                                        check_finite)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import sync_batch_norm, validate_input
+from .functional import input_problem, sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -19,6 +19,8 @@ class SyncBatchNorm(_BatchNorm):
     mpi4py communicator or a :class:`syncbn.comm.Communicator`. In a single process it computes
     exactly what BatchNorm does. ``name`` labels the layer in error messages;
     :func:`syncbn.convert_sync_batchnorm` sets it to the module's path in the model.
+    ``debug`` turns on the collective cross-check (default: the SYNCBN_DEBUG variable);
+    ``check_finite`` refuses NaN/Inf batches on every rank before running statistics change.
     """
 
     def __init__(
@@ -32,11 +34,15 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
         name: Optional[str] = None,
+        debug: Optional[bool] = None,
+        check_finite: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.process_group = process_group
         self.name = name
+        self.debug = debug
+        self.check_finite = check_finite
 
     @property
     def layer_name(self) -> str:
@@ -44,10 +50,12 @@ class SyncBatchNorm(_BatchNorm):
         return f"{label} '{self.name}'" if self.name else label
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        validate_input(input, self.num_features, self.layer_name)
+        problem = input_problem(input, self.num_features, self.layer_name)
+        if problem is not None:
+            raise problem
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        # Input is validated in sync_batch_norm, which tells the other ranks when it is bad.
         self._last_input_dim = input.dim()
         track = self.training and self.track_running_stats
         return sync_batch_norm(
@@ -62,4 +70,6 @@ class SyncBatchNorm(_BatchNorm):
             process_group=self.process_group,
             num_batches_tracked=self.num_batches_tracked if track else None,
             layer=self.layer_name,
+            debug=self.debug,
+            check_finite=self.check_finite,
         )

@@ -69,6 +69,7 @@ class RecordingCommunicator(Communicator):
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         self.calls.append((tensor.numel(), tensor.dtype))
+        self.inner.label = self.label
         return self.inner.all_reduce_sum_(tensor)
 
 
@@ -98,10 +99,14 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 class RankPool:
-    """N long-lived ranks that run functions on demand; use as a context manager."""
+    """N long-lived ranks that run functions on demand; use as a context manager.
+
+    ``timeout`` bounds each :meth:`run`; ``start_timeout`` bounds start-up (importing torch
+    and the rendezvous), which is slow on a loaded machine.
+    """
 
     def __init__(self, world_size: int, backend: str = "gloo", timeout: float = 120.0,
-                 threads_per_rank: Optional[int] = None):
+                 threads_per_rank: Optional[int] = None, start_timeout: float = 300.0):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if world_size < 1:
@@ -109,6 +114,7 @@ class RankPool:
         self.world_size = world_size
         self.backend = backend
         self.timeout = timeout
+        self.start_timeout = start_timeout
         self.closed = False
         self._workdir = tempfile.mkdtemp(prefix="syncbn-ranks-")
         self._processes: List[subprocess.Popen] = []
@@ -166,13 +172,13 @@ class RankPool:
 
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.start_timeout
         while thread.is_alive():
             thread.join(0.1)
             self._raise_if_exited("while starting")
             if time.monotonic() > deadline:
                 raise RankFailure(f"{len(accepted)} of {self.world_size} ranks started within "
-                                  f"{self.timeout:.0f} s{self._log_tails()}")
+                                  f"{self.start_timeout:.0f} s{self._log_tails()}")
         for connection in accepted:
             self._connections[pickle.loads(connection.recv_bytes())] = connection
 
