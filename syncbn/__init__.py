@@ -12,6 +12,8 @@ from .comm import (
 )
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .functional import sync_batch_norm
+from .groups import new_groups
+from .guard import CollectiveError, CollectiveMismatchError
 from .module import SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -21,6 +23,9 @@ __all__ = [
     "sync_batch_norm",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
+    "new_groups",
+    "CollectiveError",
+    "CollectiveMismatchError",
     "Communicator",
     "SingleProcessCommunicator",
     "TorchDistributedCommunicator",

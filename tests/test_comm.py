@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import syncbn
-from conftest import BACKENDS, requires_mpi
-from scenarios import Scenario, assert_matches_oracle, make_layer, run_steps
+from conftest import requires_mpi
 from syncbn.comm import (MPICommunicator, SingleProcessCommunicator, TorchDistributedCommunicator,
                          launched_by_mpi, resolve_communicator)
 
@@ -85,28 +84,3 @@ def _mpi_reduces_cpu_tensors_in_place() -> tuple:
 def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies(rank_pool):
     for same_object, same_memory, values in rank_pool(2, "mpi").run(_mpi_reduces_cpu_tensors_in_place):
         assert same_object and same_memory and values == [0.0, 2.0, 4.0, 6.0, 8.0]
-
-
-def _subgroup_rank(backend: str, scenario_by_group: dict) -> object:
-    """Ranks {0, 1} and {2, 3} each sync inside their own group over different data."""
-    rank = resolve_communicator(None).rank
-    members = [0, 1] if rank < 2 else [2, 3]
-    if backend == "gloo":
-        groups = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
-        group = groups[rank // 2]
-    else:
-        from mpi4py import MPI
-
-        group = MPI.COMM_WORLD.Split(color=rank // 2, key=rank)
-    scenario = scenario_by_group[members[0]]
-    layer = make_layer(syncbn.SyncBatchNorm, scenario)
-    layer.process_group = group
-    return run_steps(layer, scenario, scenario.rank_slice(members.index(rank)))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_each_subgroup_syncs_only_inside_itself(rank_pool, backend):
-    scenarios = {0: Scenario(sizes=(2, 3), seed=1), 2: Scenario(sizes=(1, 4), seed=2)}
-    records = rank_pool(4, backend).run(_subgroup_rank, backend, scenarios)
-    assert_matches_oracle(records[:2], scenarios[0])
-    assert_matches_oracle(records[2:], scenarios[2])
