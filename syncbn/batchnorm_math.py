@@ -7,14 +7,32 @@ Forward: local statistics -> packed payload -> (all-reduce elsewhere) -> global 
 Precision: local mean and variance come from a stable fused kernel in fp32 (fp64 for fp64
 input); the forward payload carries [count, sum x, sum x^2] in fp64, so merging ranks
 cancels only at fp64 precision (relative error ~1e-16 * (mean/std)^2), and counts stay exact.
+
+Dispatch: CUDA tensors in fp32/fp16/bf16 take the Triton kernels of :mod:`syncbn.triton_kernels`
+(same semantics, no host sync) when Triton is installed; everything else takes the torch ops
+below. For testing the kernels without a GPU, CPU tensors take them too when Triton's
+interpreter is on (TRITON_INTERPRET=1 before syncbn is imported) and SYNCBN_TRITON=1.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
 
+from . import triton_kernels
+
 Tensor = torch.Tensor
+
+
+def uses_triton(x: Tensor) -> bool:
+    """Whether the functions below run the Triton kernels for input ``x``."""
+    if not triton_kernels.TRITON_AVAILABLE or x.dtype not in triton_kernels.SUPPORTED_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return (x.device.type == "cpu" and triton_kernels.INTERPRETED
+            and os.environ.get("SYNCBN_TRITON") == "1")
 
 
 def reduction_dims(ndim: int) -> List[int]:
@@ -39,6 +57,8 @@ def local_count(x: Tensor) -> int:
 
 def forward_payload(x: Tensor) -> Tensor:
     """[count, sum x (C), sum x^2 (C)] of the local batch, in fp64, zeros for an empty batch."""
+    if uses_triton(x):
+        return triton_kernels.forward_payload(x)
     channels = x.shape[1]
     payload = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
     count = local_count(x)
@@ -106,6 +126,8 @@ def normalize(
     x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tensor:
     """y = (x - mean) / sqrt(var + eps) * weight + bias in one fused pass; keeps dtype and layout."""
+    if uses_triton(x):
+        return triton_kernels.normalize(x, mean, var, weight, bias, eps)
     acc = accumulation_dtype(x.dtype)
     return torch.batch_norm(
         x, _affine_in(weight, acc), _affine_in(bias, acc), mean.to(acc), var.to(acc),
@@ -115,6 +137,8 @@ def normalize(
 
 def backward_payload(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """[sum dy (C), sum dy * xhat (C)] of the local batch in the accumulation dtype."""
+    if uses_triton(x):
+        return triton_kernels.backward_payload(dy, x, mean, var, eps)
     channels = x.shape[1]
     acc = accumulation_dtype(x.dtype)
     if local_count(x) == 0:  # the fused kernel below faults on empty input
@@ -136,6 +160,8 @@ def input_grad(
 
     Written per channel as dx = a * dy + b * x + c, two fused elementwise passes.
     """
+    if uses_triton(x):
+        return triton_kernels.input_grad(dy, x, mean, var, weight, eps, global_payload, count)
     channels = x.shape[1]
     acc = accumulation_dtype(x.dtype)
     mean = mean.to(acc)

@@ -8,9 +8,11 @@ empty or invalid one included, so no rank is left waiting alone.
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
 non-finite statistics with ``check_finite``) are read from the reduced payload, so every
 rank raises together. On CPU that read is free; on GPU it would be a host sync, so there it
-happens only with the debug guard on (``SYNCBN_DEBUG=1``): without it a rank with invalid
-input raises alone and the others fail at their next collective, and the
-single-value-per-channel case normalizes with a variance of 0 instead of raising.
+happens only with the debug guard on (``SYNCBN_DEBUG=1``) or ``check_finite``: without them a
+rank with invalid input raises alone and the others fail at their next collective, and a
+single value per channel raises only where the host knows it from shapes (a group of one,
+like torch's BatchNorm); in a larger group it normalizes with a variance of 0 instead.
+So a GPU training step reads nothing back from the device (CUDA graphs, torch.compile).
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         count, mean, var = bnm.global_moments(payload[:-1])
         if payload.device.type == "cpu" or debug or check_finite:  # free on CPU, a sync on GPU
             _raise_group_errors(payload, local, comm, layer, x, check_finite)
+        elif comm.size == 1 and bnm.local_count(x) == 1:  # known from the shape: no sync
+            raise _single_value_error(layer, comm, x)
         # Activation checkpointing re-runs this forward inside backward: the running
         # statistics were already updated by the first run of this step.
         recomputing = torch._C._current_graph_task_id() != -1
@@ -93,12 +97,16 @@ def _raise_group_errors(payload: torch.Tensor, local: torch.Tensor, comm: Commun
                               "input (see their error); no statistics were updated")
     global_count = int(payload[0].item())
     if global_count == 1:
-        raise ValueError(f"{layer}: expected more than 1 value per channel when training, got 1 "
-                         f"in the whole group (input shape on rank {comm.rank}: {tuple(x.shape)})")
+        raise _single_value_error(layer, comm, x)
     if check_finite and not bool(torch.isfinite(payload).all()):
         where = "including this rank's" if not bool(torch.isfinite(local).all()) else "not this rank's"
         raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
                                  "statistics were left untouched")
+
+
+def _single_value_error(layer: str, comm: Communicator, x: torch.Tensor) -> ValueError:
+    return ValueError(f"{layer}: expected more than 1 value per channel when training, got 1 "
+                      f"in the whole group (input shape on rank {comm.rank}: {tuple(x.shape)})")
 
 
 def _report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,

@@ -1,0 +1,209 @@
+"""The Triton kernels of :mod:`syncbn.triton_kernels` against float64 torch, on CPU.
+
+Triton's interpreter runs them without a GPU, but TRITON_INTERPRET=1 has to be set before the
+kernels are decorated, that is before syncbn is imported. So ``test_kernels_in_interpreter``
+runs this file again in a subprocess with TRITON_INTERPRET=1 SYNCBN_TRITON=1, where the kernel
+tests below run (CPU tensors then take the kernels); in any other process they skip.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, Optional, Tuple
+
+import pytest
+import torch
+
+import syncbn
+from syncbn import batchnorm_math as bnm
+from syncbn import triton_kernels as tk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+in_interpreter = pytest.mark.skipif(
+    not tk.INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_interpreter")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rtol, atol) for values of order 1 stored in each dtype: a few units in the last place.
+TOLERANCE: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# (shape, channels_last): 2-5 dims, both layouts where they exist.
+CASES = [((5, 3), False), ((2, 3, 7), False), ((2, 4, 5, 6), False), ((2, 4, 5, 6), True),
+         ((2, 3, 2, 3, 4), False), ((2, 3, 2, 3, 4), True)]
+EPS = 1e-5
+
+
+def test_kernels_in_interpreter() -> None:
+    if not tk.TRITON_AVAILABLE:
+        pytest.skip("triton is not installed")
+    if tk.INTERPRETED:
+        pytest.skip("already inside the interpreter subprocess")
+    env = dict(os.environ, TRITON_INTERPRET="1", SYNCBN_TRITON="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+    assert " passed" in done.stdout.strip().splitlines()[-1], done.stdout[-2000:]
+
+
+def test_cpu_tensors_keep_the_torch_path_without_the_interpreter() -> None:
+    assert bnm.uses_triton(torch.zeros(2, 3)) == (tk.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1")
+
+
+def _input(shape: Tuple[int, ...], dtype: torch.dtype, channels_last: bool, mean: float = 0.5,
+           std: float = 2.0, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean).to(dtype)
+    return _layout(x, channels_last)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def _moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    dims = bnm.reduction_dims(x.dim())
+    return x.double().mean(dims), x.double().var(dims, unbiased=False)
+
+
+def _xhat(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    ndim = x.dim()
+    return (x.double() - bnm.channel_view(mean, ndim)) * bnm.channel_view(torch.rsqrt(var + EPS), ndim)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float, atol: float) -> None:
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_all(x: torch.Tensor, tol: Optional[Tuple[float, float]] = None) -> None:
+    """The four kernels on ``x`` against their float64 definitions."""
+    rtol, atol = tol or TOLERANCE[x.dtype]
+    channels, ndim, dims = x.shape[1], x.dim(), bnm.reduction_dims(x.dim())
+    generator = torch.Generator().manual_seed(1)
+    xd = x.double()
+    view = lambda v: bnm.channel_view(v.double(), ndim)  # noqa: E731
+
+    payload = tk.forward_payload(x)
+    count = torch.tensor([float(bnm.local_count(x))], dtype=torch.float64)
+    expected = torch.cat([count, xd.sum(dims), (xd * xd).sum(dims)])
+    # fp32 accumulation: sums of `count` values of size max|x| are good to ~1e-6 of that bound.
+    bound = 1e-6 * max(count.item(), 1.0) * max(xd.abs().max().item() if x.numel() else 0.0, 1.0) ** 2
+    _close(payload, expected, "forward payload", 1e-6, bound)
+
+    mean, var = _moments(x)
+    weight = torch.linspace(0.5, 1.5, channels)
+    bias = torch.linspace(-0.3, 0.3, channels)
+    y = tk.normalize(x, mean, var, weight, bias, EPS)
+    dense_strides = tk._dense(x)[0].stride()  # x's own, unless x had to be copied
+    assert y.dtype == x.dtype and y.stride() == dense_strides
+    _close(y, _xhat(x, mean, var) * view(weight) + view(bias), "normalize", rtol, atol)
+    y = tk.normalize(x, mean, var, None, None, EPS)
+    _close(y, _xhat(x, mean, var), "normalize, no affine", rtol, atol)
+
+    dy = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)  # contiguous
+    sums = tk.backward_payload(dy, x, mean, var, EPS)
+    dyd = dy.double()
+    expected_sums = torch.cat([dyd.sum(dims), (dyd * _xhat(x, mean, var)).sum(dims)])
+    _close(sums, expected_sums, "backward payload", 1e-4, 1e-4)
+
+    # The group's sums and count: made up, as other ranks would contribute to them.
+    group_sums = torch.randn(2 * channels, generator=generator)
+    group_count = torch.tensor(float(bnm.local_count(x) + 7), dtype=torch.float64)
+    dx = tk.input_grad(dy, x, mean, var, weight, EPS, group_sums, group_count)
+    assert dx.dtype == x.dtype and dx.stride() == dense_strides
+    expected_dx = view(weight.double() * torch.rsqrt(var + EPS)) * (
+        dyd - view(group_sums[:channels]) / group_count
+        - _xhat(x, mean, var) * view(group_sums[channels:]) / group_count)
+    _close(dx, expected_dx, "input grad", rtol, atol)
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES)
+def test_kernels_equal_float64(shape, channels_last, dtype) -> None:
+    _check_all(_input(shape, dtype, channels_last))
+
+
+@in_interpreter
+@pytest.mark.parametrize("shape,channels_last,tile,target_programs",
+                         [((3, 5, 7, 9), False, 16, 30), ((2, 70, 3, 5), True, 128, 8)])
+def test_many_tiles_and_programs(monkeypatch, shape, channels_last, tile, target_programs) -> None:
+    # Tiny tiles and few target programs: each program walks several tiles, several
+    # programs share a sample's positions and its channels, the last tile is ragged.
+    monkeypatch.setattr(tk, "_TILE", tile)
+    monkeypatch.setattr(tk, "_TARGET_PROGRAMS", target_programs)
+    x = _input(shape, torch.float32, channels_last)
+    grid = tk._grid(x)
+    assert grid.tiles > 1 and grid.chunks > 1 and grid.programs[0] > grid.partials > 1
+    _check_all(x)
+
+
+@in_interpreter
+def test_strided_input_is_copied_not_misread() -> None:
+    _check_all(_input((4, 3, 6, 5), torch.float32, False)[::2, :, 1:])
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_input(dtype) -> None:
+    x = _input((0, 3, 4, 4), dtype, True)
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert torch.equal(tk.forward_payload(x), torch.zeros(7, dtype=torch.float64))
+    y = tk.normalize(x, zero, zero, None, None, EPS)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(tk.backward_payload(x, x, zero, zero, EPS), torch.zeros(6))
+    dx = tk.input_grad(x, x, zero, zero, None, EPS, torch.zeros(6), torch.zeros((), dtype=torch.float64))
+    assert dx.shape == x.shape and dx.dtype == dtype
+
+
+@in_interpreter
+def test_one_sample() -> None:
+    x = _input((1, 4), torch.float32, False)
+    payload = tk.forward_payload(x)
+    _, mean, var = bnm.global_moments(payload)
+    assert payload[0] == 1 and torch.equal(mean, x[0].double()) and torch.all(var == 0)
+    _check_all(x)
+
+
+@in_interpreter
+def test_large_mean_is_stable() -> None:
+    # fp32 E[x^2] - E[x]^2 would lose every digit of the variance here (mean 1e4, std 1).
+    x = _input((4, 3, 16, 16), torch.float32, False, mean=1e4, std=1.0)
+    count, mean, var = bnm.global_moments(tk.forward_payload(x))
+    expected_mean, expected_var = _moments(x)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=0.0)
+    _check_all(x, tol=(1e-5, 1e-4))
+
+
+@in_interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_through_the_kernels_equals_float64_batchnorm(dtype, channels_last) -> None:
+    torch.manual_seed(0)
+    x = _input((3, 4, 5, 6), dtype, channels_last).requires_grad_()
+    assert bnm.uses_triton(x)
+    layer = syncbn.SyncBatchNorm(4, momentum=None)
+    reference = torch.nn.BatchNorm2d(4, momentum=None).double()
+    for module in (layer, reference):
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(0.5, 1.5, 4))
+            module.bias.copy_(torch.linspace(-0.3, 0.3, 4))
+    xd = x.detach().double().requires_grad_()
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    y = layer(x)
+    y.backward(dy)
+    expected_y = reference(xd)
+    expected_y.backward(dy.double())
+    rtol, atol = TOLERANCE[dtype]
+    assert y.dtype == dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y.double(), expected_y.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=rtol, atol=atol)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad.double(), getattr(reference, name).grad,
+                                   rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer, name).double(), getattr(reference, name),
+                                   rtol=1e-5, atol=1e-6)
