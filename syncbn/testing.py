@@ -18,7 +18,6 @@ import os
 import pickle
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ._processes import find_mpiexec, kill_session as _kill_session, tail as _tail
 from .comm import Communicator
 
 __all__ = [
@@ -71,31 +71,6 @@ class RecordingCommunicator(Communicator):
         self.calls.append((tensor.numel(), tensor.dtype))
         self.inner.label = self.label
         return self.inner.all_reduce_sum_(tensor)
-
-
-def find_mpiexec() -> Optional[str]:
-    """The mpiexec next to this interpreter (the mpich wheel puts it there), else on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.access(beside, os.X_OK):
-        return beside
-    return shutil.which("mpiexec")
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the process and everything in its session (it was started as a session leader)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as handle:
-            return "".join(handle.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 class RankPool:

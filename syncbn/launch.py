@@ -1,0 +1,464 @@
+"""syncbn-launch: run N local ranks of a Python script over gloo, NCCL or MPI.
+
+    syncbn-launch --nprocs N [--backend gloo|nccl|mpi] [--timeout S] [--log-dir DIR] script.py [args]
+    python -m syncbn.launch ...   (the same)
+
+gloo / nccl: each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT, ...), so ``torch.distributed.init_process_group(backend)`` needs no arguments. The
+rendezvous store lives in the launcher, as under torchrun, so ranks ending at different times
+do not break each other. nccl: one GPU per rank, ``cuda:LOCAL_RANK``.
+mpi: the ranks run under the mpiexec that belongs to mpi4py; torch.distributed stays
+uninitialized and syncbn's default group is ``MPI.COMM_WORLD``.
+
+Every line a rank prints arrives whole on the launcher's stdout or stderr (the same stream),
+prefixed ``[rankK] ``; with ``--log-dir`` also in ``DIR/rankK.log``.
+
+Fail fast: when a rank exits non-zero or dies by a signal (the others get a second to report
+their own errors), or ``--timeout`` passes, or the launcher gets SIGINT/SIGTERM/SIGHUP, every
+rank's process group gets SIGTERM, then SIGKILL after a grace period, and the launcher reports
+the first failing rank, its exit code or signal and its last lines.
+
+Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128+N when it died
+by signal N, or when the launcher itself got signal N; 124 on ``--timeout``; 2 on a usage error
+(bad arguments, too few GPUs, no mpiexec).
+
+End your script with ``torch.distributed.destroy_process_group()``: without it gloo can abort
+at interpreter exit ("terminate called without an active exception").
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Deque, Dict, List, Optional, Sequence, Set
+
+from . import _processes
+from ._processes import describe_exit, exit_status, find_mpiexec, signal_group, signal_name
+
+__all__ = ["main", "launch", "UsageError"]
+
+BACKENDS = ("gloo", "nccl", "mpi")
+GRACE_S = 3.0  # SIGTERM to SIGKILL
+SETTLE_S = 1.0  # after the first failure, time for the other ranks' own errors to get out
+TAIL_LINES = 20
+EXIT_TIMEOUT = 124
+EXIT_USAGE = 2
+# torchrun's variables, dropped for MPI ranks so that scripts do not take the torch.distributed path.
+_TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                       "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+                       "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+                       "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                       "TORCHELASTIC_RUN_ID")
+
+_write_lock = threading.Lock()  # one line at a time on the launcher's streams
+
+
+class UsageError(Exception):
+    """A launch that cannot start (bad arguments, too few GPUs, no mpiexec)."""
+
+
+class _Output:
+    """One source of lines (a rank, or mpiexec): prefix, optional log file, last lines."""
+
+    def __init__(self, label: str, log_path: Optional[str]):
+        self.prefix = f"[{label}] ".encode()
+        self.tail: Deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.log = open(log_path, "wb") if log_path else None
+        self.lock = threading.Lock()
+
+    def pump(self, pipe: IO[bytes], stream: IO[bytes]) -> threading.Thread:
+        thread = threading.Thread(target=self._copy, args=(pipe, stream), daemon=True)
+        thread.start()
+        return thread
+
+    def _copy(self, pipe: IO[bytes], stream: IO[bytes]) -> None:
+        with pipe:
+            for line in iter(pipe.readline, b""):
+                if not line.endswith(b"\n"):
+                    line += b"\n"
+                with self.lock:
+                    self.tail.append(line.decode(errors="replace"))
+                    if self.log:
+                        self.log.write(line)
+                        self.log.flush()
+                with _write_lock:
+                    try:
+                        stream.write(self.prefix + line)
+                        stream.flush()
+                    except (OSError, ValueError):  # the launcher's reader went away
+                        pass
+
+    def close(self) -> None:
+        with self.lock:
+            if self.log:
+                self.log.close()
+                self.log = None
+
+
+class _Job:
+    """The ranks of one launch: start them, watch them, stop them, report."""
+
+    def __init__(self, script_argv: List[str], nprocs: int, backend: str, log_dir: Optional[str]):
+        self.script_argv = script_argv  # the script and its arguments
+        self.nprocs = nprocs
+        self.backend = backend
+        self.log_dir = log_dir
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+        self.outputs = {rank: _Output(f"rank{rank}", self._log(f"rank{rank}.log"))
+                        for rank in range(nprocs)}
+        # ("exit", rank, Popen-style code) | ("lost", rank) | ("mpiexec", code)
+        self.events: "queue.Queue[tuple]" = queue.Queue()
+        self.groups: Dict[int, int] = {}  # rank -> the process group that holds it
+        self.codes: Dict[int, Optional[int]] = {}  # Popen-style; None: lost (no status)
+        self.signaled: Set[int] = set()  # ranks the launcher stopped
+        self.processes: List[subprocess.Popen] = []
+        self.threads: List[threading.Thread] = []
+        self.mpiexec: Optional[subprocess.Popen] = None
+        self.server: Optional[socket.socket] = None
+        self.channels: List[socket.socket] = []
+        self.store = None  # the rendezvous TCPStore, alive as long as the job
+        self.received_signal: Optional[int] = None
+
+    def _log(self, name: str) -> Optional[str]:
+        return os.path.join(self.log_dir, name) if self.log_dir else None
+
+    def _base_env(self) -> Dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if "OMP_NUM_THREADS" not in env:  # torch would start one thread per core in every rank
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            env["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // self.nprocs))
+        return env
+
+    def _spawn(self, command: List[str], env: Dict[str, str], output: _Output) -> subprocess.Popen:
+        # Own session: a Ctrl-C in the terminal reaches the launcher only, which stops the group.
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        self.processes.append(process)
+        self.threads.append(output.pump(process.stdout, sys.stdout.buffer))
+        self.threads.append(output.pump(process.stderr, sys.stderr.buffer))
+        return process
+
+    def _watch(self, process: subprocess.Popen, event: tuple) -> None:
+        def wait() -> None:
+            self.events.put(event + (process.wait(),))
+
+        threading.Thread(target=wait, daemon=True).start()
+
+    # --- torch.distributed (gloo, nccl) -----------------------------------------------------
+
+    def start_torch(self) -> None:
+        # The launcher hosts the store (torchrun's agent does too): a rank that exits early
+        # cannot take the rendezvous down with it. Its socket is bound first, so the ranks start
+        # (and import torch) while the launcher imports torch; they wait in the listen backlog.
+        listener = socket.create_server(("127.0.0.1", 0), backlog=max(128, self.nprocs))
+        port = listener.getsockname()[1]
+        env = self._base_env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   WORLD_SIZE=str(self.nprocs), LOCAL_WORLD_SIZE=str(self.nprocs),
+                   ROLE_WORLD_SIZE=str(self.nprocs), GROUP_WORLD_SIZE="1", GROUP_RANK="0",
+                   ROLE_NAME="default", TORCHELASTIC_USE_AGENT_STORE="True",
+                   TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
+                   TORCHELASTIC_RUN_ID=f"syncbn-launch-{secrets.token_hex(4)}")
+        for rank in range(self.nprocs):
+            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
+            process = self._spawn([sys.executable, "-u"] + self.script_argv, rank_env,
+                                  self.outputs[rank])
+            self.groups[rank] = process.pid
+            self._watch(process, ("exit", rank))
+        from torch.distributed import TCPStore
+
+        # The store takes the socket over (and closes it).
+        self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                              master_listen_fd=listener.detach())
+
+    # --- MPI --------------------------------------------------------------------------------
+
+    def start_mpi(self, mpiexec: str) -> None:
+        # Each rank runs through a wrapper that connects its stdout/stderr and exit status
+        # back here (see _processes): hydra neither keeps lines whole nor reports per rank.
+        self.server = socket.create_server(("127.0.0.1", 0))
+        token = secrets.token_hex(16)
+        threading.Thread(target=self._accept, args=(token,), daemon=True).start()
+        env = {k: v for k, v in self._base_env().items() if k not in _TORCHRUN_VARIABLES}
+        env.update(SYNCBN_LAUNCH_ADDRESS="127.0.0.1:%d" % self.server.getsockname()[1],
+                   SYNCBN_LAUNCH_TOKEN=token)
+        helper = [sys.executable, "-u", _processes.__file__]
+        rank_command = helper + ["mpi-rank"] + helper + ["run-script"] + self.script_argv
+        self.outputs[-1] = _Output("mpiexec", self._log("mpiexec.log"))
+        self.mpiexec = self._spawn([mpiexec, "-n", str(self.nprocs)] + rank_command, env,
+                                   self.outputs[-1])
+        self._watch(self.mpiexec, ("mpiexec",))
+
+    def _accept(self, token: str) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                channel, _ = self.server.accept()
+            except OSError:  # closed: the job is over
+                return
+            threading.Thread(target=self._serve, args=(channel, token), daemon=True).start()
+
+    def _serve(self, channel: socket.socket, token: str) -> None:
+        reader = channel.makefile("rb")
+        fields = reader.readline().decode(errors="replace").split()
+        if len(fields) != 3 or fields[0] != token or not fields[1].isdigit():
+            channel.close()
+            return
+        rank, kind = int(fields[1]), fields[2]
+        if rank not in self.outputs:
+            channel.close()
+            return
+        if kind in ("out", "err"):
+            stream = sys.stdout.buffer if kind == "out" else sys.stderr.buffer
+            self.threads.append(self.outputs[rank].pump(reader, stream))
+            return
+        self.channels.append(channel)  # closed at the end: a wrapper still running then ends its rank
+        with reader:
+            for line in iter(reader.readline, b""):
+                word, _, value = line.decode().partition(" ")
+                if word == "pid":
+                    self.groups[rank] = int(value)
+                elif word == "exit":
+                    self.events.put(("exit", rank, int(value)))
+                    return
+        self.events.put(("lost", rank))
+
+    # --- watching and stopping --------------------------------------------------------------
+
+    def wait(self, timeout: Optional[float]) -> int:
+        """Wait for every rank; on the first failure stop them all. Returns the exit status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mpiexec_code: Optional[int] = None
+        mpiexec_gone_at = 0.0
+        status, report, failed_rank = 0, "", None
+        while len(self.codes) < self.nprocs:
+            if self.received_signal is not None:
+                status = 128 + self.received_signal
+                report = (f"received {signal_name(self.received_signal)}; stopping rank(s) "
+                          f"{self._running()}")
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                status = EXIT_TIMEOUT
+                report = (f"timed out after {timeout:g} s (--timeout); rank(s) {self._running()} "
+                          "still running were stopped")
+                break
+            if mpiexec_code is not None and time.monotonic() - mpiexec_gone_at > 5.0:
+                status = _exit_status(mpiexec_code) or 1
+                report = (f"mpiexec {describe_exit(mpiexec_code)} but rank(s) {self._running()} "
+                          "never reported an exit status (did they start?)")
+                failed_rank = -1
+                break
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if event[0] == "mpiexec":
+                mpiexec_code, mpiexec_gone_at = event[1], time.monotonic()
+                continue
+            rank = event[1]
+            code = event[2] if event[0] == "exit" else None
+            self.codes[rank] = code
+            if code != 0:
+                failed_rank = rank
+                status = _exit_status(code)
+                report = f"rank {rank} {_describe(code)}"
+                self._say(f"{report}; stopping rank(s) {self._running()}")
+                break
+        if status != 0:
+            self._stop(settle=failed_rank is not None)
+        self._release_wrappers()
+        self._finish_mpiexec(status == 0)
+        if status == 0 and self.mpiexec is not None and self.mpiexec.returncode:
+            status, failed_rank = _exit_status(self.mpiexec.returncode), -1
+            report = f"every rank exited 0 but mpiexec {describe_exit(self.mpiexec.returncode)}"
+        self._close()
+        if status != 0:
+            # The first rank to exit is not always the culprit (its peers' errors can end it
+            # first), so every rank that failed on its own shows its last lines.
+            own = [rank for rank, code in self.codes.items()
+                   if code != 0 and rank not in self.signaled and rank != failed_rank]
+            self._say(f"job failed (exit status {status}): {report}{self._others(failed_rank)}"
+                      + "".join(self._tail(rank) for rank in [failed_rank] + own[:3]))
+        return status
+
+    def _others(self, failed_rank: Optional[int]) -> str:
+        others = [f"rank {rank} {_describe(code)}" for rank, code in self.codes.items()
+                  if code != 0 and rank != failed_rank]
+        return "; then " + ", ".join(others) if others else ""
+
+    def _running(self) -> List[int]:
+        return [rank for rank in range(self.nprocs) if rank not in self.codes]
+
+    def _drain(self, until: float) -> None:
+        """Record exits until every rank has one or ``until`` passes."""
+        while len(self.codes) < self.nprocs and time.monotonic() < until:
+            try:
+                event = self.events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if event[0] in ("exit", "lost"):
+                self.codes.setdefault(event[1], event[2] if event[0] == "exit" else None)
+
+    def _stop(self, settle: bool) -> None:
+        if settle:  # the others usually fail on their own a moment later, with their own error
+            self._drain(time.monotonic() + SETTLE_S)
+        self.signaled = set(self._running())
+        for rank in self.signaled:
+            if rank in self.groups:
+                signal_group(self.groups[rank], signal.SIGTERM)
+        self._drain(time.monotonic() + GRACE_S)
+        # Every group, the finished ranks' too: their own children must not outlive the job.
+        for pid in self.groups.values():
+            signal_group(pid, signal.SIGKILL)
+        self._drain(time.monotonic() + 1.0)
+
+    def _finish_mpiexec(self, orderly: bool) -> None:
+        if self.mpiexec is None:
+            return
+        try:
+            self.mpiexec.wait(10.0 if orderly else GRACE_S)
+        except subprocess.TimeoutExpired:
+            signal_group(self.mpiexec.pid, signal.SIGKILL)
+            self.mpiexec.wait()
+
+    def _release_wrappers(self) -> None:
+        """Let the MPI wrappers exit; one still holding a rank kills it on this EOF."""
+        if self.server is not None:
+            self.server.close()
+        for channel in self.channels:
+            channel.close()
+
+    def _close(self) -> None:
+        for process in self.processes:  # a rank that outlived SIGKILL (uninterruptible I/O)
+            try:
+                process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        self._release_wrappers()
+        deadline = time.monotonic() + 5.0
+        for thread in self.threads:  # the last lines, before the report
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for output in self.outputs.values():
+            output.close()
+
+    def _tail(self, rank: Optional[int]) -> str:
+        if rank is None or rank not in self.outputs or not self.outputs[rank].tail:
+            return ""
+        name = "mpiexec" if rank == -1 else f"rank {rank}"
+        return f"\n--- last lines of {name} ---\n" + "".join(self.outputs[rank].tail).rstrip("\n")
+
+    @staticmethod
+    def _say(message: str) -> None:
+        with _write_lock:
+            sys.stderr.write(f"syncbn-launch: {message}\n")
+            sys.stderr.flush()
+
+
+def _exit_status(code: Optional[int]) -> int:
+    """The launcher's exit status for a rank's Popen-style return code (None: lost)."""
+    return 1 if code is None else exit_status(code)
+
+
+def _describe(code: Optional[int]) -> str:
+    if code is None:
+        return "ended without reporting an exit status (its MPI wrapper was killed)"
+    return describe_exit(code)
+
+
+def launch(script: str, script_args: Sequence[str], nprocs: int, backend: str = "gloo",
+           timeout: Optional[float] = None, log_dir: Optional[str] = None) -> int:
+    """Run ``python script *script_args`` on ``nprocs`` local ranks; return the exit status.
+
+    Raises :class:`UsageError` when the job cannot start (too few GPUs, no mpiexec).
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if nprocs < 1:
+        raise UsageError(f"--nprocs must be at least 1, got {nprocs}")
+    mpiexec = None
+    if backend == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if nprocs > gpus:
+            raise UsageError(f"--backend nccl runs one GPU per rank: --nprocs {nprocs} needs "
+                             f"{nprocs} GPUs but torch.cuda.device_count() is {gpus}; use "
+                             "fewer ranks, or --backend gloo on CPU")
+    if backend == "mpi":
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            raise UsageError('--backend mpi: no mpiexec found next to this Python or on PATH; '
+                             'install one with: pip install "syncbn[mpi]"')
+    job = _Job([script] + list(script_args), nprocs, backend, log_dir)
+    handlers = _trap_signals(job)
+    try:
+        try:
+            if mpiexec is not None:
+                job.start_mpi(mpiexec)
+            else:
+                job.start_torch()
+        except BaseException:
+            job._stop(settle=False)
+            job._close()
+            raise
+        return job.wait(timeout)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _trap_signals(job: _Job) -> Dict[int, object]:
+    """Turn SIGINT/SIGTERM/SIGHUP into an orderly stop of every rank (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def note(sig: int, _frame: object) -> None:
+        if job.received_signal is None:
+            job.received_signal = sig
+
+    return {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncbn-launch",
+        description="Run N local ranks of a Python script over gloo, NCCL or MPI; stop them all "
+                    "as soon as one fails.",
+        epilog="Exit status: 0 if every rank exited 0; else the failing rank's exit code, 128+N "
+               "for signal N, 124 on --timeout, 2 on a usage error.")
+    parser.add_argument("--nprocs", "--nproc-per-node", type=int, required=True,
+                        help="number of ranks to start on this machine")
+    parser.add_argument("--backend", choices=BACKENDS, default="gloo",
+                        help="gloo (CPU), nccl (one GPU per rank) or mpi (mpiexec); default gloo")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop every rank and exit 124 after this many seconds")
+    parser.add_argument("--log-dir", default=None,
+                        help="also write each rank's output to DIR/rankK.log")
+    parser.add_argument("script", help="the Python script every rank runs")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of ``syncbn-launch`` and ``python -m syncbn.launch``."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    try:
+        status = launch(options.script, options.args, options.nprocs, options.backend, options.timeout, options.log_dir)
+    except UsageError as error:
+        parser.exit(EXIT_USAGE, f"syncbn-launch: error: {error}\n")
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
