@@ -13,12 +13,13 @@ The split is strided like torch's DistributedSampler: rank ``r`` takes positions
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sized, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sized, Tuple, Union
 
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["shard_indices", "ShardedSampler", "rank_batches", "rank_batch_stream"]
+__all__ = ["shard_indices", "ShardedSampler", "rank_batches", "rank_batch_stream",
+           "average_gradients"]
 
 
 def _permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -143,3 +144,25 @@ def rank_batch_stream(num_samples: int, batch_size: int, rank: int, world_size: 
             yield batch
             steps_done += 1
         epoch += 1
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter], process_group: Any = None) -> None:
+    """Average the gradients of ``parameters`` over the group in one all-reduce (DDP's job).
+
+    The manual equivalent of DistributedDataParallel for any syncbn group, MPI included:
+    with each rank's loss a mean over its own equal-sized batch, the result is the gradient of
+    the mean loss over the global batch. Parameters without a gradient are skipped (the same on
+    every rank, or the collectives would not line up).
+    """
+    from .comm import resolve_communicator
+
+    comm = resolve_communicator(process_group)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if comm.size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(torch.float64)
+    comm.all_reduce_sum_(flat).div_(comm.size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
