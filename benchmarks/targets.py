@@ -1,0 +1,78 @@
+"""The issue's speed targets, checked against the measured rows of one run."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from .aggregate import geometric_mean
+from .comm_bench import train_payloads
+
+WORLD1_MAX_OVERHEAD = 1.25  # syncbn / BatchNorm, CPU, world size 1
+WORLD2_MIN_SPEEDUP = 1.5  # naive / syncbn, CPU, world size 2
+COLLECTIVES_PER_STEP = 2
+
+
+def _cpu_resnet_rows(layer_rows: List[Dict], keep: Callable[[Dict], bool]) -> Dict[str, List[Dict]]:
+    """ResNet-50-shape rows of matching CPU settings, grouped by setting label."""
+    groups: Dict[str, List[Dict]] = {}
+    for row in layer_rows:
+        setting = row["setting"]
+        if setting["device"] == "cpu" and row["case"]["is_resnet50"] and keep(setting):
+            groups.setdefault(setting["label"], []).append(row)
+    return groups
+
+
+def _ratio_target(layer_rows: List[Dict], name: str, world_size: int, ratio: str,
+                  passes: Callable[[float], bool], worst: Callable) -> List[Dict]:
+    results = []
+    groups = _cpu_resnet_rows(layer_rows, lambda s: s["world_size"] == world_size)
+    for label, rows in groups.items():
+        measured = [(r["ratios"][ratio], r["case"]["label"]) for r in rows if ratio in r["ratios"]]
+        if not measured:
+            continue
+        worst_value, worst_case = worst(measured)
+        mean = geometric_mean(v for v, _ in measured)
+        results.append({
+            "target": name, "setting": label,
+            "measured": f"geo-mean {mean:.2f}x, worst {worst_value:.2f}x ({worst_case}); "
+                        f"{sum(passes(v) for v, _ in measured)}/{len(measured)} cases pass",
+            "status": "met" if passes(worst_value) else "missed",
+        })
+    return results
+
+
+def _collective_target(layer_rows: List[Dict], model_rows: List[Dict]) -> Dict:
+    bad = []
+    for row in layer_rows:
+        syncbn_counts = row["peers"]["syncbn"]["collectives_per_step"]
+        expected_payloads = train_payloads(row["case"]["channels"])
+        if (syncbn_counts != [COLLECTIVES_PER_STEP] or row["collectives_eval"] != 0
+                or row["train_payloads"] != expected_payloads):
+            bad.append(f"{row['setting']['label']} {row['case']['label']}: train {syncbn_counts} "
+                       f"(payloads {row['train_payloads']}, expected {expected_payloads}), "
+                       f"eval {row['collectives_eval']}")
+    for row in model_rows:
+        expected = COLLECTIVES_PER_STEP * row["norm_layers"]
+        if row["peers"]["syncbn"]["collectives_per_step"] != [expected]:
+            bad.append(f"model {row['setting']['label']}: "
+                       f"{row['peers']['syncbn']['collectives_per_step']} (expected {expected})")
+    checked = f"{len(layer_rows)} layer cases, {len(model_rows)} model runs"
+    return {
+        "target": f"exactly {COLLECTIVES_PER_STEP} collectives per layer per training step "
+                  "(2C+2 fp64 forward, 2C fp32 backward), 0 in eval",
+        "setting": "every setting",
+        "measured": f"all of {checked}" if not bad else "; ".join(bad),
+        "status": "met" if not bad else "missed",
+    }
+
+
+def evaluate_targets(layer_rows: List[Dict], model_rows: List[Dict]) -> List[Dict]:
+    """One row per (target, setting): what was measured and whether the target is met."""
+    return (
+        _ratio_target(layer_rows, f"CPU W=1: syncbn <= {WORLD1_MAX_OVERHEAD}x BatchNorm "
+                      "(ResNet-50 shapes)", 1, "syncbn_vs_batchnorm",
+                      lambda v: v <= WORLD1_MAX_OVERHEAD, max)
+        + _ratio_target(layer_rows, f"CPU W=2: syncbn >= {WORLD2_MIN_SPEEDUP}x faster than naive "
+                        "(ResNet-50 shapes)", 2, "naive_vs_syncbn",
+                        lambda v: v >= WORLD2_MIN_SPEEDUP, min)
+        + [_collective_target(layer_rows, model_rows)]
+    )

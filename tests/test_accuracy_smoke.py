@@ -1,0 +1,76 @@
+"""The accuracy study runs end to end in its tiny mode and writes sane, well-formed results.
+
+Checks ranges and invariants, not the study's findings (those need the full run).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_LIMIT_BYTES = 300 * 1024
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Dict:
+    out = tmp_path_factory.mktemp("accuracy")
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(out / "results.json") as handle:
+        results = json.load(handle)
+    return {"out": out, "results": results, "markdown": (out / "results.md").read_text()}
+
+
+def test_files_and_machine_stamp(smoke_run):
+    results, out = smoke_run["results"], smoke_run["out"]
+    assert results["mode"] == "smoke"
+    for key in ("cpu", "cores", "torch"):
+        assert results["machine"][key], key
+    for name in ("accuracy_stats_error.png", "accuracy_classification.png",
+                 "accuracy_segmentation.png"):
+        size = os.path.getsize(out / name)
+        assert 0 < size < PNG_LIMIT_BYTES, (name, size)
+    markdown = smoke_run["markdown"]
+    assert "| per-rank batch b | local BN | SyncBN W=2 |" in markdown
+    assert "syncbn.SyncBatchNorm" in markdown and results["command"] in markdown
+
+
+def test_statistics_errors_are_positive_and_syncbn_is_closer(smoke_run):
+    stats = smoke_run["results"]["stats"]
+    reference = {r["per_rank_batch"]: r for r in stats if r["source"] == "single process"}
+    measured = [r for r in stats if r["source"] != "single process"]
+    assert measured and reference
+    for row in stats:
+        for key in ("local_mean_err", "local_var_err", "sync_mean_err", "sync_var_err"):
+            assert 0 < row[key] < 10, (row, key)
+    for row in measured:
+        world, batch = row["world_size"], row["per_rank_batch"]
+        assert world > 1
+        if batch == 1:
+            assert row["sync_var_err"] < row["local_var_err"]
+            assert row["sync_mean_err"] < row["local_mean_err"]
+        # The ranks' batches together are the one-process batches of b*W (same sampler):
+        # SyncBN's error over real ranks is the one-process error at the global batch.
+        expected = reference[batch * world]
+        assert row["sync_mean_err"] == pytest.approx(expected["local_mean_err"], rel=1e-3)
+        assert row["sync_var_err"] == pytest.approx(expected["local_var_err"], rel=1e-3)
+
+
+def test_training_scores_in_range_and_syncbn_tracks_full_batch(smoke_run):
+    training = smoke_run["results"]["training"]
+    assert {r["task"] for r in training} == {"classification", "segmentation"}
+    assert {r["arm"] for r in training} == {"local", "sync", "group", "full"}
+    for row in training:
+        assert 0.0 <= row["score"] <= 1.0, row
+        assert all(loss > 0 for loss in row["final_loss_per_rank"]), row
+    score = {(r["task"], r["arm"], r["per_rank_batch"]): r["score"] for r in training}
+    for (task, arm, batch), value in score.items():
+        if arm == "sync":  # same global batches, same init, averaged gradients: same model
+            assert value == pytest.approx(score[(task, "full", batch)], abs=0.02)

@@ -1,0 +1,171 @@
+"""The speed benchmark runs end to end on tiny sizes and writes well-formed results.
+
+Timings are not checked (they depend on the machine); the collective count is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+import torch
+
+from syncbn.testing import run_on_ranks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_LIMIT_BYTES = 300 * 1024
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Dict:
+    out = tmp_path_factory.mktemp("bench")
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with open(out / "results.json") as handle:
+        results = json.load(handle)
+    return {"out": out, "results": results, "markdown": (out / "speed_results.md").read_text()}
+
+
+def _table_rows(markdown: str, header_start: str) -> List[List[str]]:
+    """Cells of every data row of the tables whose header begins with ``header_start``."""
+    rows, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith(header_start):
+            in_table = True
+        elif in_table and line.startswith("|---"):
+            continue
+        elif in_table and line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        else:
+            in_table = False
+    return rows
+
+
+def test_json_holds_every_section_and_the_machine_stamp(smoke_run):
+    results = smoke_run["results"]
+    for key in ("mode", "command", "machine", "plan", "layers", "comm", "model", "payload_growth",
+                "gpu", "guard", "targets", "profiles", "rank_layout", "load_average"):
+        assert key in results, key
+    for key in ("cpu", "cores", "gpu", "torch", "mpi4py", "mpi_library", "load_1_5_15_min"):
+        assert results["machine"][key], key
+    backends = {row["setting"]["backend"] for row in results["layers"]}
+    assert {"none", "gloo", "mpi"} <= backends
+
+
+def test_every_layer_row_has_peers_ratios_and_a_comm_split(smoke_run):
+    for row in smoke_run["results"]["layers"]:
+        assert {"BatchNorm", "syncbn", "naive"} <= set(row["peers"])
+        assert row["ratios"]["syncbn_vs_batchnorm"] > 0
+        assert row["peers"]["syncbn"]["comm_ms"] <= row["peers"]["syncbn"]["ms"]
+        assert row["torch_syncbn_note"] == "n/a (CPU)" or not row["setting"]["device"] == "cpu"
+
+
+def test_markdown_has_one_detail_row_per_layer_case(smoke_run):
+    results, markdown = smoke_run["results"], smoke_run["markdown"]
+    rows = _table_rows(markdown, "| layer | N/rank | dtype | layout |")
+    assert len(rows) == len(results["layers"])
+    assert all(len(r) == 12 for r in rows)
+    summary = _table_rows(markdown, "| setting | threads/rank | syncbn / BatchNorm")
+    assert {r[0] for r in summary} == {row["setting"]["label"] for row in results["layers"]}
+    assert _table_rows(markdown, "| target | setting | measured | status |")
+
+
+def test_plots_are_readable_small_pngs(smoke_run):
+    import matplotlib.image
+
+    pngs = sorted(p for p in os.listdir(smoke_run["out"]) if p.endswith(".png"))
+    assert len(pngs) == 5
+    for name in pngs:
+        path = os.path.join(smoke_run["out"], name)
+        assert os.path.getsize(path) < PNG_LIMIT_BYTES, name
+        assert matplotlib.image.imread(path).ndim == 3, name
+        assert f"]({name})" in smoke_run["markdown"], f"{name} is not linked from speed_results.md"
+
+
+def test_syncbn_makes_exactly_two_collectives_per_layer_step_and_none_in_eval(smoke_run):
+    for row in smoke_run["results"]["layers"]:
+        channels = row["case"]["channels"]
+        assert row["peers"]["syncbn"]["collectives_per_step"] == [2], row["case"]["label"]
+        assert row["collectives_eval"] == 0
+        # Forward: count, sum x, sum x^2 and the invalid-input flag (syncbn/functional.py);
+        # backward: sum dy, sum dy*xhat.
+        assert row["train_payloads"] == [[2 * channels + 2, "float64"], [2 * channels, "float32"]]
+    for row in smoke_run["results"]["model"]:
+        assert row["peers"]["syncbn"]["collectives_per_step"] == [2 * row["norm_layers"]]
+    collective_target = smoke_run["results"]["targets"][-1]
+    assert collective_target["status"] == "met", collective_target
+
+
+def test_guard_rows_compare_debug_on_and_off_at_world_size_2(smoke_run):
+    rows = smoke_run["results"]["guard"]
+    assert rows and all(r["setting"]["label"] == "gloo, W=2" for r in rows)
+    for row in rows:
+        assert row["ratios"]["guard_on_vs_off"] > 0
+        assert row["peers"]["syncbn"]["collectives_per_step"] == [2]
+        # the guard's fingerprint all-reduce precedes each of the two payloads
+        assert row["peers"]["syncbn debug=True"]["collectives_per_step"] == [4]
+    assert len(_table_rows(smoke_run["markdown"], "| setting | case | debug=False ms")) == len(rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the note written without CUDA")
+def test_gpu_section_is_skipped_with_a_note_without_cuda(smoke_run):
+    assert "no CUDA device" in smoke_run["results"]["gpu"]["skipped"]
+    assert "Skipped: no CUDA device" in smoke_run["markdown"]
+
+
+def test_gpu_rows_render_with_bandwidth_without_a_gpu():
+    """The GPU code path past the measurement itself, fed a made-up row."""
+    from benchmarks import gpu, report
+
+    case = {"shape": [2, 8, 4, 4], "dtype": "bf16", "label": "8x4x4 N=2 bf16 contiguous"}
+    row = gpu.add_bandwidth({"setting": {"label": "nccl on cuda, W=1"}, "case": case,
+                             "torch_syncbn_note": None,
+                             "peers": {"BatchNorm": {"ms": 0.01}, "syncbn": {"ms": 0.02}}}, 100.0)
+    assert row["peers"]["syncbn"]["gbps"] == pytest.approx(row["peers"]["BatchNorm"]["gbps"] / 2)
+    text = "\n".join(report._gpu_section({"peak_gbps": 100.0, "peak_source": "made up",
+                                          "layers": [row]}))
+    assert "8x4x4 N=2 bf16 contiguous" in text and "Peak: 100 GB/s" in text
+
+
+def test_publish_rewrites_only_its_own_sections(tmp_path):
+    from benchmarks.run import replace_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("intro\n<!-- section:speed (x) -->\nold\n<!-- end:speed -->\n"
+                    "<!-- section:other -->\nkeep\n<!-- end:other -->\n")
+    replace_section(str(path), "speed", "new\nlines\n")
+    assert path.read_text() == ("intro\n<!-- section:speed (x) -->\nnew\nlines\n<!-- end:speed -->\n"
+                                "<!-- section:other -->\nkeep\n<!-- end:other -->\n")
+
+
+def _naive_against_global_batchnorm() -> float:
+    """On each of 2 ranks: the naive peer on its half of a batch versus BatchNorm on all of it."""
+    import torch.distributed as dist
+
+    from benchmarks.naive_syncbn import NaiveSyncBatchNorm
+
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(8, 3, 5, 5, generator=generator, dtype=torch.float64)
+    reference = torch.nn.BatchNorm2d(3).double()
+    naive = NaiveSyncBatchNorm(3).double()
+    mine = full[4 * rank: 4 * rank + 4].clone().requires_grad_()
+    everything = full.clone().requires_grad_()
+    naive(mine).pow(2).sum().backward()
+    (reference(everything).pow(2).sum()).backward()
+    errors = [
+        (naive(mine) - reference(everything)[4 * rank: 4 * rank + 4]).abs().max(),
+        (mine.grad - everything.grad[4 * rank: 4 * rank + 4]).abs().max(),
+        (naive.running_var - reference.running_var).abs().max(),
+    ]
+    return float(max(errors))
+
+
+def test_naive_peer_computes_global_batchnorm_over_two_ranks():
+    errors = run_on_ranks(_naive_against_global_batchnorm, 2, "gloo")
+    assert max(errors) < 1e-10
