@@ -24,6 +24,9 @@ from . import triton_kernels
 
 Tensor = torch.Tensor
 
+# Read once: this runs on every step of every layer.
+_TRITON_ON_CPU = triton_kernels.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1"
+
 
 def uses_triton(x: Tensor) -> bool:
     """Whether the functions below run the Triton kernels for input ``x``."""
@@ -31,8 +34,7 @@ def uses_triton(x: Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return True
-    return (x.device.type == "cpu" and triton_kernels.INTERPRETED
-            and os.environ.get("SYNCBN_TRITON") == "1")
+    return x.device.type == "cpu" and _TRITON_ON_CPU
 
 
 def reduction_dims(ndim: int) -> List[int]:
@@ -60,17 +62,37 @@ def forward_payload(x: Tensor) -> Tensor:
     if uses_triton(x):
         return triton_kernels.forward_payload(x)
     channels = x.shape[1]
-    payload = torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
     count = local_count(x)
     if count == 0:
-        return payload
-    stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    mean, var = torch.batch_norm_update_stats(stats_input, None, None, 0.0)
-    mean = mean.double()
-    payload[0] = count
-    payload[1 : channels + 1] = mean * count
-    payload[channels + 1 :] = (var.double() + mean * mean) * count
-    return payload
+        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
+        shift, centered_sum, centered_sq = _shifted_sums(x)
+        shift = shift.double()
+        centered_sum, centered_sq = centered_sum.double(), centered_sq.double()
+        return torch.cat([shift.new_full((1,), count), centered_sum + count * shift,
+                          centered_sq + shift * (2 * centered_sum + count * shift)])
+    acc = accumulation_dtype(x.dtype)
+    # For fp16/bf16 input, scratch running stats in fp32 make the fused kernel accumulate and
+    # return fp32 statistics without an fp32 copy of x (momentum 0 leaves the scratch alone).
+    scratch = torch.zeros(2, channels, dtype=acc, device=x.device) if x.dtype != acc else None
+    mean, var = torch.batch_norm_update_stats(
+        x, None if scratch is None else scratch[0], None if scratch is None else scratch[1], 0.0)
+    mean, var = mean.double(), var.double()
+    return torch.cat([mean.new_full((1,), count), mean * count, (var + mean * mean) * count])
+
+
+def _shifted_sums(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(shift, sum (x - shift), sum (x - shift)^2) per channel, for a non-empty x.
+
+    The shift is one value of each channel's own data, so the squares stay small whatever the
+    mean and plain fp32 sums stay accurate. On CPU this is about 3x faster for contiguous fp32
+    input than batch_norm_update_stats, whose NCHW fp32 kernel is slow (channels_last and
+    fp16/bf16 input are fast there and keep it).
+    """
+    shift = x[0].reshape(x.shape[1], -1)[:, 0]
+    centered = x - channel_view(shift, x.dim())
+    dims = reduction_dims(x.dim())
+    return shift, centered.sum(dims), centered.square_().sum(dims)
 
 
 def global_moments(payload: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -107,15 +129,13 @@ def update_running_stats(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+        factor = num_batches_tracked.clamp(min=1).to(running_mean.dtype).reciprocal()
     else:
-        factor = torch.full((), float(momentum), dtype=mean.dtype, device=mean.device)
-    factor = torch.where(has_values, factor, torch.zeros_like(factor))
+        factor = torch.full((), float(momentum), dtype=running_mean.dtype, device=running_mean.device)
+    factor = factor * has_values  # 0: an empty group leaves the statistics as they are
     unbiased_var = var * (count / (count - 1).clamp(min=1.0))
-    new_mean = running_mean * (1 - factor) + mean * factor
-    new_var = running_var * (1 - factor) + unbiased_var * factor
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased_var.to(running_var.dtype), factor)
 
 
 def _affine_in(param: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -158,7 +178,7 @@ def input_grad(
 ) -> Tensor:
     """dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group.
 
-    Written per channel as dx = a * dy + b * x + c, two fused elementwise passes.
+    Written per channel as dx = a * dy + b * x + c, two fused passes in x's dtype and layout.
     """
     if uses_triton(x):
         return triton_kernels.input_grad(dy, x, mean, var, weight, eps, global_payload, count)
@@ -173,7 +193,9 @@ def input_grad(
     a = scale
     b = -scale * invstd * mean_dy_xhat
     c = scale * (mean * invstd * mean_dy_xhat - mean_dy)
-    ndim = x.dim()
-    dx = torch.addcmul(channel_view(c, ndim), x, channel_view(b, ndim))
-    dx.addcmul_(dy, channel_view(a, ndim))
-    return dx.to(x.dtype)
+    # b * x + c is eval-mode BatchNorm with mean 0 and var + eps == 1: torch's fused kernel,
+    # much faster than a broadcast addcmul.
+    dx = torch.batch_norm(x, b, c, torch.zeros_like(b), torch.full_like(b, 1.0 - eps),
+                          False, 0.0, eps, False)
+    # In x's dtype: an fp32 factor would promote dy to an fp32 copy first (5x slower for bf16).
+    return dx.addcmul_(dy, channel_view(a, x.dim()).to(x.dtype))
