@@ -119,6 +119,8 @@ class _MPIWatchdog:
                     f"than {communicator.timeout:g} s (SYNCBN_TIMEOUT); a rank may have died, "
                     "skipped a layer or stopped early; aborting the MPI job\n")
                 sys.stderr.flush()
+                # Give mpiexec a moment to forward the message: Abort tears its pipes down.
+                time.sleep(1.0)
                 communicator.comm.Abort(1)
 
 

@@ -4,28 +4,17 @@ Checks ranges and invariants, not the study's findings (those need the full run)
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from typing import Dict
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_LIMIT_BYTES = 300 * 1024
+from smoke import PNG_LIMIT_BYTES, run_smoke
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Dict:
-    out = tmp_path_factory.mktemp("accuracy")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy", "--smoke", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    with open(out / "results.json") as handle:
-        results = json.load(handle)
-    return {"out": out, "results": results, "markdown": (out / "results.md").read_text()}
+    return run_smoke("benchmarks.accuracy", tmp_path_factory.mktemp("accuracy"), "results.md", timeout=240)
 
 
 def test_files_and_machine_stamp(smoke_run):

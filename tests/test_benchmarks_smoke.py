@@ -4,31 +4,19 @@ Timings are not checked (they depend on the machine); the collective count is.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from typing import Dict, List
 
 import pytest
 import torch
 
+from smoke import PNG_LIMIT_BYTES, run_smoke
 from syncbn.testing import run_on_ranks
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_LIMIT_BYTES = 300 * 1024
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Dict:
-    out = tmp_path_factory.mktemp("bench")
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    with open(out / "results.json") as handle:
-        results = json.load(handle)
-    return {"out": out, "results": results, "markdown": (out / "speed_results.md").read_text()}
+    return run_smoke("benchmarks.run", tmp_path_factory.mktemp("bench"), "speed_results.md", timeout=180)
 
 
 def _table_rows(markdown: str, header_start: str) -> List[List[str]]:
