@@ -66,19 +66,19 @@ def forward_payload(x: Tensor) -> Tensor:
     if count == 0:
         return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
     if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
-        shift, centered_sum, centered_sq = _shifted_sums(x)
-        shift = shift.double()
-        centered_sum, centered_sq = centered_sum.double(), centered_sq.double()
-        return torch.cat([shift.new_full((1,), count), centered_sum + count * shift,
-                          centered_sq + shift * (2 * centered_sum + count * shift)])
-    acc = accumulation_dtype(x.dtype)
-    # For fp16/bf16 input, scratch running stats in fp32 make the fused kernel accumulate and
-    # return fp32 statistics without an fp32 copy of x (momentum 0 leaves the scratch alone).
-    scratch = torch.zeros(2, channels, dtype=acc, device=x.device) if x.dtype != acc else None
-    mean, var = torch.batch_norm_update_stats(
-        x, None if scratch is None else scratch[0], None if scratch is None else scratch[1], 0.0)
-    mean, var = mean.double(), var.double()
-    return torch.cat([mean.new_full((1,), count), mean * count, (var + mean * mean) * count])
+        center, centered_sum, centered_sq = _shifted_sums(x)
+    else:
+        acc = accumulation_dtype(x.dtype)
+        # For fp16/bf16 input, scratch running stats in fp32 make the fused kernel accumulate and
+        # return fp32 statistics without an fp32 copy of x (momentum 0 leaves the scratch alone).
+        scratch = torch.zeros(2, channels, dtype=acc, device=x.device) if x.dtype != acc else None
+        center, var = torch.batch_norm_update_stats(
+            x, None if scratch is None else scratch[0], None if scratch is None else scratch[1], 0.0)
+        centered_sum, centered_sq = torch.zeros_like(center), var * count
+    # Sums about a per-channel center, moved to sums about 0 in fp64, where nothing cancels.
+    center, centered_sum, centered_sq = center.double(), centered_sum.double(), centered_sq.double()
+    return torch.cat([center.new_full((1,), count), centered_sum + count * center,
+                      centered_sq + center * (2 * centered_sum + count * center)])
 
 
 def _shifted_sums(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sized, Tuple, Union
 import torch
 from torch.utils.data import Sampler
 
+from .comm import resolve_communicator
+
 __all__ = ["shard_indices", "ShardedSampler", "rank_batches", "rank_batch_stream",
            "average_gradients"]
 
@@ -65,8 +67,6 @@ def shard_indices(num_samples: int, rank: int, world_size: int, seed: int = 0, e
 def _default_rank_and_size(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
-    from .comm import resolve_communicator
-
     comm = resolve_communicator()
     return (comm.rank if rank is None else rank), (comm.size if world_size is None else world_size)
 
@@ -154,8 +154,6 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter], process_group: A
     the mean loss over the global batch. Parameters without a gradient are skipped (the same on
     every rank, or the collectives would not line up).
     """
-    from .comm import resolve_communicator
-
     comm = resolve_communicator(process_group)
     grads = [p.grad for p in parameters if p.grad is not None]
     if comm.size == 1 or not grads:
