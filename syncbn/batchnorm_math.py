@@ -1,12 +1,14 @@
 """The arithmetic of synchronized BatchNorm, free of communication.
 
-Forward: local statistics -> packed payload -> (all-reduce elsewhere) -> global statistics
--> running-stat update -> normalize. Backward: local gradient sums -> packed payload ->
-(all-reduce elsewhere) -> input gradient.
+Forward: local moments -> payload about a shared shift -> (all-reduce elsewhere) -> global
+statistics -> running-stat update -> normalize. Backward: local gradient sums -> (all-reduce
+elsewhere) -> input gradient.
 
-Precision: local mean and variance come from a stable fused kernel in fp32 (fp64 for fp64
-input); the forward payload carries [count, sum x, sum x^2] in fp64, so merging ranks
-cancels only at fp64 precision (relative error ~1e-16 * (mean/std)^2), and counts stay exact.
+Precision: each rank's mean and M2 = sum (x - mean)^2 are centred on its own mean (two-pass or
+Welford, fp32; fp64 for fp64 input). The payload carries [count, sum (x - K), sum (x - K)^2] in
+fp64 about a per-channel shift K that every rank shares, so it adds up over ranks, and the
+merge cancels only to 2^-52 * (1 + (mean - K)^2 / var) relative (see ill_conditioned); counts
+stay exact. The input gradient is formed in centred form, dx = a * dy + b * (x - mean) + c.
 
 Dispatch: CUDA tensors in fp32/fp16/bf16 take the Triton kernels of :mod:`syncbn.triton_kernels`
 (same semantics, no host sync) when Triton is installed; everything else takes the torch ops
@@ -57,56 +59,105 @@ def local_count(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def forward_payload(x: Tensor) -> Tensor:
-    """[count, sum x (C), sum x^2 (C)] of the local batch, in fp64, zeros for an empty batch."""
-    if uses_triton(x):
-        return triton_kernels.forward_payload(x)
+def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, M2 = sum (x - mean)^2) per channel of the local batch, in fp64, zeros if empty.
+
+    Both are centred on this rank's own mean (two-pass or Welford), never on an arbitrary
+    element: an outlier anywhere in the channel costs no precision. Computed in fp32 (fp64 for
+    fp64 input) and widened to fp64 for the merge.
+    """
     channels = x.shape[1]
     count = local_count(x)
     if count == 0:
-        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
-    if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
-        center, centered_sum, centered_sq = _shifted_sums(x)
-    else:
-        acc = accumulation_dtype(x.dtype)
-        # For fp16/bf16 input, scratch running stats in fp32 make the fused kernel accumulate and
-        # return fp32 statistics without an fp32 copy of x (momentum 0 leaves the scratch alone).
-        scratch = torch.zeros(2, channels, dtype=acc, device=x.device) if x.dtype != acc else None
-        center, var = torch.batch_norm_update_stats(
-            x, None if scratch is None else scratch[0], None if scratch is None else scratch[1], 0.0)
-        centered_sum, centered_sq = torch.zeros_like(center), var * count
-    # Sums about a per-channel center, moved to sums about 0 in fp64, where nothing cancels.
-    center, centered_sum, centered_sq = center.double(), centered_sum.double(), centered_sq.double()
-    return torch.cat([center.new_full((1,), count), centered_sum + count * center,
-                      centered_sq + center * (2 * centered_sum + count * center)])
+        zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
+        return zeros, zeros
+    if uses_triton(x):
+        payload = triton_kernels.forward_payload(x)
+        total, total_sq = payload[1 : channels + 1], payload[channels + 1 :]
+        mean = total / count
+        return mean, (total_sq - total * mean).clamp_(min=0.0)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= _TWO_PASS_MIN_NUMEL:
+        return _two_pass_moments(x)
+    acc = accumulation_dtype(x.dtype)
+    # For fp16/bf16 input, scratch running stats in fp32 make the fused Welford kernel accumulate
+    # and return fp32 statistics without an fp32 copy of x (momentum 0 leaves the scratch alone).
+    scratch = torch.zeros(2, channels, dtype=acc, device=x.device) if x.dtype != acc else None
+    mean, var = torch.batch_norm_update_stats(
+        x, None if scratch is None else scratch[0], None if scratch is None else scratch[1], 0.0)
+    return mean.double(), var.double() * count
 
 
-def _shifted_sums(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(shift, sum (x - shift), sum (x - shift)^2) per channel, for a non-empty x.
+# torch's fused Welford kernel is slow on large contiguous fp32 CPU input (about 1.4x the
+# two-pass below at 4x1024x14x14) and fast on small input, where the two-pass costs 3x its ops.
+_TWO_PASS_MIN_NUMEL = 1 << 16
 
-    The shift is one value of each channel's own data, so the squares stay small whatever the
-    mean and plain fp32 sums stay accurate. On CPU this is about 3x faster for contiguous fp32
-    input than batch_norm_update_stats, whose NCHW fp32 kernel is slow (channels_last and
-    fp16/bf16 input are fast there and keep it).
-    """
-    shift = x[0].reshape(x.shape[1], -1)[:, 0]
-    centered = x - channel_view(shift, x.dim())
+
+def _two_pass_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Corrected two-pass moments: mean, then sums of x - mean, whose own sum corrects the mean."""
     dims = reduction_dims(x.dim())
-    return shift, centered.sum(dims), centered.square_().sum(dims)
+    count = local_count(x)
+    rough_mean = x.mean(dims)
+    centered = x - channel_view(rough_mean, x.dim())
+    residual = centered.sum(dims).double()
+    squares = centered.square_().sum(dims).double()
+    mean = rough_mean.double() + residual / count
+    return mean, (squares - residual * residual / count).clamp_(min=0.0)
 
 
-def global_moments(payload: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def forward_payload(count: int, mean: Tensor, m2: Tensor, shift: Tensor) -> Tensor:
+    """[count, sum (x - shift) (C), sum (x - shift)^2 (C)] in fp64 from local moments.
+
+    ``shift`` (fp64, (C,)) must be the same on every rank: the sums then add up over ranks,
+    and a shift near the global mean keeps the merge well conditioned (see global_moments).
+    """
+    offset = mean - shift
+    return torch.cat([offset.new_full((1,), count), count * offset, m2 + count * offset * offset])
+
+
+def payload_about(x: Tensor, shift: Tensor) -> Tensor:
+    """forward_payload taken from the data: [count, sum (x - shift), sum (x - shift)^2] in fp64.
+
+    One more pass over x, for a shift close to the mean: x - shift is then nearly exact in fp64,
+    so no rank's mean enters the merge with its own rounding.
+    """
+    centered = x.double() - channel_view(shift, x.dim())
+    dims = reduction_dims(x.dim())
+    return torch.cat([shift.new_full((1,), local_count(x)), centered.sum(dims),
+                      centered.square_().sum(dims)])
+
+
+def global_moments(payload: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(count, mean, biased var) of the whole group from the all-reduced forward payload.
 
-    The count stays a 0-dim device tensor so no host sync is needed; an empty group gives
-    mean 0 and var 0 (callers keep running stats unchanged then).
+    var = S2/M - (S1/M)^2 about the shared shift: in fp64 its relative error is about
+    2^-52 * (W + 1) * (1 + condition), condition = (mean - shift)^2 / var (see
+    ill_conditioned). The count stays a 0-dim device tensor so no host sync is needed; an
+    empty group gives mean = shift and var 0 (callers keep running stats unchanged then).
     """
     channels = (payload.numel() - 1) // 2
     count = payload[0]
     safe_count = count.clamp(min=1.0)
-    mean = payload[1 : channels + 1] / safe_count
-    var = (payload[channels + 1 :] / safe_count - mean * mean).clamp_(min=0.0)
-    return count, mean, var
+    offset = payload[1 : channels + 1] / safe_count
+    var = (payload[channels + 1 :] / safe_count - offset * offset).clamp_(min=0.0)
+    return count, shift + offset, var
+
+
+def ill_conditioned(payload: Tensor, dtype: torch.dtype) -> bool:
+    """Whether the merge about the payload's shift may have lost precision that ``dtype`` would show.
+
+    The fp64 merge error of var, relative, is about 2^-52 * (W + 1) * (1 + condition). fp32
+    statistics (fp32/fp16/bf16 input) carry 2^-24 of their own, so a condition up to 2^20
+    (|mean - shift| up to 1000 std) costs them nothing even for W = 1024 ranks; fp64 input
+    carries 2^-53, so any condition above 1 may already cost it a few ulps. A host read: on
+    CPU, where the payload lives on the host, it is free.
+    """
+    channels = (payload.numel() - 1) // 2
+    count = payload[0].clamp(min=1.0)
+    offset = payload[1 : channels + 1] / count
+    second = payload[channels + 1 :] / count
+    limit = 1.0 if dtype == torch.float64 else float(1 << 20)
+    # condition = offset^2 / var = offset^2 / (second - offset^2): ill when offset^2 > limit * var.
+    return bool(((offset * offset) * (1.0 + limit) > limit * second).any())
 
 
 def update_running_stats(
@@ -178,24 +229,24 @@ def input_grad(
 ) -> Tensor:
     """dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group.
 
-    Written per channel as dx = a * dy + b * x + c, two fused passes in x's dtype and layout.
+    Written per channel in centred form, dx = a * dy + b * (x - mean) + c: x - mean is taken
+    before any scaling, so a large mean costs no more than the rounding of the mean itself.
+    Two fused passes in x's dtype and layout.
     """
     if uses_triton(x):
         return triton_kernels.input_grad(dy, x, mean, var, weight, eps, global_payload, count)
     channels = x.shape[1]
     acc = accumulation_dtype(x.dtype)
-    mean = mean.to(acc)
     invstd = torch.rsqrt(var.to(acc) + eps)
     scale = invstd if weight is None else weight.to(acc) * invstd
     safe_count = count.to(acc).clamp(min=1.0)
     mean_dy = global_payload[:channels].to(acc) / safe_count
     mean_dy_xhat = global_payload[channels:].to(acc) / safe_count
-    a = scale
     b = -scale * invstd * mean_dy_xhat
-    c = scale * (mean * invstd * mean_dy_xhat - mean_dy)
-    # b * x + c is eval-mode BatchNorm with mean 0 and var + eps == 1: torch's fused kernel,
-    # much faster than a broadcast addcmul.
-    dx = torch.batch_norm(x, b, c, torch.zeros_like(b), torch.full_like(b, 1.0 - eps),
+    c = -scale * mean_dy
+    # b * (x - mean) + c is eval-mode BatchNorm with var + eps == 1: torch's fused kernel, much
+    # faster than broadcast arithmetic.
+    dx = torch.batch_norm(x, b, c, mean.to(acc), torch.full_like(b, 1.0 - eps),
                           False, 0.0, eps, False)
     # In x's dtype: an fp32 factor would promote dy to an fp32 copy first (5x slower for bf16).
-    return dx.addcmul_(dy, channel_view(a, x.dim()).to(x.dtype))
+    return dx.addcmul_(dy, channel_view(scale, x.dim()).to(x.dtype))

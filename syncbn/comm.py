@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Hashable, Optional
 
 import torch
 
@@ -52,6 +52,10 @@ class Communicator:
         """A short name of the group for error messages."""
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
 
+    def group_key(self) -> Hashable:
+        """The same for every communicator over the same group (the debug guard counts calls per group)."""
+        return id(self)
+
 
 class SingleProcessCommunicator(Communicator):
     rank = 0
@@ -77,6 +81,9 @@ class TorchDistributedCommunicator(Communicator):
 
     def describe(self) -> str:
         return f"torch.distributed group (backend={self.backend}, rank={self.rank}, size={self.size})"
+
+    def group_key(self) -> Hashable:
+        return "torch.distributed", id(self.group)
 
 
 def collective_timeout() -> float:
@@ -161,6 +168,9 @@ class MPICommunicator(Communicator):
             return tensor
         finally:
             watchdog.end(token)
+
+    def group_key(self) -> Hashable:
+        return "mpi", self.comm.py2f()
 
     def describe(self) -> str:
         name = self.comm.Get_name() or "MPI communicator"

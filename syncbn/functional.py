@@ -1,34 +1,52 @@
 """``sync_batch_norm``: torch.nn.functional.batch_norm with statistics synchronized over a group.
 
-Exactly one all-reduce in the forward pass (count, sums, squared sums and an invalid-input
-flag: 2C+2 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C values),
-whatever the world size. Every rank issues them in the same order whatever its batch, an
-empty or invalid one included, so no rank is left waiting alone.
+In a group of one it *is* torch's batch_norm (same op, same running-stat update), bitwise, and
+communicates nothing. In a larger group: one all-reduce in the forward pass (count, sums and
+squared sums about a shift every rank shares, an invalid-input flag and a count of fp64 ranks:
+2C+3 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C fp64 values), whatever
+the world size. Every rank issues them in the same order whatever its batch, an empty or invalid
+one included, so no rank is left waiting alone. On CPU, a second forward all-reduce of 2C+1
+values follows when the first shows the merge was ill-conditioned (see
+batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
 
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
 non-finite statistics with ``check_finite``) are read from the reduced payload, so every
 rank raises together. On CPU that read is free; on GPU it would be a host sync, so there it
 happens only with the debug guard on (``SYNCBN_DEBUG=1``) or ``check_finite``: without them a
 rank with invalid input raises alone and the others fail at their next collective, and a
-single value per channel raises only where the host knows it from shapes (a group of one,
-like torch's BatchNorm); in a larger group it normalizes with a variance of 0 instead.
+single value per channel normalizes with a variance of 0 instead of raising.
 So a GPU training step reads nothing back from the device (CUDA graphs, torch.compile).
+
+torch.compile: the collectives and the host reads live inside custom operators
+(``syncbn::sync_moments``, ``syncbn::all_reduce``), which dynamo does not enter, so a model
+compiles without a graph break. Double backward: under ``create_graph=True`` the backward is
+rebuilt from differentiable ops and the differentiable all-reduce, so second-order gradients
+are those of BatchNorm on the global batch.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import batchnorm_math as bnm
 from .comm import Communicator, resolve_communicator
-from .guard import CollectiveError, all_reduce, debug_enabled
+from .guard import CollectiveError, all_reduce, all_reduce_op, communicator_for, communicator_key, debug_enabled
 
-__all__ = ["sync_batch_norm", "input_problem"]
+__all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once"]
+
+Tensor = torch.Tensor
+
+# The forward payload ends with two flags every rank adds to: how many ranks had invalid input,
+# and how many had fp64 input (the precision the merge must keep, decided alike on every rank).
+_INVALID, _FP64, _FLAGS = -2, -1, 2
 
 
-def input_problem(x: torch.Tensor, num_features: Optional[int], layer: str,
-                  reference: Optional[torch.Tensor] = None) -> Optional[Exception]:
+def input_problem(x: Tensor, num_features: Optional[int], layer: str,
+                  reference: Optional[Tensor] = None) -> Optional[Exception]:
     """The error input ``x`` deserves (not raised), or None if BatchNorm accepts it.
 
     ``reference``: a parameter or buffer of the layer; ``x`` must be on its device.
@@ -47,79 +65,129 @@ def input_problem(x: torch.Tensor, num_features: Optional[int], layer: str,
     return None
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, comm: Communicator, layer: str, debug: bool, check_finite: bool):
-        channels = x.shape[1]
-        local = bnm.forward_payload(x)
-        payload = torch.cat([local, local.new_zeros(1)])  # last slot: ranks with invalid input
-        all_reduce(comm, payload, layer, "forward", channels, x.dtype, debug)
-        count, mean, var = bnm.global_moments(payload[:-1])
-        if payload.device.type == "cpu" or debug or check_finite:  # free on CPU, a sync on GPU
-            _raise_group_errors(payload, local, comm, layer, x, check_finite)
-        elif comm.size == 1 and bnm.local_count(x) == 1:  # known from the shape: no sync
-            raise _single_value_error(layer, comm, x)
-        # Activation checkpointing re-runs this forward inside backward: the running
-        # statistics were already updated by the first run of this step.
-        recomputing = torch._C._current_graph_task_id() != -1
-        if running_mean is not None and not recomputing:
-            bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                     count, mean, var)
-        ctx.save_for_backward(x, weight, mean, var, count)
-        ctx.eps, ctx.comm, ctx.layer, ctx.debug = eps, comm, layer, debug
-        return bnm.normalize(x, mean, var, weight, bias, eps)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, var, count = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=_memory_format(x))
-        local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps)
-        channels = x.shape[1]
-        grad_weight = grad_bias = grad_x = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = local_sums[channels:].to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_bias = local_sums[:channels].to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            global_sums = all_reduce(ctx.comm, local_sums.clone(), ctx.layer, "backward",
-                                     channels, x.dtype, ctx.debug)
-            grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 9
+# (id of the process_group argument, whether torch.distributed is initialized) -> communicator
+_resolved: Dict[Tuple[int, bool], Communicator] = {}
 
 
-def _raise_group_errors(payload: torch.Tensor, local: torch.Tensor, comm: Communicator,
-                        layer: str, x: torch.Tensor, check_finite: bool) -> None:
+def resolve_once(process_group: Any) -> Communicator:
+    """resolve_communicator, once per group: later calls return the same communicator."""
+    if isinstance(process_group, Communicator):
+        return process_group
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    key = (id(process_group), initialized)
+    comm = _resolved.get(key)
+    if comm is None:
+        comm = _resolved[key] = resolve_communicator(process_group)
+    return comm
+
+
+@torch.compiler.assume_constant_result
+def _group_of(process_group: Any) -> Tuple[int, int]:
+    """(communicator key, group size) of ``process_group``: plain ints, which torch.compile
+    bakes into its graph, calling this at trace time rather than tracing the resolution."""
+    comm = resolve_once(process_group)
+    return communicator_key(comm), comm.size
+
+
+def _eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
+    # torch 2.13's F.batch_norm: eps must be positive in training, non-negative in eval.
+    if training and eps <= 0:
+        return ValueError(f"{layer}: eps must be positive during training, got {eps}")
+    if eps < 0:
+        return ValueError(f"{layer}: eps must be non-negative, got {eps}")
+    return None
+
+
+_REENTRANT_RECOMPUTE = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+
+
+def recomputing_checkpoint() -> bool:
+    """Whether this forward is torch.utils.checkpoint re-running a segment during backward.
+
+    Non-reentrant checkpointing recomputes under its ``_recomputation_hook`` saved-tensor hook;
+    reentrant checkpointing recomputes inside ``CheckpointFunction.backward``. Any other forward
+    run inside a backward pass (a backward hook, a double-backward rebuild) is a real forward.
+    """
+    if torch._C._current_graph_task_id() == -1:
+        return False  # not inside a backward pass
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook."):
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_RECOMPUTE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@torch.library.custom_op("syncbn::sync_moments", mutates_args=())
+def _sync_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor, fp64_input: bool,
+                  comm_key: int, layer: str, debug: bool, check_finite: bool,
+                  shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) of the group from this rank's moments: the forward all-reduce(s).
+
+    Raises on every rank together what the reduced payload shows (see _raise_group_errors).
+    """
+    comm = communicator_for(comm_key)
+    channels = mean.numel()
+    flags = mean.new_tensor([0.0, float(fp64_input)])
+    payload = torch.cat([bnm.forward_payload(count, mean, m2, shift), flags])
+    finite_here = check_finite and bool(torch.isfinite(payload).all())  # check_finite syncs anyway
+    all_reduce(comm, payload, layer, "forward", channels, debug)
+    moments = payload[:_INVALID]
+    on_host = payload.device.type == "cpu"
+    if on_host or debug or check_finite:  # free on CPU, a sync on GPU
+        _raise_group_errors(payload, comm, layer, shape, check_finite, finite_here)
+    if on_host and bnm.ill_conditioned(moments, torch.float64 if payload[_FP64] > 0 else torch.float32):
+        # Merge again, from the data, about the global mean just found (the same on every rank).
+        shift = bnm.global_moments(moments, shift)[1]
+        moments = all_reduce(comm, bnm.payload_about(x, shift), layer, "forward, re-centred",
+                             channels, debug)
+    group_count, group_mean, group_var = bnm.global_moments(moments, shift)
+    return group_count.clone(), group_mean, group_var
+
+
+@_sync_moments.register_fake
+def _(x, mean, m2, count, shift, fp64_input, comm_key, layer, debug, check_finite, shape):
+    return mean.new_empty(()), torch.empty_like(mean), torch.empty_like(mean)
+
+
+# On real meta tensors run the real body, not the fake: the meta device stands in for CUDA in
+# the tests that prove a training step reads nothing back from the device.
+_sync_moments.register_kernel("meta")(_sync_moments._init_fn)
+
+
+def _raise_group_errors(payload: Tensor, comm: Communicator, layer: str, shape: List[int],
+                        check_finite: bool, finite_here: bool) -> None:
     """Errors every rank can see in the reduced payload, so all of them raise together."""
-    invalid_ranks = int(payload[-1].item())
+    invalid_ranks = int(payload[_INVALID].item())
     if invalid_ranks:
         raise CollectiveError(f"{layer}: {invalid_ranks} other rank(s) gave this layer invalid "
                               "input (see their error); no statistics were updated")
-    global_count = int(payload[0].item())
-    if global_count == 1:
-        raise _single_value_error(layer, comm, x)
+    if int(payload[0].item()) == 1:
+        raise _single_value_error(layer, comm.rank, shape)
     if check_finite and not bool(torch.isfinite(payload).all()):
-        where = "including this rank's" if not bool(torch.isfinite(local).all()) else "not this rank's"
+        where = "not this rank's" if finite_here else "including this rank's"
         raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
                                  "statistics were left untouched")
 
 
-def _single_value_error(layer: str, comm: Communicator, x: torch.Tensor) -> ValueError:
+def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
     return ValueError(f"{layer}: expected more than 1 value per channel when training, got 1 "
-                      f"in the whole group (input shape on rank {comm.rank}: {tuple(x.shape)})")
+                      f"in the whole group (input shape on rank {rank}: {tuple(shape)})")
 
 
 def _report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
                           problem: Exception, debug: bool) -> None:
     """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise."""
-    if comm.size > 1:
-        payload = torch.zeros(2 * channels + 2, dtype=torch.float64, device=device)
-        payload[-1] = 1.0
-        all_reduce(comm, payload, layer, "forward", channels, torch.float32, debug)
+    payload = torch.zeros(2 * channels + 1 + _FLAGS, dtype=torch.float64, device=device)
+    payload[_INVALID] = 1.0
+    all_reduce(comm, payload, layer, "forward", channels, debug)
     raise problem
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
@@ -127,54 +195,175 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+class _SyncBatchNorm(torch.autograd.Function):
+    """y = BatchNorm(x) with group statistics; also returns (count, mean, var), not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, eps, comm_key, layer, debug, check_finite):
+        # local moments -> group moments (one all-reduce, errors raised on every rank)
+        mean, m2 = bnm.local_moments(x)
+        count, mean, var = _sync_moments(x, mean, m2, bnm.local_count(x), shift,
+                                         x.dtype == torch.float64, comm_key, layer, debug,
+                                         check_finite, list(x.shape))
+        ctx.save_for_backward(x, weight, bias, mean, var, count)
+        ctx.eps, ctx.comm_key, ctx.layer, ctx.debug = eps, comm_key, layer, debug
+        ctx.mark_non_differentiable(count, mean, var)
+        return bnm.normalize(x, mean, var, weight, bias, eps), count, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, *_statistics):
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            grads = _differentiable_backward(ctx, dy)
+        else:
+            grads = _fused_backward(ctx, dy)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+    x, weight, bias, mean, var, count = ctx.saved_tensors
+    dy = dy.contiguous(memory_format=_memory_format(x))
+    channels = x.shape[1]
+    # local [sum dy, sum dy * xhat]; in fp64, so ranks with different input dtypes still agree
+    local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps).double()
+    grad_weight = grad_bias = grad_x = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = local_sums[channels:].to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_bias = local_sums[:channels].to(bias.dtype)
+    if ctx.needs_input_grad[0]:
+        # group sums -> input gradient (one all-reduce)
+        # The operator reduces a copy: the gradients above may be views of local_sums.
+        global_sums = all_reduce_op(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
+                                    ctx.debug)
+        grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
+    return grad_x, grad_weight, grad_bias
+
+
+def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """The backward as autograd of a differentiable rebuild of the forward (create_graph=True).
+
+    The rebuild centres on the forward's group mean (the same on every rank), so it is well
+    conditioned; its all-reduce is differentiable, so every order of derivative is exact.
+    """
+    x, weight, bias, mean, _, _ = ctx.saved_tensors
+    wanted = [(i, t) for i, t in enumerate((x, weight, bias))
+              if t is not None and ctx.needs_input_grad[i]]
+    y = _differentiable_forward(x, weight, bias, mean, ctx.eps, ctx.comm_key, ctx.layer, ctx.debug)
+    found = torch.autograd.grad(y, [t for _, t in wanted], dy, create_graph=True, allow_unused=True)
+    grads: List[Optional[Tensor]] = [None, None, None]
+    for (index, tensor), grad in zip(wanted, found):
+        grads[index] = torch.zeros_like(tensor) if grad is None else grad
+    return tuple(grads)
+
+
+def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            shift: Tensor, eps: float, comm_key: int, layer: str,
+                            debug: bool) -> Tensor:
+    acc = bnm.accumulation_dtype(x.dtype)
+    dims, count, ndim = bnm.reduction_dims(x.dim()), bnm.local_count(x), x.dim()
+    values = x.to(acc)
+    local_mean = values.sum(dims) / max(count, 1)
+    m2 = (values - bnm.channel_view(local_mean, ndim)).square().sum(dims)
+    payload = bnm.forward_payload(count, local_mean.double(), m2.double(), shift)
+    reduced = all_reduce_op(payload, comm_key, layer, "forward, rebuilt for double backward",
+                            x.shape[1], debug)
+    _, mean, var = bnm.global_moments(reduced, shift)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    y = (values - bnm.channel_view(mean.to(acc), ndim)) * bnm.channel_view(invstd, ndim)
+    if weight is not None:
+        y = y * bnm.channel_view(weight.to(acc), ndim)
+    if bias is not None:
+        y = y + bnm.channel_view(bias.to(acc), ndim)
+    return y.to(x.dtype)
+
+
+def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
+                      eps: float, num_batches_tracked: Optional[Tensor]) -> Tensor:
+    """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
+
+    Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
+    it), as in a larger group that saw no value; a checkpoint recompute updates nothing.
+    """
+    if running_mean is not None and not torch.compiler.is_compiling() and recomputing_checkpoint():
+        # The first run of this step already updated the running statistics: update copies, so
+        # the recompute saves the same tensors as the first run (checkpoint checks that).
+        running_mean, running_var, num_batches_tracked = running_mean.clone(), running_var.clone(), None
+    if input.numel() == 0:
+        num_batches_tracked = None
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
+
+
 def sync_batch_norm(
-    input: torch.Tensor,
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     training: bool = False,
     momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     process_group: Any = None,
-    num_batches_tracked: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
     layer: str = "sync_batch_norm",
     debug: Optional[bool] = None,
     check_finite: bool = False,
-) -> torch.Tensor:
+    num_features: Optional[int] = None,
+) -> Tensor:
     """torch.nn.functional.batch_norm, with batch statistics taken over ``process_group``.
 
     ``process_group``: None (default group: torch.distributed if initialized, else MPI's world
     when launched by mpiexec, else this process alone), a torch.distributed ProcessGroup, an
     mpi4py communicator, or a :class:`syncbn.comm.Communicator`.
 
-    Beyond F.batch_norm: ``num_batches_tracked`` (if given) is incremented when the group saw
-    any value, and ``momentum=None`` means the cumulative average 1 / num_batches_tracked.
-    A group that saw no value leaves the running statistics untouched. In evaluation
-    (``training=False`` with running statistics) nothing is communicated. ``layer`` names the
-    layer in errors; ``debug`` turns the collective cross-check on (default: SYNCBN_DEBUG);
-    ``check_finite`` refuses NaN/Inf batches, on every rank, before running stats change
-    (on GPU at the cost of one host sync per layer).
+    Beyond F.batch_norm: ``num_batches_tracked`` (if given) is incremented, as BatchNorm does,
+    and ``momentum=None`` means the cumulative average 1 / num_batches_tracked. In a group of
+    more than one, a group that saw no value leaves running statistics and num_batches_tracked
+    untouched. In evaluation (``training=False`` with running statistics) nothing is
+    communicated. ``layer`` names the layer in errors; ``debug`` turns the collective
+    cross-check on (default: SYNCBN_DEBUG); ``check_finite`` refuses NaN/Inf batches, on every
+    rank, before running stats change (on GPU at the cost of one host sync per layer).
+    ``num_features``: the channel count (default: the length of ``weight`` or ``running_mean``,
+    else the input's dim 1); a rank whose input disagrees with it raises on every rank.
     """
     reference = next((t for t in (weight, running_mean) if t is not None), None)
-    channels = reference.shape[0] if reference is not None else (input.shape[1] if input.dim() >= 2 else None)
-    problem = input_problem(input, channels, layer, reference)
+    channels = num_features if num_features is not None else (
+        reference.shape[0] if reference is not None else (input.shape[1] if input.dim() >= 2 else None))
+    problem = _eps_problem(eps, training, layer) or input_problem(input, channels, layer, reference)
     if not training:
         if problem is not None:
             raise problem
-        if running_mean is None or running_var is None:
-            # Batch statistics without running ones, like torch.nn.SyncBatchNorm in eval: local.
-            return torch.batch_norm(input, weight, bias, None, None, True, 0.0, eps,
-                                    torch.backends.cudnn.enabled)
-        return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                torch.backends.cudnn.enabled)
-    comm = resolve_communicator(process_group)
+        # Without running statistics, batch statistics of this rank alone, like
+        # torch.nn.SyncBatchNorm in eval: no collective.
+        use_batch = running_mean is None or running_var is None
+        return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch, 0.0, eps)
+    comm_key, group_size = _group_of(process_group)
+    if group_size == 1:
+        if problem is not None:
+            raise problem
+        if bnm.local_count(input) == 1:
+            raise _single_value_error(layer, 0, list(input.shape))
+        return _batch_norm_alone(input, running_mean, running_var, weight, bias, momentum, eps,
+                                 num_batches_tracked)
     debug = debug_enabled(debug)
     if problem is not None:
         if channels is None:
             raise problem  # no channel count to size the shared payload by
         device = reference.device if reference is not None else input.device
-        _report_invalid_input(comm, channels, device, layer, problem, debug)
-    return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, momentum, eps, comm, layer, debug,
-                                        check_finite)
+        _report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug)
+    # A shift every rank shares and that tracks the mean: the running mean where there is one.
+    if running_mean is not None:
+        shift = running_mean.detach().double()
+    else:
+        shift = torch.zeros(channels, dtype=torch.float64, device=input.device)
+    y, count, mean, var = _SyncBatchNorm.apply(input, weight, bias, shift, eps, comm_key, layer,
+                                               debug, check_finite)
+    if running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint()):
+        bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                                 count, mean, var)
+    return y

@@ -8,6 +8,10 @@
   mismatched collective would otherwise pair with the wrong partner or deadlock;
 - names the layer and the group when the collective fails (a torch.distributed timeout, say);
 - labels the communicator, so a timeout (MPI's watchdog) names the layer that waits.
+
+It is also the boundary torch.compile sees: ``torch.ops.syncbn.all_reduce`` wraps it as a custom
+operator (opaque to dynamo, so no graph break) whose gradient is the all-reduce of the incoming
+gradient, so a backward written with it is itself differentiable (double backward).
 """
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ import torch
 
 from .comm import Communicator
 
-__all__ = ["CollectiveMismatchError", "CollectiveError", "all_reduce", "debug_enabled"]
+__all__ = ["CollectiveMismatchError", "CollectiveError", "all_reduce", "debug_enabled",
+           "communicator_key", "communicator_for"]
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
-_DIRECTION_CODES = {"forward": 1, "backward": 2}
 _FIELDS = ("layer", "call", "channels", "dtype", "direction")
 
 _call_counts: Dict[Hashable, int] = {}
@@ -43,24 +47,29 @@ def debug_enabled(requested: Optional[bool] = None) -> bool:
     return os.environ.get("SYNCBN_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
 
-def _layer_code(layer: str) -> float:
+# Texts behind the codes this process has sent: ranks running the same model know each
+# other's layer names and directions, so the mismatch table can print them.
+_texts_by_code: Dict[float, str] = {}
+
+
+def _text_code(text: str) -> float:
     # 48 bits survive fp64 exactly and make accidental collisions between layers negligible.
-    return float(int.from_bytes(hashlib.sha1(layer.encode()).digest()[:6], "big"))
+    code = float(int.from_bytes(hashlib.sha1(text.encode()).digest()[:6], "big"))
+    _texts_by_code[code] = text
+    return code
 
 
-def _group_key(comm: Communicator) -> Hashable:
-    inner = getattr(comm, "inner", comm)
-    handle = getattr(inner, "group", None) or getattr(inner, "comm", None)
-    return type(inner).__name__, id(handle)
+for _direction in ("forward", "backward"):  # known before this rank sends them
+    _text_code(_direction)
 
 
 def _cross_check(comm: Communicator, layer: str, direction: str, channels: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-    key = _group_key(comm)
+    key = comm.group_key()
     call = _call_counts.get(key, 0)
     _call_counts[key] = call + 1
-    mine = [_layer_code(layer), float(call), float(channels), float(_DTYPE_CODES.get(dtype, 0)),
-            float(_DIRECTION_CODES[direction])]
+    mine = [_text_code(layer), float(call), float(channels), float(_DTYPE_CODES.get(dtype, 0)),
+            _text_code(direction)]
     # Each rank writes its fingerprint into its own row: the sum is every rank's fingerprint.
     table = torch.zeros(comm.size, len(mine), dtype=torch.float64, device=device)
     table[comm.rank] = torch.tensor(mine, dtype=torch.float64)
@@ -81,16 +90,19 @@ def _cross_check(comm: Communicator, layer: str, direction: str, channels: int,
 def _show(field: str, value: float) -> str:
     if field == "dtype":
         return next((str(d) for d, code in _DTYPE_CODES.items() if code == value), "other")
-    if field == "direction":
-        return next((d for d, code in _DIRECTION_CODES.items() if code == value), "?")
-    if field == "layer":
-        return f"#{int(value):012x}"
+    if field in ("layer", "direction"):
+        return _texts_by_code.get(value, f"#{int(value):012x}")
     return str(int(value))
 
 
 def all_reduce(comm: Communicator, payload: torch.Tensor, layer: str, direction: str,
-               channels: int, dtype: torch.dtype, debug: Optional[bool] = None) -> torch.Tensor:
-    """Sum ``payload`` over ``comm`` in place, failing loudly rather than silently hanging."""
+               channels: int, debug: Optional[bool] = None) -> torch.Tensor:
+    """Sum ``payload`` over ``comm`` in place, failing loudly rather than silently hanging.
+
+    The fingerprint's dtype is the payload's, which every rank shares whatever its input's
+    dtype, so a rank joining with an invalid input's flag matches the others.
+    """
+    dtype = payload.dtype
     if comm.size == 1:
         return comm.all_reduce_sum_(payload)
     label = f"{direction} all-reduce of {layer}"
@@ -103,3 +115,52 @@ def all_reduce(comm: Communicator, payload: torch.Tensor, layer: str, direction:
         raise
     except Exception as error:  # timeouts and broken peers, surfaced with the layer's name
         raise CollectiveError(f"{label} over {comm.describe()} failed: {error}") from error
+
+
+# Communicators by key, so that the custom operators below, which take only tensors and
+# scalars, can reach them. Held for the life of the process: a key baked into a compiled graph
+# must stay valid (functional.resolve_once keeps their number to one per group).
+_communicators: Dict[int, Communicator] = {}
+
+
+@torch.compiler.assume_constant_result
+def communicator_key(comm: Communicator) -> int:
+    """Register ``comm`` and return the key that :func:`communicator_for` maps back to it."""
+    key = id(comm)
+    _communicators[key] = comm
+    return key
+
+
+def communicator_for(key: int) -> Communicator:
+    return _communicators[key]
+
+
+@torch.library.custom_op("syncbn::all_reduce", mutates_args=())
+def all_reduce_op(payload: torch.Tensor, comm_key: int, layer: str, direction: str,
+                  channels: int, debug: bool) -> torch.Tensor:
+    """:func:`all_reduce` of a copy of ``payload``, as an operator torch.compile does not enter."""
+    return all_reduce(communicator_for(comm_key), payload.clone(), layer, direction, channels, debug)
+
+
+@all_reduce_op.register_fake
+def _(payload, comm_key, layer, direction, channels, debug):
+    return torch.empty_like(payload)
+
+
+# Real meta tensors run the real body (the meta device stands in for CUDA in host-sync tests).
+all_reduce_op.register_kernel("meta")(all_reduce_op._init_fn)
+
+
+def _all_reduce_backward(ctx, grad: torch.Tensor):
+    # d(sum over ranks of p_r) / d p_mine, applied to the incoming gradients of every rank:
+    # the gradient of an all-reduce-sum is the all-reduce-sum of the gradients.
+    reduced = all_reduce_op(grad.contiguous(), ctx.comm_key, ctx.layer,
+                            f"gradient of the {ctx.direction}", ctx.channels, ctx.debug)
+    return reduced, None, None, None, None, None
+
+
+def _all_reduce_setup(ctx, inputs, output) -> None:
+    _, ctx.comm_key, ctx.layer, ctx.direction, ctx.channels, ctx.debug = inputs
+
+
+all_reduce_op.register_autograd(_all_reduce_backward, setup_context=_all_reduce_setup)

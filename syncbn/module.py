@@ -1,12 +1,13 @@
 """``SyncBatchNorm``: a drop-in for torch.nn.SyncBatchNorm and BatchNorm1d/2d/3d."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import input_problem, sync_batch_norm
+from .functional import sync_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -18,7 +19,9 @@ class SyncBatchNorm(_BatchNorm):
     ``process_group`` may be None (the default group), a torch.distributed ProcessGroup, an
     mpi4py communicator or a :class:`syncbn.comm.Communicator`. In a single process it computes
     exactly what BatchNorm does. ``name`` labels the layer in error messages;
-    :func:`syncbn.convert_sync_batchnorm` sets it to the module's path in the model.
+    :func:`syncbn.convert_sync_batchnorm` sets it to the module's path in the model. A layer
+    without a name is known by its construction order (``#k``), which is the same on every
+    rank that built the same model, so the debug guard tells unnamed layers apart.
     ``debug`` turns on the collective cross-check (default: the SYNCBN_DEBUG variable);
     ``check_finite`` refuses NaN/Inf batches on every rank before running statistics change.
     """
@@ -43,16 +46,12 @@ class SyncBatchNorm(_BatchNorm):
         self.name = name
         self.debug = debug
         self.check_finite = check_finite
+        self.construction_index = next(_construction_order)
 
     @property
     def layer_name(self) -> str:
-        label = f"SyncBatchNorm({self.num_features})"
-        return f"{label} '{self.name}'" if self.name else label
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        problem = input_problem(input, self.num_features, self.layer_name)
-        if problem is not None:
-            raise problem
+        label = f"{type(self).__name__}({self.num_features})"
+        return f"{label} '{self.name}'" if self.name else f"{label} #{self.construction_index}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Input is validated in sync_batch_norm, which tells the other ranks when it is bad.
@@ -72,4 +71,9 @@ class SyncBatchNorm(_BatchNorm):
             layer=self.layer_name,
             debug=self.debug,
             check_finite=self.check_finite,
+            num_features=self.num_features,
         )
+
+
+# Construction order of SyncBatchNorm layers in this process: the identity of unnamed layers.
+_construction_order = itertools.count()

@@ -26,7 +26,7 @@ import time
 # Messages are pickled by hand: multiprocessing's own pickler would pass tensors as shared
 # file descriptors (torch registers such reducers), which breaks across these connections.
 from multiprocessing.connection import Connection, Listener, wait
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,9 @@ class RecordingCommunicator(Communicator):
         self.rank = inner.rank
         self.size = inner.size
         self.calls: List[tuple] = []
+
+    def group_key(self) -> Hashable:
+        return self.inner.group_key()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         self.calls.append((tensor.numel(), tensor.dtype))

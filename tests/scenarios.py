@@ -13,6 +13,23 @@ import torch
 
 import syncbn
 
+class IdenticalPeers(syncbn.Communicator):
+    """A group of ``size`` ranks that all hold this rank's batch: the sum over the group is
+    ``size`` times this rank's values.
+
+    Stands in for real peers where processes cannot (the meta device, a CUDA graph, Triton's
+    interpreter); the oracle is BatchNorm on this batch repeated ``size`` times.
+    """
+
+    rank = 0
+
+    def __init__(self, size: int = 2):
+        self.size = size
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.mul_(self.size)
+
+
 BATCHNORM_BY_DIM = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
                     4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 
