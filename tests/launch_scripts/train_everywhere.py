@@ -61,7 +61,6 @@ def mpi_synced_running_mean(info: syncbn.DistInfo) -> torch.Tensor:
 
 
 def main(out_dir: str) -> None:
-    torch.set_num_threads(1)
     info = syncbn.init_distributed()
     again = syncbn.init_distributed()  # idempotent: nothing new, the same answer
     model = syncbn.convert_sync_batchnorm(make_model())
@@ -81,4 +80,5 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # the same arithmetic whatever thread count a launcher sets
     main(sys.argv[1])

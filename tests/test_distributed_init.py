@@ -1,0 +1,289 @@
+"""syncbn.distributed: launcher detection, Slurm host lists and ports, and one training script
+giving bitwise-identical results under syncbn-launch (gloo, mpi), torchrun, bare mpiexec and srun."""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+import syncbn
+import syncbn.distributed as distributed
+from conftest import MPI_AVAILABLE
+from launch_scripts import train_everywhere
+from launch_scripts.harness import LIMIT_S, ROOT, SCRIPTS, launcher_command, launcher_env
+from syncbn.testing import find_mpiexec
+
+TRAIN = str(SCRIPTS / "train_everywhere.py")
+WORLD = 2
+# Every variable any launcher sets that detection reads: cleared before each unit test.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                    "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_RANK",
+                    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_RANK", "PMIX_SIZE",
+                    "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
+                    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
+                    "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST")
+
+
+@pytest.fixture
+def bare_env(monkeypatch):
+    """No launcher variables, and no memory of an earlier init_distributed."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_initialized", None)
+    return monkeypatch
+
+
+# --- detection ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variables, launcher", [
+    ({}, "single"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, "torchrun"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, "mpi"),  # MPICH/Hydra, Intel MPI
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, "mpi"),  # Open MPI
+    ({"PMIX_RANK": "1", "PMIX_SIZE": "4"}, "mpi"),
+    ({"MV2_COMM_WORLD_RANK": "1", "MV2_COMM_WORLD_SIZE": "4"}, "mpi"),  # MVAPICH
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, "slurm"),
+    # torchrun under srun, and Hydra's proxies started by srun: the inner launcher numbered the ranks
+    ({"RANK": "5", "WORLD_SIZE": "16", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "torchrun"),
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "mpi"),
+    ({"SLURM_JOB_ID": "12"}, "single"),  # inside an allocation, but not started by srun
+])
+def test_the_launcher_is_read_from_the_environment(bare_env, variables, launcher):
+    for name, value in variables.items():
+        bare_env.setenv(name, value)
+    assert distributed.detect_launcher() == launcher
+
+
+@pytest.mark.parametrize("variables, local_rank", [
+    ({"MPI_LOCALRANKID": "3"}, 3),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 2),
+    ({"MV2_COMM_WORLD_LOCAL_RANK": "1"}, 1),
+    ({}, None),  # counted from the ranks' host names instead
+])
+def test_the_mpi_local_rank_comes_from_the_launchers_variable(bare_env, variables, local_rank):
+    for name, value in variables.items():
+        bare_env.setenv(name, value)
+    assert distributed._local_rank_variable("mpi") == local_rank
+
+
+def test_a_single_process_initializes_nothing_and_says_so(bare_env):
+    assert syncbn.init_distributed() == syncbn.DistInfo(rank=0, world_size=1, local_rank=0,
+                                                        launcher="single")
+    assert not torch.distributed.is_initialized()
+    assert isinstance(syncbn.resolve_communicator(), syncbn.SingleProcessCommunicator)
+
+
+def test_nccl_puts_each_rank_on_the_gpu_of_its_local_rank(bare_env):
+    """The wiring only (no GPU here): the device is set from LOCAL_RANK before the group starts."""
+    calls: List[tuple] = []
+    bare_env.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    bare_env.setattr(torch.distributed, "init_process_group",
+                     lambda backend, **options: calls.append(("init", backend)))
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+        bare_env.setenv(name, value)
+    info = syncbn.init_distributed("nccl")
+    assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+
+
+# --- Slurm ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hostlist, hosts", [
+    ("node[01-04,07],gpu3", ["node01", "node02", "node03", "node04", "node07", "gpu3"]),
+    ("n1", ["n1"]),
+    ("a,b,c", ["a", "b", "c"]),
+    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),  # the padding of the low end
+    ("rack[1-2]-n[1,3]", ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]),
+    ("x[5]y,z", ["x5y", "z"]),
+])
+def test_slurm_host_lists_expand(hostlist, hosts):
+    assert distributed.parse_slurm_hostlist(hostlist) == hosts
+
+
+@pytest.mark.parametrize("hostlist", ["node[01-04", "node]1[", "node[a-b]", "node[4-1]", "", "n[1-]"])
+def test_malformed_slurm_host_lists_are_refused(hostlist):
+    with pytest.raises(ValueError):
+        distributed.parse_slurm_hostlist(hostlist)
+
+
+def test_slurm_rank_zero_is_the_first_host_of_the_step_else_of_the_job(bare_env):
+    bare_env.setenv("SLURM_JOB_ID", "77")
+    bare_env.setenv("SLURM_JOB_NODELIST", "cn[003-010]")
+    assert distributed.slurm_rendezvous()[0] == "cn003"
+    bare_env.setenv("SLURM_STEP_NODELIST", "cn[005-006]")
+    assert distributed.slurm_rendezvous()[0] == "cn005"
+    bare_env.setenv("MASTER_ADDR", "10.0.0.9")
+    assert distributed.slurm_rendezvous()[0] == "10.0.0.9"
+
+
+def test_the_slurm_port_is_master_port_or_a_function_of_the_job_id(bare_env):
+    bare_env.setenv("SLURM_JOB_NODELIST", "cn1")
+    ports = {}
+    for job in ("1", "19999", "20000", "123456789"):
+        bare_env.setenv("SLURM_JOB_ID", job)
+        ports[job] = distributed.slurm_rendezvous()[1]
+    assert ports == {"1": 10001, "19999": 29999, "20000": 10000, "123456789": 10000 + 123456789 % 20000}
+    assert all(distributed.SLURM_PORT_BASE <= port < 32768 for port in ports.values())  # below ephemeral
+    bare_env.setenv("MASTER_PORT", "4567")
+    assert distributed.slurm_rendezvous() == ("cn1", 4567)
+
+
+def test_slurm_without_a_host_or_a_port_says_what_to_set(bare_env):
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        distributed.slurm_rendezvous()
+    bare_env.setenv("SLURM_JOB_NODELIST", "cn1")
+    with pytest.raises(RuntimeError, match="MASTER_PORT"):
+        distributed.slurm_rendezvous()
+
+
+# --- one script under every launcher ----------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _commands(launcher: str, out: str) -> List[tuple]:
+    """(command, extra environment) for every process the test starts itself."""
+    if launcher == "syncbn-launch gloo":
+        return [(launcher_command("--nprocs", str(WORLD), "--timeout", str(LIMIT_S), TRAIN, out), {})]
+    if launcher == "syncbn-launch mpi":
+        return [(launcher_command("--nprocs", str(WORLD), "--backend", "mpi", "--timeout", str(LIMIT_S),
+                                  TRAIN, out), {})]
+    if launcher == "torchrun":
+        # --standalone: a c10d rendezvous on localhost port 0, i.e. a port the OS assigns.
+        return [([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc-per-node", str(WORLD), TRAIN, out], {})]
+    if launcher == "mpiexec":
+        return [([find_mpiexec(), "-n", str(WORLD), sys.executable, TRAIN, out], {})]
+    assert launcher == "srun (simulated)"
+    # What srun gives each task; rank 0's host comes from the node list, the port is free now
+    # (the window until rank 0 binds it is short, and a collision fails loudly, not silently).
+    slurm = {"SLURM_NTASKS": str(WORLD), "SLURM_JOB_ID": "4242", "MASTER_PORT": str(_free_port()),
+             "SLURM_JOB_NODELIST": "localhost,node[02-03]"}
+    return [([sys.executable, TRAIN, out], dict(slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)))
+            for rank in range(WORLD)]
+
+
+def _stop(processes: List[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@functools.lru_cache(maxsize=None)
+def _launch(launcher: str) -> Dict[int, dict]:
+    """Run the training script under ``launcher``; every rank's result, by rank."""
+    out = tempfile.mkdtemp(prefix="syncbn-launch-")
+    logs = Path(out) / "logs"
+    logs.mkdir()
+    processes = []
+    try:
+        for index, (command, extra) in enumerate(_commands(launcher, out)):
+            with open(logs / f"{index}.out", "wb") as log:
+                processes.append(subprocess.Popen(
+                    command, cwd=ROOT, env=launcher_env(**extra), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + LIMIT_S
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        _stop(processes)
+    output = "".join(log.read_text(errors="replace")[-3000:] for log in sorted(logs.iterdir()))
+    missing = [rank for rank in range(WORLD) if not (Path(out) / f"rank{rank}.pt").exists()]
+    if any(p.returncode != 0 for p in processes) or missing:
+        stalled = "timed out" if time.monotonic() >= deadline else "failed"
+        raise AssertionError(f"{launcher} {stalled} (exit {[p.returncode for p in processes]}); "
+                             f"rank(s) {missing} wrote no result\n{output}")
+    return {rank: torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
+
+
+needs_mpi = pytest.mark.skipif(not MPI_AVAILABLE, reason="needs mpi4py and mpiexec")
+LAUNCHERS = {  # how the job is started -> what init_distributed must report
+    "syncbn-launch gloo": "torchrun",
+    "torchrun": "torchrun",
+    "srun (simulated)": "slurm",
+    "syncbn-launch mpi": "mpi",
+    "mpiexec": "mpi",
+}
+LAUNCHER_PARAMS = [pytest.param(name, marks=[needs_mpi, pytest.mark.mpi] if "mpi" in name else [])
+                   for name in LAUNCHERS]
+
+
+def _assert_same_state(got: dict, expected: dict, what: str) -> None:
+    assert got.keys() == expected.keys(), what
+    unequal = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not unequal, f"{what}: {unequal} differ"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHER_PARAMS)
+def test_every_launcher_gives_every_rank_its_place_and_the_same_weights(launcher):
+    results = _launch(launcher)
+    for rank, result in results.items():
+        assert result["info"] == {"rank": rank, "world_size": WORLD, "local_rank": rank,
+                                  "launcher": LAUNCHERS[launcher]}
+        assert result["again"] == result["info"]  # a second call changes nothing
+        # syncbn's default group is the torch.distributed group, whichever launcher started it
+        assert result["communicator"] == "TorchDistributedCommunicator"
+        _assert_same_state(result["state"], results[0]["state"], f"{launcher}: rank {rank} vs rank 0")
+
+
+@pytest.mark.parametrize("launcher", [p for p in LAUNCHER_PARAMS if p.values[0] != "syncbn-launch gloo"])
+def test_the_trained_weights_and_running_stats_are_bitwise_identical_across_launchers(launcher):
+    _assert_same_state(_launch(launcher)[0]["state"], _launch("syncbn-launch gloo")[0]["state"],
+                       f"{launcher} vs syncbn-launch gloo")
+
+
+def _reference_state() -> dict:
+    """torch's own BatchNorm, one process, the whole global batch, float64."""
+    model = train_everywhere.make_model().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(train_everywhere.STEPS):
+        images, labels = train_everywhere.global_batch(step)
+        loss = torch.nn.functional.cross_entropy(model(images.double()), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+def test_two_ranks_train_as_one_process_on_the_global_batch():
+    reference = _reference_state()
+    for key, value in _launch("syncbn-launch gloo")[0]["state"].items():
+        torch.testing.assert_close(value.to(reference[key].dtype), reference[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_an_mpi_communicator_passed_explicitly_still_syncs_over_mpi():
+    images, _ = train_everywhere.global_batch(0)
+    full_batch_mean = images.double().mean(dim=(0, 2, 3))
+    for result in _launch("mpiexec").values():
+        torch.testing.assert_close(result["mpi_running_mean"].double(), full_batch_mean,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_single_process_reports_single_and_trains_as_batchnorm(bare_env, tmp_path):
+    train_everywhere.main(str(tmp_path))  # in this process: no launcher, no group
+    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert result["info"] == {"rank": 0, "world_size": 1, "local_rank": 0, "launcher": "single"}
+    assert result["communicator"] == "SingleProcessCommunicator"
+    assert not torch.distributed.is_initialized()
+    plain = train_everywhere.make_model()
+    train_everywhere.train(plain, 0, 1)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
