@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from .comm import launched_by_mpi
 
-__all__ = ["DistInfo", "init_distributed", "detect_launcher", "parse_slurm_hostlist",
-           "slurm_rendezvous"]
+__all__ = ["DistInfo", "init_distributed", "detect_launcher", "local_rank_from_hosts",
+           "parse_slurm_hostlist", "slurm_rendezvous"]
 
 # The local-rank variable of each MPI launcher: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH.
 # Without one, the local rank is counted from the host names the ranks exchange over MPI.
@@ -136,6 +136,11 @@ def _local_rank_variable(launcher: str) -> Optional[int]:
     return None
 
 
+def local_rank_from_hosts(hosts: List[str], rank: int) -> int:
+    """This rank's place among the ranks on its host, from every rank's host name in rank order."""
+    return hosts[:rank].count(hosts[rank])
+
+
 def _tcp_store(address: str, port: int, info: DistInfo,
                timeout: Optional[timedelta]) -> dist.TCPStore:
     """The rendezvous store: rank 0 hosts it (port 0: the OS picks a free one), the others join."""
@@ -153,7 +158,7 @@ def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPSto
     hosts = world.allgather(socket.gethostname())
     local_rank = _local_rank_variable("mpi")
     if local_rank is None:
-        local_rank = hosts[:rank].count(hosts[rank])
+        local_rank = local_rank_from_hosts(hosts, rank)
     info = DistInfo(rank, world_size, local_rank, "mpi")
     store: Optional[dist.TCPStore] = None
     message: Tuple[str, object] = ("", 0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List
 
@@ -18,6 +19,7 @@ import torch
 
 import syncbn
 import syncbn.distributed as distributed
+import syncbn.launch
 from conftest import MPI_AVAILABLE
 from launch_scripts import train_everywhere
 from launch_scripts.harness import LIMIT_S, ROOT, SCRIPTS, launcher_command, launcher_env
@@ -76,6 +78,11 @@ def test_the_mpi_local_rank_comes_from_the_launchers_variable(bare_env, variable
     assert distributed._local_rank_variable("mpi") == local_rank
 
 
+def test_without_a_variable_the_mpi_local_rank_is_counted_from_host_names():
+    hosts = ["a", "b", "a", "a", "b"]
+    assert [distributed.local_rank_from_hosts(hosts, rank) for rank in range(5)] == [0, 0, 1, 2, 1]
+
+
 def test_a_single_process_initializes_nothing_and_says_so(bare_env):
     assert syncbn.init_distributed() == syncbn.DistInfo(rank=0, world_size=1, local_rank=0,
                                                         launcher="single")
@@ -83,17 +90,40 @@ def test_a_single_process_initializes_nothing_and_says_so(bare_env):
     assert isinstance(syncbn.resolve_communicator(), syncbn.SingleProcessCommunicator)
 
 
-def test_nccl_puts_each_rank_on_the_gpu_of_its_local_rank(bare_env):
-    """The wiring only (no GPU here): the device is set from LOCAL_RANK before the group starts."""
-    calls: List[tuple] = []
-    bare_env.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
-    bare_env.setattr(torch.distributed, "init_process_group",
-                     lambda backend, **options: calls.append(("init", backend)))
+def _record_init(env, calls: List[tuple]) -> None:
+    """Record instead of starting a group (no GPU, no peers here): the wiring only."""
+    env.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    env.setattr(torch.distributed, "init_process_group",
+                lambda backend, **options: calls.append(("init", backend, options)))
     for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
-        bare_env.setenv(name, value)
-    info = syncbn.init_distributed("nccl")
+        env.setenv(name, value)
+
+
+def test_nccl_puts_each_rank_on_the_gpu_of_its_local_rank_before_the_group_starts(bare_env):
+    calls: List[tuple] = []
+    _record_init(bare_env, calls)
+    info = syncbn.init_distributed("nccl", timeout=5)
     assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
-    assert calls == [("set_device", 1), ("init", "nccl")]
+    assert calls == [("set_device", 1), ("init", "nccl", {"timeout": timedelta(seconds=5)})]
+
+
+def test_the_default_backend_is_gloo_without_cuda(bare_env):
+    calls: List[tuple] = []
+    _record_init(bare_env, calls)
+    bare_env.setattr(torch.cuda, "is_available", lambda: False)
+    syncbn.init_distributed(timeout=timedelta(minutes=2))
+    assert calls == [("init", "gloo", {"timeout": timedelta(minutes=2)})]
+
+
+def test_an_existing_group_is_reported_not_initialized_again(bare_env):
+    calls: List[tuple] = []
+    _record_init(bare_env, calls)
+    bare_env.setattr(torch.distributed, "is_initialized", lambda: True)
+    bare_env.setattr(torch.distributed, "get_rank", lambda group=None: 5)
+    bare_env.setattr(torch.distributed, "get_world_size", lambda group=None: 8)
+    info = syncbn.init_distributed()
+    assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
+    assert calls == []
 
 
 # --- Slurm ----------------------------------------------------------------------------------
@@ -275,6 +305,18 @@ def test_an_mpi_communicator_passed_explicitly_still_syncs_over_mpi():
     for result in _launch("mpiexec").values():
         torch.testing.assert_close(result["mpi_running_mean"].double(), full_batch_mean,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_mpi_install_hint_works_from_an_index_and_from_a_clone(capsys, monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"mpi4py", "mpich"} <= {requirement.split(">")[0].split("=")[0] for requirement in extras["mpi"]}
+    monkeypatch.setattr(syncbn.launch, "find_mpiexec", lambda: None)
+    with pytest.raises(SystemExit):
+        syncbn.launch.main(["--nprocs", "2", "--backend", "mpi", TRAIN, "out"])
+    message = capsys.readouterr().err
+    assert 'pip install "syncbn[mpi]"' in message and 'pip install -e ".[mpi]"' in message
 
 
 def test_a_single_process_reports_single_and_trains_as_batchnorm(bare_env, tmp_path):
