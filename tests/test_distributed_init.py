@@ -199,12 +199,13 @@ def _commands(launcher: str, out: str) -> List[tuple]:
     if launcher == "mpiexec":
         return [([find_mpiexec(), "-n", str(WORLD), sys.executable, TRAIN, out], {})]
     assert launcher == "srun (simulated)"
-    # What srun gives each task; rank 0's host comes from the node list, the port is free now
-    # (the window until rank 0 binds it is short, and a collision fails loudly, not silently).
+    # The Slurm recipe, its srun replaced by tests/launch_scripts/fake_slurm/srun (2 local tasks
+    # with SLURM_PROCID/SLURM_LOCALID); rank 0's host comes from the node list; the port was free
+    # a moment ago (a collision fails loudly, it cannot pass silently).
     slurm = {"SLURM_NTASKS": str(WORLD), "SLURM_JOB_ID": "4242", "MASTER_PORT": str(_free_port()),
-             "SLURM_JOB_NODELIST": "localhost,node[02-03]"}
-    return [([sys.executable, TRAIN, out], dict(slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)))
-            for rank in range(WORLD)]
+             "SLURM_JOB_NODELIST": "localhost,node[02-03]", "PYTHON": sys.executable, "SCRIPT": TRAIN,
+             "PATH": os.pathsep.join([str(SCRIPTS / "fake_slurm"), os.environ["PATH"]])}
+    return [(["bash", str(ROOT / "launch" / "slurm_srun.sbatch"), out], slurm)]
 
 
 def _stop(processes: List[subprocess.Popen]) -> None:
@@ -305,6 +306,13 @@ def test_an_mpi_communicator_passed_explicitly_still_syncs_over_mpi():
     for result in _launch("mpiexec").values():
         torch.testing.assert_close(result["mpi_running_mean"].double(), full_batch_mean,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_srun_recipe_is_valid_bash_and_asks_slurm_for_its_tasks():
+    path = ROOT / "launch" / "slurm_srun.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert "#SBATCH --ntasks-per-node=" in text and "launch/train_example.py" in text
 
 
 def test_the_mpi_install_hint_works_from_an_index_and_from_a_clone(capsys, monkeypatch):
