@@ -29,6 +29,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ._processes import MPI_INSTALL_HINT
 from .comm import launched_by_mpi
 
 __all__ = ["DistInfo", "init_distributed", "detect_launcher", "local_rank_from_hosts",
@@ -151,7 +152,11 @@ def _tcp_store(address: str, port: int, info: DistInfo,
 
 def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPStore]:
     """Rank 0 hosts the store on a free port and tells the others where, over MPI."""
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ImportError(f"init_distributed: started by an MPI launcher, which needs mpi4py: "
+                          f"{MPI_INSTALL_HINT}") from error
 
     world = MPI.COMM_WORLD
     rank, world_size = world.Get_rank(), world.Get_size()

@@ -2,8 +2,8 @@
 giving bitwise-identical results under syncbn-launch (gloo, mpi), torchrun, bare mpiexec and srun."""
 from __future__ import annotations
 
-import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,37 +209,61 @@ def _commands(launcher: str, out: str) -> List[tuple]:
 
 
 def _stop(processes: List[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
+    """SIGTERM first: syncbn-launch, torchrun and mpiexec then stop their ranks, which live in
+    sessions of their own; SIGKILL whatever is left after a grace period."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            process.wait()
 
 
-@functools.lru_cache(maxsize=None)
+_launched: Dict[str, object] = {}  # launcher -> its results, or the error it ended with
+
+
 def _launch(launcher: str) -> Dict[int, dict]:
-    """Run the training script under ``launcher``; every rank's result, by rank."""
-    out = tempfile.mkdtemp(prefix="syncbn-launch-")
-    logs = Path(out) / "logs"
-    logs.mkdir()
-    processes = []
+    """Every rank's result of the training script under ``launcher``, by rank (run once)."""
+    if launcher not in _launched:
+        try:
+            _launched[launcher] = _run_under(launcher)
+        except AssertionError as error:  # not run again by the next test that needs it
+            _launched[launcher] = error
+    if isinstance(_launched[launcher], AssertionError):
+        raise _launched[launcher]
+    return _launched[launcher]
+
+
+def _run_under(launcher: str) -> Dict[int, dict]:
+    out = Path(tempfile.mkdtemp(prefix="syncbn-launch-"))
     try:
-        for index, (command, extra) in enumerate(_commands(launcher, out)):
-            with open(logs / f"{index}.out", "wb") as log:
-                processes.append(subprocess.Popen(
-                    command, cwd=ROOT, env=launcher_env(**extra), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + LIMIT_S
-        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        (out / "logs").mkdir()
+        processes = []
+        try:
+            for index, (command, extra) in enumerate(_commands(launcher, str(out))):
+                with open(out / "logs" / f"{index}.out", "wb") as log:
+                    processes.append(subprocess.Popen(
+                        command, cwd=ROOT, env=launcher_env(**extra), stdin=subprocess.DEVNULL,
+                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.monotonic() + LIMIT_S
+            while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            timed_out = any(p.poll() is None for p in processes)
+        finally:
+            _stop(processes)
+        missing = [rank for rank in range(WORLD) if not (out / f"rank{rank}.pt").exists()]
+        if timed_out or missing or any(p.returncode != 0 for p in processes):
+            output = "".join(log.read_text(errors="replace")[-3000:]
+                             for log in sorted((out / "logs").iterdir()))
+            raise AssertionError(
+                f"{launcher} {'timed out after %d s' % LIMIT_S if timed_out else 'failed'} "
+                f"(exit {[p.returncode for p in processes]}); rank(s) {missing} wrote no result\n{output}")
+        return {rank: torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
     finally:
-        _stop(processes)
-    output = "".join(log.read_text(errors="replace")[-3000:] for log in sorted(logs.iterdir()))
-    missing = [rank for rank in range(WORLD) if not (Path(out) / f"rank{rank}.pt").exists()]
-    if any(p.returncode != 0 for p in processes) or missing:
-        stalled = "timed out" if time.monotonic() >= deadline else "failed"
-        raise AssertionError(f"{launcher} {stalled} (exit {[p.returncode for p in processes]}); "
-                             f"rank(s) {missing} wrote no result\n{output}")
-    return {rank: torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)}
+        shutil.rmtree(out, ignore_errors=True)
 
 
 needs_mpi = pytest.mark.skipif(not MPI_AVAILABLE, reason="needs mpi4py and mpiexec")
