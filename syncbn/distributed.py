@@ -7,7 +7,8 @@ torch.distributed default group from it, so one training script runs unchanged u
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (torch's ``env://`` rendezvous);
 - an MPI launcher (``mpiexec``/``mpirun`` of MPICH/Hydra or Intel MPI, Open MPI, MVAPICH, a
   PMIx launcher; ``syncbn-launch --backend mpi``): the ranks agree on rank 0's address and a
-  free port through MPI itself, so no variable needs setting by hand;
+  free port through MPI itself, so no variable needs setting by hand (``MASTER_ADDR`` and
+  ``MASTER_PORT`` override them: see :func:`mpi_rendezvous_address`);
 - Slurm's ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with rank 0's host
   from ``MASTER_ADDR`` or the first host of the step's (else the job's) node list, and the port
   from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` (see :func:`slurm_rendezvous`);
@@ -33,7 +34,7 @@ from ._processes import MPI_INSTALL_HINT
 from .comm import launched_by_mpi
 
 __all__ = ["DistInfo", "init_distributed", "detect_launcher", "local_rank_from_hosts",
-           "parse_slurm_hostlist", "slurm_rendezvous"]
+           "mpi_rendezvous_address", "parse_slurm_hostlist", "slurm_rendezvous"]
 
 # The local-rank variable of each MPI launcher: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH.
 # Without one, the local rank is counted from the host names the ranks exchange over MPI.
@@ -168,11 +169,9 @@ def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPSto
     store: Optional[dist.TCPStore] = None
     message: Tuple[str, object] = ("", 0)
     if rank == 0:
-        # All ranks on this host: loopback needs no name resolution. Otherwise rank 0's host
-        # name, resolved by each rank itself (MASTER_ADDR overrides both).
-        address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
+        address, port = mpi_rendezvous_address(hosts)
         try:
-            store = _tcp_store(address, int(os.environ.get("MASTER_PORT", "0")), info, timeout)
+            store = _tcp_store(address, port, info, timeout)
             message = ("ok", (address, store.port))
         except Exception as error:  # tell the others, which would otherwise wait in bcast
             message = ("error", f"{type(error).__name__}: {error}")
@@ -183,6 +182,17 @@ def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPSto
         address, port = message[1]
         store = _tcp_store(address, port, info, timeout)
     return info, store
+
+
+def mpi_rendezvous_address(hosts: List[str]) -> Tuple[str, int]:
+    """Where rank 0 of an MPI job hosts the rendezvous, given every rank's host name.
+
+    Address: ``MASTER_ADDR``; else loopback when every rank runs on rank 0's host (no name
+    resolution needed); else rank 0's host name, which each rank resolves itself. Port:
+    ``MASTER_PORT``, else 0: the OS picks a free one, which rank 0 then broadcasts.
+    """
+    address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
+    return address, int(os.environ.get("MASTER_PORT") or 0)
 
 
 def slurm_rendezvous() -> Tuple[str, int]:
