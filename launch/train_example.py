@@ -40,9 +40,9 @@ def main() -> None:
 
     info = syncbn.init_distributed(args.backend)
     rank, world = info.rank, info.world_size
-    # With NCCL, init_distributed made cuda:local_rank the current device: one GPU per rank.
+    # With NCCL, init_distributed made this rank's GPU (cuda:local_rank) the current device.
     use_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
-    device = torch.device("cuda", info.local_rank) if use_gpu else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     if rank == 0:
         print(f"started by {info.launcher}: {world} rank(s)", flush=True)
 

@@ -80,7 +80,7 @@ def init_distributed(backend: Optional[str] = None, *,
     """Initialize torch.distributed's default group from the launcher's environment.
 
     ``backend``: default "nccl" when CUDA is available, else "gloo". With NCCL the current CUDA
-    device becomes ``cuda:local_rank``. ``timeout`` (seconds or a timedelta) is the group's
+    device becomes ``cuda:local_rank`` (modulo the number of visible GPUs). ``timeout`` (seconds or a timedelta) is the group's
     collective timeout and bounds the rendezvous; default: torch's.
 
     Idempotent: when a default group already exists it returns this process's place in it and
@@ -116,7 +116,8 @@ def init_distributed(backend: Optional[str] = None, *,
         info, store = _mpi_rendezvous(timeout)
 
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        # Modulo: a launcher that gives each rank its own CUDA_VISIBLE_DEVICES leaves it one GPU.
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     options = {} if timeout is None else {"timeout": timeout}
     if store is None:
         dist.init_process_group(backend, **options)

@@ -101,6 +101,7 @@ def test_a_single_process_initializes_nothing_and_says_so(bare_env):
 def _record_init(env, calls: List[tuple]) -> None:
     """Record instead of starting a group (no GPU, no peers here): the wiring only."""
     env.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    env.setattr(torch.cuda, "device_count", lambda: 8)
     env.setattr(torch.distributed, "init_process_group",
                 lambda backend, **options: calls.append(("init", backend, options)))
     for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
@@ -113,6 +114,14 @@ def test_nccl_puts_each_rank_on_the_gpu_of_its_local_rank_before_the_group_start
     info = syncbn.init_distributed("nccl", timeout=5)
     assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
     assert calls == [("set_device", 1), ("init", "nccl", {"timeout": timedelta(seconds=5)})]
+
+
+def test_a_rank_that_sees_one_gpu_uses_it(bare_env):
+    calls: List[tuple] = []
+    _record_init(bare_env, calls)
+    bare_env.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
+    assert syncbn.init_distributed("nccl").local_rank == 1
+    assert calls[0] == ("set_device", 0)
 
 
 def test_the_default_backend_is_gloo_without_cuda(bare_env):
