@@ -2,6 +2,9 @@
 
     python examples/demo.py [--ranks 4] [--batch 2] [--steps 150]
 
+It starts its own ranks (a syncbn.testing.RankPool): run it as one plain process, not under
+syncbn-launch, torchrun, mpiexec or srun (it says so and exits 2 if it finds itself under one).
+For a script of your own under a launcher, see launch/train_example.py.
 Prints (a) that SyncBatchNorm's statistics equal float64 BatchNorm's on the whole global batch
 ('match: yes'), (b) how far each rank's own statistics and the synchronized ones are from the
 population statistics, and (c) test accuracy after a short training with per-rank BatchNorm vs
@@ -20,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the study's helpers live in benchmarks/accuracy
 
 from benchmarks.accuracy import tasks  # noqa: E402
+from syncbn.distributed import detect_launcher  # noqa: E402
 from syncbn.testing import RankPool  # noqa: E402
 
 TOLERANCE = 1e-5  # relative to the largest channel std
@@ -31,8 +35,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="images per rank and step")
     parser.add_argument("--steps", type=int, default=150, help="training steps (0: skip training)")
     args = parser.parse_args(argv)
+    launcher = detect_launcher()
+    if launcher != "single":
+        print(f"demo.py starts its own ranks; it was started by {launcher} instead: run it as "
+              "plain `python examples/demo.py` (launch/train_example.py runs under launchers)",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    print(f"starting {args.ranks} ranks (gloo, CPU) ...", flush=True)
+    print(f"starting {args.ranks} ranks of its own (gloo, CPU) ...", flush=True)
     with RankPool(args.ranks, "gloo", timeout=300) as pool:
         diffs = pool.run(tasks.full_batch_parity, args.batch)
         worst = max(max(d["mean"], d["var"]) / d["scale"] for d in diffs)

@@ -1,19 +1,19 @@
 """A small conv net trained with synchronized BatchNorm: the template the launch recipes run.
 
-Works unchanged under every launcher:
+Works unchanged under every launcher, and as one plain process:
 
-    torchrun --nproc-per-node 2 launch/train_example.py            # torch.distributed (NCCL/gloo)
-    syncbn-launch --nprocs 2 launch/train_example.py               # the same, gloo by default
+    syncbn-launch --nprocs 2 launch/train_example.py               # gloo (--backend nccl: GPUs)
     syncbn-launch --nprocs 2 --backend mpi launch/train_example.py
-    mpiexec -n 2 python -m mpi4py launch/train_example.py          # MPI, no torch.distributed
+    torchrun --nproc-per-node 2 launch/train_example.py
+    mpiexec -n 2 python -m mpi4py launch/train_example.py
+    srun --ntasks-per-node 2 python launch/train_example.py
+    python launch/train_example.py
 
-With RANK in the environment (torchrun, syncbn-launch gloo/nccl) it initializes torch.distributed
-and wraps the model in DistributedDataParallel. Otherwise (mpiexec) syncbn's default group is
-MPI.COMM_WORLD and the gradients are averaged over the same communicator. Edit the model, the
-data and the loop; keep the start and the end.
+syncbn.init_distributed() reads how the job was started and initializes torch.distributed
+(NCCL with GPUs, else gloo); the model is wrapped in DistributedDataParallel whenever a group
+exists. Edit the model, the data and the loop; keep the start and the end.
 """
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -38,21 +38,18 @@ def main() -> None:
                         help="torch.distributed backend (default: nccl with GPUs, else gloo)")
     args = parser.parse_args()
 
-    use_torch_distributed = "RANK" in os.environ
-    device = torch.device("cpu")
-    if use_torch_distributed:
-        backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":  # one GPU per rank, as torchrun and syncbn-launch expect
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend)
-    comm = syncbn.resolve_communicator()  # torch.distributed's default group, else MPI.COMM_WORLD
-    rank, world = comm.rank, comm.size
+    info = syncbn.init_distributed(args.backend)
+    rank, world = info.rank, info.world_size
+    # With NCCL, init_distributed made this rank's GPU (cuda:local_rank) the current device.
+    use_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    if rank == 0:
+        print(f"started by {info.launcher}: {world} rank(s)", flush=True)
 
     torch.manual_seed(0)  # the same initial weights on every rank
     model = syncbn.convert_sync_batchnorm(make_model()).to(device)
-    if use_torch_distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if use_gpu else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of data
 
@@ -62,9 +59,6 @@ def main() -> None:
         loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
-        if not use_torch_distributed and world > 1:  # what DDP does, over MPI
-            for parameter in model.parameters():
-                comm.all_reduce_sum_(parameter.grad.view(-1)).div_(world)
         optimizer.step()
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step}: loss {loss.item():.4f}", flush=True)
@@ -73,11 +67,11 @@ def main() -> None:
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
     table = torch.zeros(world, dtype=torch.float64)
     table[rank] = checksum
-    table = comm.all_reduce_sum_(table.to(device)).cpu()
+    table = syncbn.resolve_communicator().all_reduce_sum_(table.to(device)).cpu()
     assert torch.allclose(table, table[0].expand(world)), f"ranks diverged: {table.tolist()}"
     print(f"rank {rank}/{world}: done, weights agree across ranks", flush=True)
 
-    if use_torch_distributed:
+    if dist.is_initialized():
         # Always end with this: without it gloo can abort at interpreter exit
         # ("terminate called without an active exception").
         dist.destroy_process_group()

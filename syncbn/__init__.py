@@ -11,6 +11,7 @@ from .comm import (
     resolve_communicator,
 )
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
+from .distributed import DistInfo, init_distributed
 from .functional import sync_batch_norm
 from .groups import new_groups
 from .guard import CollectiveError, CollectiveMismatchError
@@ -19,6 +20,7 @@ from .module import SyncBatchNorm
 __version__ = "0.1.0"
 
 __all__ = [
+    "init_distributed", "DistInfo",
     "SyncBatchNorm",
     "sync_batch_norm",
     "convert_sync_batchnorm",

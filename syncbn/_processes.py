@@ -20,7 +20,10 @@ import threading
 from typing import List, Optional
 
 __all__ = ["find_mpiexec", "signal_group", "kill_session", "tail", "signal_name", "describe_exit",
-           "exit_status"]
+           "exit_status", "MPI_INSTALL_HINT"]
+
+# How to get mpi4py and the mpich wheel's mpiexec, for a syncbn installed from an index or a clone.
+MPI_INSTALL_HINT = 'pip install "syncbn[mpi]" (in a clone of syncbn: pip install -e ".[mpi]")'
 
 
 def find_mpiexec() -> Optional[str]:

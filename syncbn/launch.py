@@ -7,8 +7,10 @@ gloo / nccl: each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE
 MASTER_PORT, ...), so ``torch.distributed.init_process_group(backend)`` needs no arguments. The
 rendezvous store lives in the launcher, as under torchrun, so ranks ending at different times
 do not break each other. nccl: one GPU per rank, ``cuda:LOCAL_RANK``.
-mpi: the ranks run under the mpiexec that belongs to mpi4py; torch.distributed stays
-uninitialized and syncbn's default group is ``MPI.COMM_WORLD``.
+mpi: the ranks run under the mpiexec that belongs to mpi4py, with its PMI_RANK/PMI_SIZE/MPI_LOCALRANKID
+and no torchrun variables: ``syncbn.init_distributed()`` agrees on a rendezvous over MPI and
+initializes torch.distributed (gloo/NCCL); a script that does not call it syncs syncbn's layers
+over ``MPI.COMM_WORLD``.
 
 Every line a rank prints arrives whole on the launcher's stdout or stderr (the same stream),
 prefixed ``[rankK] ``; with ``--log-dir`` also in ``DIR/rankK.log``.
@@ -41,7 +43,8 @@ import time
 from typing import IO, Deque, Dict, List, Optional, Sequence, Set
 
 from . import _processes
-from ._processes import describe_exit, exit_status, find_mpiexec, signal_group, signal_name
+from ._processes import (MPI_INSTALL_HINT, describe_exit, exit_status, find_mpiexec, signal_group,
+                         signal_name)
 
 __all__ = ["main", "launch", "UsageError"]
 
@@ -397,8 +400,8 @@ def launch(script: str, script_args: Sequence[str], nprocs: int, backend: str = 
     if backend == "mpi":
         mpiexec = find_mpiexec()
         if mpiexec is None:
-            raise UsageError('--backend mpi: no mpiexec found next to this Python or on PATH; '
-                             'install one with: pip install "syncbn[mpi]"')
+            raise UsageError("--backend mpi: no mpiexec found next to this Python or on PATH; "
+                             f"install one with: {MPI_INSTALL_HINT}")
     job = _Job([script] + list(script_args), nprocs, backend, log_dir)
     handlers = _trap_signals(job)
     try:

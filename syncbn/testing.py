@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-from ._processes import find_mpiexec, kill_session as _kill_session, tail as _tail
+from ._processes import MPI_INSTALL_HINT, find_mpiexec, kill_session as _kill_session, tail as _tail
 from .comm import Communicator
 
 __all__ = [
@@ -124,7 +124,7 @@ class RankPool:
         if self.backend == "mpi":
             mpiexec = find_mpiexec()
             if mpiexec is None:
-                raise RankFailure('no mpiexec found; install it with: pip install "syncbn[mpi]"')
+                raise RankFailure(f"no mpiexec found; install it with: {MPI_INSTALL_HINT}")
             self._launch([mpiexec, "-n", str(self.world_size)] + worker, env, "mpiexec")
             return
         for rank in range(self.world_size):

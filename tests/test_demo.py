@@ -25,3 +25,11 @@ def test_demo_prints_match_and_payoff():
         assert float(sync_var) < float(local_var) and float(sync_mean) < float(local_mean)
     accuracies = re.findall(r"(?:local BatchNorm2d|syncbn\.SyncBatchNorm)\s+([\d.]+)", out)
     assert len(accuracies) == 2 and all(0.0 <= float(a) <= 1.0 for a in accuracies)
+
+
+def test_demo_under_a_launcher_says_it_starts_its_own_ranks():
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")  # what torchrun gives a rank
+    completed = subprocess.run([sys.executable, os.path.join("examples", "demo.py")], cwd=REPO,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert "demo.py starts its own ranks; it was started by torchrun" in completed.stderr
