@@ -212,15 +212,13 @@ APEX_SIZES = (16, 8)
 
 
 def _apex_conv_output(rank: int) -> torch.Tensor:
-    """A 3->6 3x3 conv (padding 1) of rank 0's 16 images of N(0, 50^2) or rank 1's 8 of N(0, 1):
-    the layer input of Apex's different-batch-size SyncBN test, its border outputs included."""
-    generator = torch.Generator().manual_seed(2809)
-    conv = torch.nn.Conv2d(3, 6, 3, 1, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
-        conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator))
-    images = [torch.randn(APEX_SIZES[0], 3, 8, 8, generator=generator) * 50.0,
-              torch.randn(APEX_SIZES[1], 3, 8, 8, generator=generator)]
+    """A default-initialized 3->6 3x3 conv (padding 1) of rank 0's 16 images of N(0, 50^2) or
+    rank 1's 8 of N(0, 1): the layer input of Apex's different-batch-size SyncBN test, its
+    border outputs included."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2809)
+        conv = torch.nn.Conv2d(3, 6, 3, 1, 1)
+        images = [torch.randn(APEX_SIZES[0], 3, 8, 8) * 50.0, torch.randn(APEX_SIZES[1], 3, 8, 8)]
     with torch.no_grad():
         return conv(images[rank])
 
