@@ -109,6 +109,20 @@ DISTRIBUTIONS: Dict[str, Tuple[Generator, str]] = {
     "wide_range": (_wide_range, "mean"),
 }
 
+_COMMON = [("normal", 0.0), ("outlier_first", 100.0), ("outlier_first", 1000.0), ("relu", 0.0),
+           ("heavy_tail", 0.0), ("near_constant", 1.0)]
+# (distribution, parameter) per input dtype: |mean|/std up to 1e4 in fp32 and 1e8 in fp64
+# (issue 11's ranges; one fp32 all-reduce about a shift of 0 cannot promise more), and data
+# near the half dtypes' ranges.
+DISTRIBUTIONS_BY_DTYPE: Dict[torch.dtype, List[Tuple[str, float]]] = {
+    torch.float32: _COMMON + [("large_mean", 1e2), ("large_mean", 1e3), ("large_mean", 1e4),
+                              ("near_constant", 1e2)],
+    torch.float64: _COMMON + [("large_mean", 1e2), ("large_mean", 1e4), ("large_mean", 1e6),
+                              ("large_mean", 1e8), ("large_mean_small_std", 1e8), ("near_constant", 1e6)],
+    torch.float16: _COMMON + [("wide_range", 1e4)],
+    torch.bfloat16: _COMMON + [("wide_range", 1e18)],
+}
+
 
 @dataclass(frozen=True)
 class Case:

@@ -29,6 +29,7 @@ from benchmarks.adversarial import (
     FLOOR_ULPS,
     LD,
     QUANTITIES,
+    DISTRIBUTIONS_BY_DTYPE,
     Case,
     Record,
     _ld,
@@ -56,24 +57,12 @@ requires_extended_precision = pytest.mark.skipif(
     not extended_precision_available(), reason="numpy longdouble is float64 here: no fp64 oracle")
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
-# (distribution, parameter) drawn per dtype: |mean|/std up to 1e4 in fp32 and 1e8 in fp64
-# (the ranges); half dtypes get their near-range data.
-COMMON = [("normal", 0.0), ("outlier_first", 100.0), ("outlier_first", 1000.0), ("relu", 0.0),
-          ("heavy_tail", 0.0), ("near_constant", 1.0)]
-DISTRIBUTION_CHOICES = {
-    F32: COMMON + [("large_mean", 1e2), ("large_mean", 1e3), ("large_mean", 1e4),
-                   ("near_constant", 1e2)],
-    F64: COMMON + [("large_mean", 1e2), ("large_mean", 1e4), ("large_mean", 1e6),
-                   ("large_mean", 1e8), ("large_mean_small_std", 1e8), ("near_constant", 1e6)],
-    F16: COMMON + [("wide_range", 1e4)],
-    BF16: COMMON + [("wide_range", 1e18)],
-}
 
 
 @st.composite
 def battery_cases(draw) -> tuple:
     dtype = draw(st.sampled_from([F32, F64, F16, BF16]))
-    distribution, parameter = draw(st.sampled_from(DISTRIBUTION_CHOICES[dtype]))
+    distribution, parameter = draw(st.sampled_from(DISTRIBUTIONS_BY_DTYPE[dtype]))
     world_size = draw(st.integers(1, 4))
     sizes = tuple(draw(st.lists(st.integers(0, 4), min_size=world_size, max_size=world_size)))
     if sum(sizes) < 2:  # a global batch of 0 or 1 sample has dedicated tests elsewhere
