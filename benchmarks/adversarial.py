@@ -246,7 +246,7 @@ def run_torch_batchnorm(case: Case) -> Record:
 LD = np.longdouble
 
 
-def _ld(t: torch.Tensor) -> np.ndarray:
+def to_extended(t: torch.Tensor) -> np.ndarray:
     """A tensor's values in numpy extended precision (exact for every torch float dtype)."""
     return t.detach().double().numpy().astype(LD)
 
@@ -272,7 +272,7 @@ class StepStats:
 
 
 def step_stats(x: torch.Tensor, dy: torch.Tensor) -> StepStats:
-    xs, dys = _per_channel(_ld(x)), _per_channel(_ld(dy))
+    xs, dys = _per_channel(to_extended(x)), _per_channel(to_extended(dy))
     count = xs.shape[1]
     mean = xs.mean(axis=1)
     centred = xs - mean[:, None]
@@ -289,14 +289,14 @@ def step_stats(x: torch.Tensor, dy: torch.Tensor) -> StepStats:
 def longdouble_reference(case: Case) -> Dict[str, List[np.ndarray]]:
     """BatchNorm's training steps written out in numpy extended precision, from the math
     (two-pass mean and biased variance, centred input gradient, unbiased running variance)."""
-    weight, bias = (_ld(t) for t in initial_affine(case))
+    weight, bias = (to_extended(t) for t in initial_affine(case))
     running_mean = np.zeros(case.channels, dtype=LD)
     running_var = np.ones(case.channels, dtype=LD)
     out: Dict[str, List[np.ndarray]] = {q: [] for q in QUANTITIES}
     for step in range(case.steps):
         x, dy = global_batch(case, step)
         s = step_stats(x, dy)
-        xs, dys = _per_channel(_ld(x)), _per_channel(_ld(dy))
+        xs, dys = _per_channel(to_extended(x)), _per_channel(to_extended(dy))
         xhat = (xs - s.mean[:, None]) * s.invstd[:, None]
         y = weight[:, None] * xhat + bias[:, None]
         dx = (weight * s.invstd)[:, None] * (dys - s.mean_dy[:, None] - xhat * s.mean_dy_xhat[:, None])
@@ -323,7 +323,7 @@ def oracle(case: Case) -> Dict[str, List[np.ndarray]]:
 
 
 def as_arrays(record: Record) -> Dict[str, List[np.ndarray]]:
-    return {q: [_ld(t) for t in getattr(record, q)] for q in QUANTITIES}
+    return {q: [to_extended(t) for t in getattr(record, q)] for q in QUANTITIES}
 
 
 def merge_ranks(records: Sequence[Record]) -> Tuple[Dict[str, List[np.ndarray]], List[Dict[str, List[np.ndarray]]]]:
@@ -333,11 +333,11 @@ def merge_ranks(records: Sequence[Record]) -> Tuple[Dict[str, List[np.ndarray]],
     steps = len(records[0].y)
     merged: Dict[str, List[np.ndarray]] = {q: [] for q in ("y", "dx", "dweight", "dbias")}
     for step in range(steps):
-        merged["y"].append(np.concatenate([_ld(r.y[step]) for r in records]))
-        merged["dx"].append(np.concatenate([_ld(r.dx[step]) for r in records]))
-        merged["dweight"].append(sum(_ld(r.dweight[step]) for r in records))
-        merged["dbias"].append(sum(_ld(r.dbias[step]) for r in records))
-    buffers = [{q: [_ld(t) for t in getattr(r, q)] for q in ("running_mean", "running_var")}
+        merged["y"].append(np.concatenate([to_extended(r.y[step]) for r in records]))
+        merged["dx"].append(np.concatenate([to_extended(r.dx[step]) for r in records]))
+        merged["dweight"].append(sum(to_extended(r.dweight[step]) for r in records))
+        merged["dbias"].append(sum(to_extended(r.dbias[step]) for r in records))
+    buffers = [{q: [to_extended(t) for t in getattr(r, q)] for q in ("running_mean", "running_var")}
                for r in records]
     return merged, buffers
 
@@ -372,7 +372,7 @@ def floors(case: Case, reference: Dict[str, List[np.ndarray]]) -> Dict[str, np.n
     u_o = torch.finfo(case.dtype).eps
     u_a = torch.finfo(case.accumulation_dtype).eps
     u_p = torch.finfo(case.param_dtype).eps
-    weight, bias = (np.abs(_ld(t)) for t in initial_affine(case))
+    weight, bias = (np.abs(to_extended(t)) for t in initial_affine(case))
     out = {q: np.zeros(case.channels, dtype=LD) for q in QUANTITIES}
     prev_mean = np.zeros(case.channels, dtype=LD)
     prev_var = np.ones(case.channels, dtype=LD)

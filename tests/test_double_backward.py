@@ -80,7 +80,7 @@ def _global_batch(sizes: Tuple[int, ...], seed: int) -> Tuple[torch.Tensor, torc
     return x, g
 
 
-def _penalty_grads(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
+def penalty_grads(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
     """d/dx and d/dweight of ||dL/dx||^2, L = sum(layer(x) * g) (this run's share)."""
     x = x.clone().requires_grad_()
     loss = (layer(x) * g).sum()
@@ -102,7 +102,7 @@ def _rank_penalty_grads(sizes: Tuple[int, ...], seed: int) -> Dict[str, torch.Te
     rank = syncbn.resolve_communicator().rank
     x, g = _global_batch(sizes, seed)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    return _penalty_grads(_layer(syncbn.SyncBatchNorm, seed), x[rows], g[rows])
+    return penalty_grads(_layer(syncbn.SyncBatchNorm, seed), x[rows], g[rows])
 
 
 LAYOUTS = {"two_ranks_2_5": (2, 5), "three_ranks_3_1_4": (3, 1, 4), "three_ranks_2_0_3": (2, 0, 3)}
@@ -114,7 +114,7 @@ def test_second_order_grads_on_uneven_ranks_equal_float64_batchnorm(rank_pool, b
     seed = 7
     results = rank_pool(len(sizes), backend).run(_rank_penalty_grads, sizes, seed)
     x, g = _global_batch(sizes, seed)
-    expected = _penalty_grads(_layer(torch.nn.BatchNorm1d, seed), x, g)
+    expected = penalty_grads(_layer(torch.nn.BatchNorm1d, seed), x, g)
     # Same fp64 arithmetic up to summation order: 1e-8 leaves ~7 digits of slack at O(1) values.
     torch.testing.assert_close(torch.cat([r["x"] for r in results]), expected["x"], rtol=1e-8, atol=1e-8,
                                msg=lambda m: f"d/dx of ||dL/dx||^2: {m}")

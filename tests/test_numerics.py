@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ from benchmarks.adversarial import (
     DISTRIBUTIONS_BY_DTYPE,
     Case,
     Record,
-    _ld,
+    to_extended,
     as_arrays,
     compare,
     extended_precision_available,
@@ -150,12 +150,12 @@ def _dx_error_given_own_statistics(case: Case, records: Sequence[Record]) -> np.
     |mean|) drops out and what is left is the arithmetic of the gradient itself: the centred
     form loses nothing there, dx = a*dy + b*x + c loses u |b x| = u |w| invstd^2 |mean(dy xhat)| |mean|.
     """
-    x, dy = (_ld(t) for t in global_batch(case, 0))
-    dx = np.concatenate([_ld(r.dx[0]) for r in records])
-    weight = _ld(initial_affine(case)[0])
+    x, dy = (to_extended(t) for t in global_batch(case, 0))
+    dx = np.concatenate([to_extended(r.dx[0]) for r in records])
+    weight = to_extended(initial_affine(case)[0])
     count = x.size // case.channels
-    mean = _ld(records[0].running_mean[0])
-    var = _ld(records[0].running_var[0]) * (count - 1) / count
+    mean = to_extended(records[0].running_mean[0])
+    var = to_extended(records[0].running_var[0]) * (count - 1) / count
     invstd = 1 / np.sqrt(var + LD(EPS))
     view = (1, -1) + (1,) * (x.ndim - 2)
     axes = (0,) + tuple(range(2, x.ndim))
