@@ -268,6 +268,7 @@ class StepStats:
     sum_abs_dy_xhat: np.ndarray
     max_abs_xhat: np.ndarray
     max_abs_dy: np.ndarray
+    mean_abs_dev: np.ndarray  # mean |x - mean|
     count: int
 
 
@@ -283,6 +284,7 @@ def step_stats(x: torch.Tensor, dy: torch.Tensor) -> StepStats:
                      mean_dy_xhat=(dys * xhat).mean(axis=1), sum_abs_dy=np.abs(dys).sum(axis=1),
                      sum_abs_dy_xhat=np.abs(dys * xhat).sum(axis=1),
                      max_abs_xhat=np.abs(xhat).max(axis=1), max_abs_dy=np.abs(dys).max(axis=1),
+                     mean_abs_dev=np.abs(centred).mean(axis=1),
                      count=count)
 
 
@@ -360,12 +362,15 @@ def floors(case: Case, reference: Dict[str, List[np.ndarray]]) -> Dict[str, np.n
       the (possibly cancelled) result: each term is rounded once before they meet.
     - The mean itself: any implementation holds the batch mean in its accumulation dtype. In
       fp32 (fp32 and half input) it can be the correctly rounded value of an fp64 reduction,
-      off by at most u_a |mean| / 2 (torch's is); in fp64 it is a sum of many fp64 terms, off
-      by a few ulps. With k = MEAN_ROUNDING[u_a's dtype], every xhat moves by
-      e = k u_a |mean| invstd, and with it y by |w| e, dx by
+      off by u_a |mean| / 2 (torch's is); in fp64 it is a sum of many fp64 terms, off by a few
+      ulps. Across ranks it is also built from per-rank sums of values centred on their local
+      mean, each sum in the accumulation dtype: one ulp of those terms' magnitude, the mean
+      absolute deviation (MAD), on top. So the mean may be off by
+      d = k u_a |mean| + u_a MAD, k = MEAN_ROUNDING[accumulation dtype]. Every xhat moves by
+      e = d invstd, and with it y by |w| e, dx by
       |w| invstd e (|mean(dy xhat)| + max|xhat| |mean(dy)|), dweight by e |sum dy| and
-      running_mean by k u_a |mean|. The variance moves only to second order:
-      computed about a mean off by d it is var + d^2, so it gets (FLOOR_ULPS u_a |mean|)^2.
+      running_mean by d. The variance moves only to second order: computed about a mean off
+      by d it is var + d^2, so it gets (FLOOR_ULPS d)^2.
       A first-order variance error (u |mean| std, e.g. Chan's merge of separately rounded
       local means) is not unavoidable and gets no allowance.
     """
@@ -376,9 +381,11 @@ def floors(case: Case, reference: Dict[str, List[np.ndarray]]) -> Dict[str, np.n
     out = {q: np.zeros(case.channels, dtype=LD) for q in QUANTITIES}
     prev_mean = np.zeros(case.channels, dtype=LD)
     prev_var = np.ones(case.channels, dtype=LD)
+    carried = {q: np.zeros(case.channels, dtype=LD) for q in ("running_mean", "running_var")}
     for step in range(case.steps):
         s = step_stats(*global_batch(case, step))
-        mean_error = MEAN_ROUNDING[case.accumulation_dtype] * u_a * np.abs(s.mean)
+        factor = LD(1) / (step + 1) if case.momentum is None else LD(case.momentum)
+        mean_error = MEAN_ROUNDING[case.accumulation_dtype] * u_a * np.abs(s.mean) + u_a * s.mean_abs_dev
         e = mean_error * s.invstd
         unbiased = s.var * s.count / (s.count - 1)
         dx_terms = weight * s.invstd * (s.max_abs_dy + np.abs(s.mean_dy) + s.max_abs_xhat * np.abs(s.mean_dy_xhat))
@@ -389,9 +396,13 @@ def floors(case: Case, reference: Dict[str, List[np.ndarray]]) -> Dict[str, np.n
                   + weight * s.invstd * e * (np.abs(s.mean_dy_xhat) + s.max_abs_xhat * np.abs(s.mean_dy)),
             "dweight": FLOOR_ULPS * u_a * s.sum_abs_dy_xhat + e * np.abs(s.mean_dy) * s.count,
             "dbias": FLOOR_ULPS * u_a * s.sum_abs_dy,
-            "running_mean": FLOOR_ULPS * u_p * (np.abs(prev_mean) + np.abs(s.mean)) + mean_error,
-            "running_var": FLOOR_ULPS * u_p * (prev_var + unbiased) + (FLOOR_ULPS * u_a * np.abs(s.mean)) ** 2,
+            # Scaled by the momentum factor f, plus what the previous step left: (1 - f) of it.
+            "running_mean": FLOOR_ULPS * u_p * (np.abs(prev_mean) + np.abs(s.mean)) + factor * mean_error
+                            + (1 - factor) * carried["running_mean"],
+            "running_var": FLOOR_ULPS * u_p * (prev_var + unbiased) + factor * (FLOOR_ULPS * mean_error) ** 2
+                           + (1 - factor) * carried["running_var"],
         }
+        carried = {q: this_step[q] for q in ("running_mean", "running_var")}
         for q in QUANTITIES:
             out[q] = np.maximum(out[q], this_step[q])
         prev_mean, prev_var = reference["running_mean"][step], reference["running_var"][step]

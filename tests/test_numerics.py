@@ -179,7 +179,7 @@ def test_harness_input_gradient_check_passes_torch_and_an_independent_centred_im
     for case in CENTRED_CASES.values():
         assert _dx_error_given_own_statistics(case, [run_torch_batchnorm(case)]).max() <= 1
         split = dataclasses.replace(case, sizes=(case.sizes[0], 0, case.sizes[1]))
-        assert _dx_error_given_own_statistics(split, _emulated_group(split, centred=True)).max() <= 1
+        assert _dx_error_given_own_statistics(split, _emulated_group(split, "two_reductions")).max() <= 1
 
 
 @pytest.mark.parametrize("case", CENTRED_CASES.values(), ids=CENTRED_CASES.keys())
@@ -247,13 +247,40 @@ def test_apex_different_batch_size_weight_grad_within_1e6_of_float64_batchnorm(r
 
 # --- the harness itself: it passes correct implementations and fails a wrong one ------------
 
-def _emulated_group(case: Case, centred: bool) -> List[Record]:
-    """A second implementation of synchronized BatchNorm, written from the math for these
-    tests only: statistics merged over simulated ranks, the rest in the accumulation dtype.
+def _group_moments(parts: List[torch.Tensor], method: str) -> tuple:
+    """(mean, biased var) in fp64 of the concatenation of ``parts`` (rank batches, already in
+    the accumulation dtype), computed the way ``method`` says."""
+    dims = [0] + list(range(2, parts[0].dim()))
+    view = [1, -1] + [1] * (parts[0].dim() - 2)
+    total = sum(p.numel() // p.shape[1] for p in parts)
+    if method == "two_reductions":
+        # As the issue allows: fp64 sums give the mean, then fp64 sums of squares about that
+        # very mean give the variance (its error is second order in the mean's).
+        mean = sum(p.double().sum(dims) for p in parts) / total
+        return mean, sum(((p.double() - mean.reshape(view)) ** 2).sum(dims) for p in parts) / total
+    if method == "one_reduction":
+        # The issue's single all-reduce: per rank, moments about the local mean in the
+        # accumulation dtype (plus the centred sum, which carries that mean's rounding), then
+        # fp64 sums about 0. Exact enough for fp32 and half input up to |mean|/std 1e4.
+        s0 = s1 = s2 = 0.0
+        for p in parts:
+            count = p.numel() // p.shape[1]
+            if count:
+                local_mean = p.mean(dims)
+                centred = p - local_mean.reshape(view)
+                m, c, m2 = local_mean.double(), centred.sum(dims).double(), centred.square().sum(dims).double()
+                s0, s1, s2 = s0 + count, s1 + count * m + c, s2 + m2 + 2 * m * c + count * m * m
+        mean = s1 / s0
+        return mean, (s2 / s0 - mean * mean).clamp(min=0)
+    assert method == "uncentred"  # E[x^2] - E[x]^2 in plain sums: the cancellation to reject
+    mean = sum(p.sum(dims) for p in parts) / total
+    return mean.double(), (sum((p * p).sum(dims) for p in parts) / total - mean * mean).clamp(min=0).double()
 
-    centred=True: a global two-pass in fp64 (a correct method, unlike torch's and syncbn's code).
-    centred=False: E[x^2] - E[x]^2 in fp32 sums, the textbook cancellation the battery must reject.
-    """
+
+def _emulated_group(case: Case, method: str) -> List[Record]:
+    """A second implementation of synchronized BatchNorm, written from the math for these
+    tests only: statistics merged over simulated ranks (see _group_moments), the rest in the
+    accumulation dtype, the input gradient in centred form."""
     acc = case.accumulation_dtype
     weight, bias = initial_affine(case)
     running_mean = torch.zeros(case.channels, dtype=case.param_dtype)
@@ -264,17 +291,8 @@ def _emulated_group(case: Case, centred: bool) -> List[Record]:
         dims = [0] + list(range(2, x_all.dim()))
         view = [1, -1] + [1] * (x_all.dim() - 2)
         parts = [x_all[case.rank_rows(r)].to(acc) for r in range(len(case.sizes))]
-        counts = [p.numel() // case.channels for p in parts]
-        total = sum(counts)
-        if centred:
-            # Two reductions, as the issue allows: fp64 sums give the mean, then fp64 sums of
-            # squares about that very mean give the variance (its error is second order).
-            mean = sum(p.double().sum(dims) for p in parts) / total
-            var = sum(((p.double() - mean.reshape(view)) ** 2).sum(dims) for p in parts) / total
-        else:
-            mean32 = sum(p.sum(dims) for p in parts) / total
-            var = (sum((p * p).sum(dims) for p in parts) / total - mean32 * mean32).clamp(min=0).double()
-            mean = mean32.double()
+        total = sum(p.numel() // case.channels for p in parts)
+        mean, var = _group_moments(parts, method)
         mean_acc, var_acc = mean.to(acc), var.to(acc)
         invstd = torch.rsqrt(var_acc + EPS)
         factor = 1.0 / (step + 1) if case.momentum is None else case.momentum
@@ -320,13 +338,21 @@ def test_harness_accepts_an_independent_correct_implementation_on_uneven_ranks(c
     if len(case.sizes) == 2:
         total = sum(case.sizes)
         case = dataclasses.replace(case, sizes=(total // 2, 0, total // 3, total - total // 2 - total // 3))
-    compare(case, _emulated_group(case, centred=True)).check()
+    compare(case, _emulated_group(case, "two_reductions")).check()
+
+
+@pytest.mark.parametrize("case", [p for p in NAMED_PARAMS if p.values[0].dtype != F64])
+def test_harness_accepts_the_issues_one_reduction_design_for_fp32_and_half_input(case):
+    # Moments about each rank's local mean, one fp64 reduction about 0: what the floors must
+    # admit below fp64 (fp64 at large |mean|/std needs the second reduction, see above).
+    case = dataclasses.replace(case, sizes=(7, 0, 11, 6))
+    compare(case, _emulated_group(case, "one_reduction")).check()
 
 
 @pytest.mark.parametrize("ratio", [1e3, 1e4])
 def test_harness_rejects_uncentred_fp32_moments_at_large_mean(ratio):
     case = Case("large_mean", F32, (8, 8), ratio, spatial=(8, 8))
-    failures = compare(case, _emulated_group(case, centred=False)).failures()
+    failures = compare(case, _emulated_group(case, "uncentred")).failures()
     assert any(line.startswith("running_var") for line in failures), failures
 
 
