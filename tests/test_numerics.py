@@ -25,14 +25,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.adversarial import (
+    DISTRIBUTIONS_BY_DTYPE,
     EPS,
     FLOOR_ULPS,
     LD,
     QUANTITIES,
-    DISTRIBUTIONS_BY_DTYPE,
     Case,
     Record,
-    to_extended,
     as_arrays,
     compare,
     extended_precision_available,
@@ -43,6 +42,7 @@ from benchmarks.adversarial import (
     run_steps,
     run_syncbn_rank,
     run_torch_batchnorm,
+    to_extended,
 )
 from conftest import MPI_AVAILABLE
 
