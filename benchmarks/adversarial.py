@@ -423,12 +423,13 @@ class Comparison:
     candidate: Dict[str, np.ndarray]  # per quantity, per channel error
     torch: Dict[str, np.ndarray]
     floor: Dict[str, np.ndarray]
+    counter_problems: List[str] = field(default_factory=list)  # num_batches_tracked per rank
 
     def bound(self, quantity: str) -> np.ndarray:
         return TORCH_ERROR_FACTOR * self.torch[quantity] + self.floor[quantity]
 
     def failures(self) -> List[str]:
-        lines = []
+        lines = list(self.counter_problems)
         for q in QUANTITIES:
             for c in np.flatnonzero(~(self.candidate[q] <= self.bound(q))):
                 lines.append(f"{q}[channel {c}]: error {float(self.candidate[q][c]):.3g} > "
@@ -461,7 +462,10 @@ def compare(case: Case, records: Sequence[Record]) -> Comparison:
         # Every rank must hold the group's statistics: the worst rank counts.
         candidate[q] = np.max([errors(b, reference)[q] for b in buffers], axis=0)
     torch_error = errors(as_arrays(run_torch_batchnorm(case)), reference)
-    return Comparison(case, candidate, torch_error, floors(case, reference))
+    expected_counts = list(range(1, case.steps + 1))  # every step sees a non-empty global batch
+    counter_problems = [f"num_batches_tracked on rank {rank}: {r.num_batches_tracked}, expected {expected_counts}"
+                        for rank, r in enumerate(records) if r.num_batches_tracked != expected_counts]
+    return Comparison(case, candidate, torch_error, floors(case, reference), counter_problems)
 
 
 def extended_precision_available() -> bool:
