@@ -1,0 +1,109 @@
+"""sync_batch_norm's contract where it must match F.batch_norm (issue 11): a bias-only
+gradient, eps validation as in torch 2.13, and a dtype that differs across ranks."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import syncbn
+from conftest import BACKENDS
+from syncbn.functional import sync_batch_norm
+
+CHANNELS = 3
+
+
+def _x(batch: int = 6, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, CHANNELS, 4, generator=generator, dtype=torch.float64) * 2 + 1).to(dtype)
+
+
+def _bias_grad(fn, x: torch.Tensor, dy: torch.Tensor) -> Optional[torch.Tensor]:
+    bias = torch.linspace(-0.5, 0.5, CHANNELS, dtype=x.dtype).requires_grad_()
+    fn(x, None, None, None, bias, training=True).backward(dy)
+    return bias.grad
+
+
+def test_bias_without_weight_gets_the_gradient_f_batch_norm_gives():
+    x, dy = _x(), _x(seed=1)
+    expected = _bias_grad(F.batch_norm, x, dy)
+    actual = _bias_grad(sync_batch_norm, x, dy)
+    assert actual is not None, "sync_batch_norm(weight=None, bias=b) left b.grad None"
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def _rank_bias_grad(sizes) -> Optional[torch.Tensor]:
+    rank = syncbn.resolve_communicator().rank
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    return _bias_grad(sync_batch_norm, _x(sum(sizes))[rows], _x(sum(sizes), seed=1)[rows])
+
+
+def test_bias_without_weight_on_two_ranks_sums_to_f_batch_norm_on_the_global_batch(rank_pool):
+    sizes = (2, 4)
+    grads = rank_pool(2, "gloo").run(_rank_bias_grad, sizes)
+    assert all(g is not None for g in grads), "a rank's bias gradient is None"
+    torch.testing.assert_close(sum(grads), _bias_grad(F.batch_norm, _x(6), _x(6, seed=1)), rtol=1e-12, atol=1e-12)
+
+
+def _torch_raises_value_error(training: bool, eps: float) -> bool:
+    try:
+        F.batch_norm(_x(), torch.zeros(CHANNELS, dtype=torch.float64), torch.ones(CHANNELS, dtype=torch.float64),
+                     training=training, eps=eps)
+    except ValueError:
+        return True
+    return False
+
+
+EPS_CASES = [(True, 0.0), (True, -1e-5), (True, 1e-5), (False, -1e-5), (False, 0.0), (False, 1e-5)]
+
+
+def test_torch_2_13_rejects_eps_le_0_in_training_and_eps_lt_0_in_eval():
+    # The behaviour matched below, read from torch itself (if torch changes, so must syncbn).
+    assert [_torch_raises_value_error(t, e) for t, e in EPS_CASES] == [True, True, False, True, False, False]
+
+
+@pytest.mark.parametrize("training,eps", EPS_CASES, ids=[f"{'train' if t else 'eval'}_eps_{e:g}" for t, e in EPS_CASES])
+def test_eps_validation_matches_f_batch_norm(training, eps):
+    running = (torch.zeros(CHANNELS, dtype=torch.float64), torch.ones(CHANNELS, dtype=torch.float64))
+    if _torch_raises_value_error(training, eps):
+        with pytest.raises(ValueError, match="eps"):
+            sync_batch_norm(_x(), *running, training=training, eps=eps)
+        assert torch.equal(running[0], torch.zeros(CHANNELS, dtype=torch.float64)), "running_mean changed"
+    else:
+        sync_batch_norm(_x(), *running, training=training, eps=eps)
+
+
+def test_module_with_eps_0_raises_in_training_like_batchnorm():
+    layer = syncbn.SyncBatchNorm(CHANNELS, eps=0.0, dtype=torch.float64).train()
+    with pytest.raises(ValueError, match="eps"):
+        layer(_x())
+    assert int(layer.num_batches_tracked) == 0
+
+
+def _mixed_dtype_forward(layer_follows_input: bool) -> Dict:
+    """Rank 0 feeds float64, the others float32; report what the forward did on this rank."""
+    rank = syncbn.resolve_communicator().rank
+    dtype = torch.float64 if rank == 0 else torch.float32
+    layer = syncbn.SyncBatchNorm(CHANNELS, dtype=dtype if layer_follows_input else torch.float32).train()
+    try:
+        layer(_x(4, seed=rank, dtype=dtype))
+        error = None
+    except Exception as exc:  # any type: what is checked is that it happens, everywhere, clearly
+        error = f"{type(exc).__name__}: {exc}"
+    return {"error": error, "running_mean": layer.running_mean.double(),
+            "running_var": layer.running_var.double(), "num_batches_tracked": int(layer.num_batches_tracked)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer_follows_input", [True, False], ids=["layers_match_input", "float32_layers"])
+def test_float64_on_one_rank_float32_on_another_raises_on_every_rank_before_stats_change(
+        rank_pool, backend, layer_follows_input):
+    results = rank_pool(2, backend).run(_mixed_dtype_forward, layer_follows_input)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank}: the forward passed with mixed dtypes in the group"
+        assert "dtype" in result["error"].lower(), f"rank {rank}: unclear error {result['error']!r}"
+        assert torch.equal(result["running_mean"], torch.zeros(CHANNELS, dtype=torch.float64)), f"rank {rank}"
+        assert torch.equal(result["running_var"], torch.ones(CHANNELS, dtype=torch.float64)), f"rank {rank}"
+        assert result["num_batches_tracked"] == 0, f"rank {rank}"
