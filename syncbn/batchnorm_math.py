@@ -231,7 +231,7 @@ def input_grad(
 
     Written per channel in centred form, dx = a * dy + b * (x - mean) + c: x - mean is taken
     before any scaling, so a large mean costs no more than the rounding of the mean itself.
-    Two fused passes in x's dtype and layout.
+    Computed in the accumulation dtype (fp32 for half input) in x's layout.
     """
     if uses_triton(x):
         return triton_kernels.input_grad(dy, x, mean, var, weight, eps, global_payload, count)
@@ -244,9 +244,9 @@ def input_grad(
     mean_dy_xhat = global_payload[channels:].to(acc) / safe_count
     b = -scale * invstd * mean_dy_xhat
     c = -scale * mean_dy
-    # b * (x - mean) + c is eval-mode BatchNorm with var + eps == 1: torch's fused kernel, much
-    # faster than broadcast arithmetic.
-    dx = torch.batch_norm(x, b, c, mean.to(acc), torch.full_like(b, 1.0 - eps),
-                          False, 0.0, eps, False)
-    # In x's dtype: an fp32 factor would promote dy to an fp32 copy first (5x slower for bf16).
-    return dx.addcmul_(dy, channel_view(scale, x.dim()).to(x.dtype))
+    ndim = x.dim()
+    # Subtract the mean first, explicitly: torch's eval batch_norm would fold it into alpha * x + beta,
+    # which is the cancelling form again. In the accumulation dtype, rounded to x's dtype once.
+    centered = x.to(acc) - channel_view(mean.to(acc), ndim)
+    dx = torch.addcmul(channel_view(c, ndim), centered, channel_view(b, ndim))
+    return dx.addcmul_(dy.to(acc), channel_view(scale, ndim)).to(x.dtype)
