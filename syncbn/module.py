@@ -73,3 +73,11 @@ class SyncBatchNorm(_BatchNorm):
             debug=self.debug,
             check_finite=self.check_finite,
         )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: Any = None) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm's spelling of :func:`syncbn.convert_sync_batchnorm`."""
+        from .convert import convert_sync_batchnorm  # convert imports this module
+
+        return convert_sync_batchnorm(module, process_group)
