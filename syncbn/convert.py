@@ -12,7 +12,7 @@ converter for its exact class was registered with :func:`register_converter`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional, Type, Union
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
@@ -35,25 +35,33 @@ _STOCK_FORWARDS = (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
 
 Converter = Callable[[_BatchNorm, Any, str], torch.nn.Module]
 Reverter = Callable[[SyncBatchNorm, str], torch.nn.Module]
-# Keyed by exact class: a subclass of a registered class may change its forward again.
-_CONVERTERS: Dict[type, Converter] = {}
-_REVERTERS: Dict[type, Reverter] = {}
+# Keyed by the exact class's "module.QualName": a subclass of a registered class may change
+# its forward again, and a name lets syncbn register a converter for a class of an optional
+# package (timm's BatchNormAct2d) without importing that package.
+_CONVERTERS: Dict[str, Converter] = {}
+_REVERTERS: Dict[str, Reverter] = {}
 
 
-def register_converter(batchnorm_class: type, converter: Converter) -> None:
+def _class_key(cls: Union[type, str]) -> str:
+    return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_converter(batchnorm_class: Union[type, str], converter: Converter) -> None:
     """Make :func:`convert_sync_batchnorm` turn ``batchnorm_class`` layers into ``converter(layer,
     process_group, path)``, a synchronized module computing the same function.
 
-    Needed for a BatchNorm subclass with its own forward (an activated BatchNorm, say), which
-    conversion otherwise refuses. The converter's children are not converted further.
+    ``batchnorm_class``: the class, or its ``"module.QualName"`` (e.g.
+    ``"timm.layers.norm_act.BatchNormAct2d"``), matched exactly, not for subclasses. Needed for
+    a BatchNorm subclass with its own forward (an activated BatchNorm, say), which conversion
+    otherwise refuses. The converter's children are not converted further.
     """
-    _CONVERTERS[batchnorm_class] = converter
+    _CONVERTERS[_class_key(batchnorm_class)] = converter
 
 
-def register_reverter(sync_class: type, reverter: Reverter) -> None:
+def register_reverter(sync_class: Union[type, str], reverter: Reverter) -> None:
     """Make :func:`revert_sync_batchnorm` turn ``sync_class`` layers (a SyncBatchNorm subclass with
     its own forward) into ``reverter(layer, path)``; such layers are refused otherwise."""
-    _REVERTERS[sync_class] = reverter
+    _REVERTERS[_class_key(sync_class)] = reverter
 
 
 def _move_state(source: _BatchNorm, target: _BatchNorm) -> None:
@@ -94,14 +102,16 @@ def _check_convertible(model: torch.nn.Module) -> None:
                 "whose channel count is not known yet; run one forward pass before converting"
             )
         if (isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm)
-                and type(module) not in _CONVERTERS and type(module).forward not in _STOCK_FORWARDS):
+                and _class_key(type(module)) not in _CONVERTERS
+                and type(module).forward not in _STOCK_FORWARDS):
             raise _refusal("convert_sync_batchnorm", module, path, "SyncBatchNorm",
                            "register_converter")
 
 
 def _convert(module: torch.nn.Module, process_group: Any, path: str) -> torch.nn.Module:
-    if type(module) in _CONVERTERS:
-        return _CONVERTERS[type(module)](module, process_group, path)
+    converter = _CONVERTERS.get(_class_key(type(module)))
+    if converter is not None:
+        return converter(module, process_group, path)
     if isinstance(module, SyncBatchNorm):
         module.process_group = process_group
         module.name = module.name or path or None
@@ -165,16 +175,17 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 def _check_revertible(model: torch.nn.Module) -> None:
     """Raise for the first layer reverting cannot keep, before anything is replaced."""
     for path, module in model.named_modules():
-        if (isinstance(module, SyncBatchNorm) and type(module) not in _REVERTERS
-                and type(module).forward is not SyncBatchNorm.forward):
+        if not isinstance(module, SyncBatchNorm) or _class_key(type(module)) in _REVERTERS:
+            continue
+        if type(module).forward is not SyncBatchNorm.forward:
             raise _refusal("revert_sync_batchnorm", module, path, "BatchNorm", "register_reverter")
-        if isinstance(module, SyncBatchNorm) and type(module) not in _REVERTERS:
-            _revert_class(module, path)
+        _revert_class(module, path)
 
 
 def _revert(module: torch.nn.Module, path: str) -> torch.nn.Module:
-    if type(module) in _REVERTERS:
-        return _REVERTERS[type(module)](module, path)
+    reverter = _REVERTERS.get(_class_key(type(module)))
+    if reverter is not None:
+        return reverter(module, path)
     if isinstance(module, SyncBatchNorm):
         cls = _revert_class(module, path)
         reverted: torch.nn.Module = cls(module.num_features, module.eps, module.momentum,

@@ -237,10 +237,12 @@ def relu_conversions():
         plain.load_state_dict(layer.state_dict())
         return plain
 
+    # One by class, one by name (as for a class of a package syncbn must not import).
     convert.register_converter(_BatchNormRelu, to_sync)
-    convert.register_reverter(_SyncBatchNormRelu, to_plain)
+    convert.register_reverter("test_convert._SyncBatchNormRelu", to_plain)
     yield
-    del convert._CONVERTERS[_BatchNormRelu], convert._REVERTERS[_SyncBatchNormRelu]
+    del convert._CONVERTERS["test_convert._BatchNormRelu"]
+    del convert._REVERTERS["test_convert._SyncBatchNormRelu"]
 
 
 def test_registered_converter_and_reverter_keep_what_the_subclass_computes(relu_conversions):
