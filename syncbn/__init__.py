@@ -16,6 +16,7 @@ from .functional import sync_batch_norm
 from .groups import new_groups
 from .guard import CollectiveError, CollectiveMismatchError
 from .module import SyncBatchNorm
+from .precise_bn import precise_bn
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
     "new_groups",
+    "precise_bn",
     "CollectiveError",
     "CollectiveMismatchError",
     "Communicator",

@@ -74,6 +74,14 @@ class SyncBatchNorm(_BatchNorm):
             num_features=self.num_features,
         )
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module,
+                               process_group: Any = None) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm's spelling of :func:`syncbn.convert_sync_batchnorm`."""
+        from .convert import convert_sync_batchnorm  # convert imports this module
+
+        return convert_sync_batchnorm(module, process_group)
+
 
 # Construction order of SyncBatchNorm layers in this process: the identity of unnamed layers.
 _construction_order = itertools.count()

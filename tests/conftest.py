@@ -6,6 +6,8 @@ from typing import Callable, Dict, Tuple
 
 import pytest
 
+# Before any test module imports torchvision, timm or lightning (see its docstring).
+import torchvision_shim  # noqa: F401
 from syncbn.testing import RankPool, find_mpiexec
 
 MPI_AVAILABLE = importlib.util.find_spec("mpi4py") is not None and find_mpiexec() is not None
