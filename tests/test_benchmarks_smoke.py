@@ -157,3 +157,67 @@ def _naive_against_global_batchnorm() -> float:
 def test_naive_peer_computes_global_batchnorm_over_two_ranks():
     errors = run_on_ranks(_naive_against_global_batchnorm, 2, "gloo")
     assert max(errors) < 1e-10
+
+
+def test_resnet50_has_53_batchnorm_layers_with_26560_channels():
+    """torchvision's resnet50 holds 53 BatchNorm2d modules; their widths add up to
+    64 + 1,408 + 3,584 + 10,240 + 11,264 (stem and the four stages, counted by hand)."""
+    from benchmarks.scaling import RESNET50_BLOCKS, resnet_bn_channels
+
+    channels = resnet_bn_channels(RESNET50_BLOCKS)
+    assert len(channels) == 53 and sum(channels) == 26_560
+    assert channels[0] == 64 and channels[-1] == 2048
+
+
+def test_scaling_model_payloads_match_each_scheme_and_only_torch_grows_with_world_size():
+    from benchmarks import scaling
+
+    fabric = scaling.Fabric("test", alpha=5e-6, bus_bandwidth=1e10)
+    # syncbn: 2C+2 fp64 forward and 2C fp32 backward (the collective audit in the speed run)
+    calls = scaling.layer_collectives("syncbn", 64)
+    assert [(c.kind, c.nbytes) for c in calls] == [("all_reduce", 130 * 8), ("all_reduce", 128 * 4)]
+    assert len(scaling.layer_collectives("naive", 64)) == 5
+    # at W=2 the ring and the tree are the same two steps
+    assert scaling.all_reduce_ring(fabric, 2, 4096) == scaling.all_reduce_tree(fabric, 2, 4096)
+    channels = scaling.resnet_bn_channels(scaling.RESNET50_BLOCKS)
+    ratio = [scaling.step_time(fabric, "torch.nn.SyncBatchNorm", channels, w)
+             / scaling.step_time(fabric, "syncbn", channels, w) for w in (64, 1024)]
+    assert ratio[1] > ratio[0]  # torch's all_gather payload grows with W, syncbn's does not
+    assert scaling.step_time(fabric, "syncbn", channels, 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory) -> Dict:
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    out = tmp_path_factory.mktemp("scaling")
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--smoke", "--out",
+                                str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {"results": json.loads((out / "scaling.json").read_text()),
+            "markdown": (out / "scaling.md").read_text(), "out": out}
+
+
+def test_scaling_projection_says_it_is_a_model_and_shows_sourced_inputs(scaling_run):
+    markdown = scaling_run["markdown"]
+    assert "This is a model, not a measurement" in markdown
+    inputs = _table_rows(markdown, "| fabric | alpha")
+    assert {"NVLink", "InfiniBand"} <= {row[0].split(" ")[0] for row in inputs}
+    assert all("https://" in row[-1] or "fitted" in row[-1] for row in inputs)
+    assert any("ASSUMPTION" in row[-1] for row in inputs)  # a figure without a source says so
+    worlds = {r["world_size"] for r in scaling_run["results"]["projection"]}
+    assert min(worlds) == 1 and max(worlds) == 1024
+
+
+def test_scaling_validation_sets_measured_beside_projected_for_each_world_size(scaling_run):
+    rows = _table_rows(scaling_run["markdown"], "| backend | W | scheme | collectives | measured")
+    measured_worlds = {r["world_size"] for r in scaling_run["results"]["measured"]["rows"]}
+    assert {int(r[1]) for r in rows} == measured_worlds
+    for row in scaling_run["results"]["validation"]:
+        assert row["measured_s"] > 0 and row["projected_tree_s"] > 0
+        assert row["collectives"] == 2 * 53 if row["scheme"] == "syncbn" else 5 * 53
+    assert os.path.getsize(scaling_run["out"] / "scaling_projection.png") < PNG_LIMIT_BYTES
