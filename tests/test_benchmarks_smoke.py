@@ -221,3 +221,78 @@ def test_scaling_validation_sets_measured_beside_projected_for_each_world_size(s
         assert row["measured_s"] > 0 and row["projected_tree_s"] > 0
         assert row["collectives"] == 2 * 53 if row["scheme"] == "syncbn" else 5 * 53
     assert os.path.getsize(scaling_run["out"] / "scaling_projection.png") < PNG_LIMIT_BYTES
+
+
+def test_each_peer_keeps_one_colour_across_panels_and_figures(smoke_run, monkeypatch):
+    """Issue 18: syncbn over gloo was orange in one panel of layer_overhead.png, blue in the
+    next. Every bar of a (peer, backend) series, in every panel and figure, has one colour,
+    and peers never share one."""
+    from matplotlib.colors import to_hex
+
+    from benchmarks import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, stamp: figures.append(fig) or path)
+    results = smoke_run["results"]
+    plots.plot_layer_overhead(results["layers"], "unused", results["machine"])
+    plots.plot_model_throughput(results["model"], results["plan"], "unused", results["machine"])
+    colours: Dict[str, set] = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for bars in ax.containers:
+                peer = bars.get_label().split(" (")[0]
+                colours.setdefault(peer, set()).update(to_hex(p.get_facecolor()) for p in bars)
+    assert {"syncbn", "naive", "BatchNorm"} <= set(colours)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+
+
+@pytest.fixture(scope="module")
+def overhead_run(tmp_path_factory) -> Dict:
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    out = tmp_path_factory.mktemp("overhead")
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only",
+                                "overhead", "--out", str(out)], cwd=REPO, capture_output=True,
+                               text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {"results": json.loads((out / "overhead.json").read_text()),
+            "markdown": (out / "overhead.md").read_text()}
+
+
+def test_overhead_section_runs_alone_with_all_reduces_timed_beside_syncbn(overhead_run):
+    results, markdown = overhead_run["results"], overhead_run["markdown"]
+    assert "layers" not in results and "compile" not in results  # the section alone
+    labels = {r["setting"]["label"] for r in results["overhead"]}
+    assert {"none (1 process), W=1", "gloo, W=2"} <= labels
+    for row in results["overhead"]:
+        assert set(row["peers"]) == {"BatchNorm", "syncbn", "all-reduces"}
+        assert all(p["ms"] > 0 for p in row["peers"].values())
+    rows = _table_rows(markdown, "| setting | case | BatchNorm µs")
+    assert len(rows) == len(results["overhead"])
+    targets = _table_rows(markdown, "| target | setting | measured | status |")
+    assert {t[1] for t in targets} == labels  # one goal per setting: W=1 and each W=2 backend
+    assert all(t[3] in ("met", "missed") for t in targets)
+
+
+@pytest.mark.slow
+def test_compile_section_compares_compiled_with_eager(tmp_path):
+    """Slow: torch.compile of a small ResNet takes minutes on a loaded 2-core machine."""
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only",
+                                "compile", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                               text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    row = json.loads((tmp_path / "compile.json").read_text())["compile"][0]
+    assert row["peers"]["eager"]["ms"] > 0 and row["peers"]["compiled"]["ms"] > 0
+    assert row["graphs"] >= 1 and row["norm_layers"] == 9
+    assert len(_table_rows((tmp_path / "compile.md").read_text(), "| setting | norm layers")) == 1

@@ -123,6 +123,15 @@ def grid_table(training: List[Dict[str, Any]], task: str) -> str:
     return "\n".join(lines)
 
 
+def grid_edges(training: List[Dict[str, Any]], lrs: List[float]) -> List[str]:
+    """The arms whose selected learning rate is the smallest or largest of the grid (the best
+    may lie beyond it)."""
+    edges = (min(lrs), max(lrs)) if len(lrs) > 1 else ()
+    return sorted({"%s %s b=%d (lr %g)" % (r["task"], ARM_LABELS[r["arm"]], r["per_rank_batch"],
+                                           r["lr"])
+                   for r in training if r["selected"] and r["phase"] == "grid" and r["lr"] in edges})
+
+
 def backend_table(training: List[Dict[str, Any]]) -> str:
     """The MPI repeats next to the same run (task, arm, b, seed, setting) over gloo."""
     def key(r: Dict[str, Any]) -> Tuple:
@@ -364,6 +373,9 @@ def markdown(results: Dict[str, Any], figure_dir: Optional[str] = None) -> str:
         "never the test set) is the arm's setting above. Selected settings in bold."
         % (", ".join("%g" % lr for lr in plan["lrs"]),
            " and ".join(str(g) for g in plan["group_channels"]), plan["seeds"][0]),
+        "",
+        "Selected at an edge of the grid (the best may lie beyond it): "
+        + ("; ".join(grid_edges(results["training"], list(plan["lrs"]))) or "none") + ".",
         "",
         "Classification (accuracy):",
         "",

@@ -36,7 +36,7 @@ class Plan:
     seeds: Tuple[int, ...]
     mpi_arms: Tuple[str, ...]                     # arms repeated over MPI (seed 0 only)
     mpi_batches: Tuple[int, ...]
-    lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+    lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     group_channels: Tuple[int, ...] = (1, 4)      # GroupNorm channels per group (1: InstanceNorm)
     arms: Tuple[str, ...] = tasks.ARMS
     stat_batches: Tuple[int, ...] = STAT_BATCHES
