@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Tuple
 
+from matplotlib.ticker import NullFormatter
+
 from .figure_style import (BACKEND_COLORS, BACKEND_HATCHES, BACKEND_LINESTYLES,
                            COMMUNICATION_COLOR, COMPUTE_COLOR, PEER_COLORS, legend_outside, plt,
                            save_figure)
@@ -47,6 +49,15 @@ def _grouped_bars(ax, categories: List[str], series: Series) -> None:
     ax.set_xticklabels(categories, fontsize=7, rotation=15)
 
 
+def _legend_entries(axes) -> Dict[str, list]:
+    """Every series of every panel once, for one legend beside the last panel."""
+    entries: Dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return {"handles": list(entries.values()), "labels": list(entries)}
+
+
 def plot_layer_overhead(layer_rows: List[Dict], out_dir: str, stamp: Dict[str, str]) -> str:
     rows = _headline_rows(layer_rows)
     world_sizes = sorted({r["setting"]["world_size"] for r in rows})
@@ -68,9 +79,9 @@ def plot_layer_overhead(layer_rows: List[Dict], out_dir: str, stamp: Dict[str, s
         ax.set_title(f"W={world_size}", fontsize=9)
         ax.set_xlabel("BatchNorm input per sample (C x H x W)", fontsize=8)
     axes[0][0].set_ylabel("fwd+bwd time / torch BatchNorm", fontsize=8)
-    legend_outside(axes[0][-1])
-    fig.suptitle(f"One layer's forward+backward against torch BatchNorm (line at 1): ResNet-50 "
-                 f"shapes, N={rows[0]['case']['batch']} per rank, fp32, CPU", fontsize=10)
+    legend_outside(axes[0][-1], **_legend_entries(axes[0]))
+    fig.suptitle(f"One layer's forward+backward against torch BatchNorm (line at 1): "
+                 f"N={rows[0]['case']['batch']} per rank, fp32, contiguous, CPU", fontsize=10)
     return _save(fig, out_dir, "layers", stamp)
 
 
@@ -90,8 +101,8 @@ def plot_comm_compute(layer_rows: List[Dict], out_dir: str, stamp: Dict[str, str
         ax.tick_params(axis="x", labelsize=6, rotation=60)
     axes[0][0].set_ylabel("% of syncbn fwd+bwd time", fontsize=8)
     legend_outside(axes[0][-1])
-    fig.suptitle(f"Where syncbn's layer time goes: ResNet-50 shapes, "
-                 f"N={rows[0]['case']['batch']} per rank, fp32, CPU", fontsize=10)
+    fig.suptitle(f"Where syncbn's layer time goes: N={rows[0]['case']['batch']} per rank, "
+                 "fp32, contiguous, CPU", fontsize=10)
     return _save(fig, out_dir, "split", stamp)
 
 
@@ -108,6 +119,8 @@ def plot_allreduce_latency(comm_rows: List[Dict], out_dir: str, stamp: Dict[str,
                 label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("payload (bytes): 2C fp32 backward and 2C+2 fp64 forward, C = 64 .. 2048")
     ax.set_ylabel("one all-reduce (µs, slowest rank)")
     ax.set_title("syncbn's all-reduce latency on this machine, by backend and world size W",
@@ -117,7 +130,7 @@ def plot_allreduce_latency(comm_rows: List[Dict], out_dir: str, stamp: Dict[str,
 
 
 def plot_payload_growth(growth: List[Dict], out_dir: str, stamp: Dict[str, str]) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     markers = ("o", "s", "^", "D")
     for index, channels in enumerate(sorted({g["channels"] for g in growth})):
         at = [g for g in growth if g["channels"] == channels]
@@ -129,6 +142,8 @@ def plot_payload_growth(growth: List[Dict], out_dir: str, stamp: Dict[str, str])
                 color=PEER_COLORS["torch.nn.SyncBatchNorm"],
                 label=f"torch.nn.SyncBatchNorm all_gather, C={channels}")
     ax.set_xscale("log", base=2)
+    worlds = sorted({g["world_size"] for g in growth})
+    ax.set_xticks(worlds, [str(w) for w in worlds])
     ax.set_yscale("log")
     ax.set_xlabel("world size W")
     ax.set_ylabel("forward bytes per rank per layer")
