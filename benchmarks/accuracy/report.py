@@ -322,7 +322,21 @@ def headline(results: Dict[str, Any]) -> List[str]:
                 mean[("full", small)], mean[("group", small)], at_large, small,
                 "%+.3f ± %.3f, paired by seed (%d seeds)" % (*paired, seeds) if seeds > 1
                 else "%+.3f (one seed)" % paired[0], gap))
+        lines.append(_group_size_finding(results["training"], task, metric))
     return lines
+
+
+def _group_size_finding(training: List[Dict[str, Any]], task: str, metric: str) -> str:
+    """GroupNorm by group size: its best score over the learning rates of the grid, per b."""
+    runs = [r for r in training if r["task"] == task and r["arm"] == "group" and r["phase"] == "grid"]
+    best: Dict[Tuple[int, int], float] = {}
+    for r in runs:
+        key = (r["group_channels"], r["per_rank_batch"])
+        best[key] = max(best.get(key, 0.0), r["score"])
+    parts = ["%d channel(s) per group at b=%d: %.3f" % (g, b, score)
+             for (g, b), score in sorted(best.items(), reverse=True)]
+    return ("  - GroupNorm's group size (%s, best over every learning rate of the grid): %s."
+            % (metric, "; ".join(parts)))
 
 
 def markdown(results: Dict[str, Any], figure_dir: Optional[str] = None) -> str:
