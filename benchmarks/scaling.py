@@ -325,6 +325,21 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> List[str]
             + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""])
 
 
+def validation_summary(rows: List[Dict]) -> str:
+    """How far the projection from this machine's fit lies from its measured steps."""
+    def spread(chosen: List[Dict]) -> str:
+        ratios = [r["projected_tree_s"] / r["measured_s"] for r in chosen]
+        return f"{min(ratios):.2g}x to {max(ratios):.2g}x" if ratios else "-"
+
+    return ("Outcome: the projection is " + spread([r for r in rows if r["in_fit"]])
+            + " of the measured step at the fitted world sizes and "
+            + spread([r for r in rows if not r["in_fit"]]) + " at the predicted ones. Below 1x, "
+            "a long sequence of collectives cost more per call than the microbenchmark's short "
+            "bursts of one payload on this shared machine, and at W = 4 four ranks share two "
+            "cores; the model knows neither. The GPU projection rests on the published NCCL "
+            "inputs, not on this fit.")
+
+
 def render_markdown(results: Dict, folder: str = "") -> str:
     fitted, stamp = results["fitted"], results["machine"]
     lines = [
@@ -379,8 +394,10 @@ def render_markdown(results: Dict, folder: str = "") -> str:
                  "projected, tree (µs)", "tree / measured"),
                 [(r["backend"], r["world_size"], r["scheme"], r["collectives"], _us(r["measured_s"]),
                   _us(r["projected_ring_s"]), _us(r["projected_tree_s"]),
-                  f"{r['projected_tree_s'] / r['measured_s']:.2f}"
+                  f"{r['projected_tree_s'] / r['measured_s']:.2g}"
                   + ("" if r["in_fit"] else " (predicted)")) for r in results["validation"]]),
+        validation_summary(results["validation"]),
+        "",
         "### Projection (µs of BatchNorm communication per training step)",
         "",
         "Cluster: 8-GPU NVLink nodes on InfiniBand (W <= 8: one node). 1 GPU per node: every "
