@@ -283,8 +283,9 @@ def render_compile_markdown(results: Dict, title: str, level: int) -> str:
         f"{plan['width']}, {plan['batch']} images of {plan['image']}x{plan['image']} per rank, "
         f"CPU, 1 thread per rank; one training step (forward, loss, backward); eager and "
         f"torch.compile (default options) from the same weights, interleaved, median of "
-        f"{plan['reps']} steps after {plan['warmup']} warm-up steps; graphs and breaks from "
-        "torch._dynamo.explain on one forward.",
+        f"{plan['reps']} steps after {plan['warmup']} warm-up steps, slowest rank; graphs and "
+        "breaks from torch._dynamo.explain on one forward; the first compiled step (compilation "
+        "included) of the slowest rank.",
         table(("setting", "norm layers", "eager ms", "compiled ms", "compiled / eager",
                "first compiled step s (compiles)", "graphs / graph breaks"), rows))
 

@@ -248,15 +248,17 @@ def run_overhead(mode: str, with_mpi: bool, results: Dict) -> None:
 
 
 def run_compile(mode: str, results: Dict) -> None:
-    """torch.compile against eager, one process (compiling in every rank of a 2-core machine
-    would take minutes)."""
+    """torch.compile against eager, in one process and on 2 gloo ranks (each rank compiles)."""
     plan = compile_plan_for(mode)
-    setting = Setting("none", 1)
-    with open_pool(setting.pool_backend, 1, 1) as pool:
-        row = pool.run(model_bench.time_compiled_step, setting, plan.batch, plan.width,
-                       plan.image, plan.warmup, plan.reps, timeout=900.0)[0]
-    results.update(compile=[{"setting": describe_setting(setting), **row}],
-                   compile_plan=dataclasses.asdict(plan))
+    rows = []
+    for setting in (Setting("none", 1), Setting("gloo", 2)):
+        with open_pool(setting.pool_backend, setting.world_size, 1) as pool:
+            per_rank = pool.run(model_bench.time_compiled_step, setting, plan.batch, plan.width,
+                                plan.image, plan.warmup, plan.reps, timeout=900.0)
+        slowest = max(per_rank, key=lambda r: r["peers"]["compiled"]["ms"])
+        rows.append({"setting": describe_setting(setting), **slowest,
+                     "peers": aggregate.slowest_rank_peers(per_rank)})
+    results.update(compile=rows, compile_plan=dataclasses.asdict(plan))
 
 
 def run_sections(args: argparse.Namespace, mode: str) -> Dict:

@@ -292,7 +292,9 @@ def test_compile_section_compares_compiled_with_eager(tmp_path):
                                 "compile", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                                text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    row = json.loads((tmp_path / "compile.json").read_text())["compile"][0]
-    assert row["peers"]["eager"]["ms"] > 0 and row["peers"]["compiled"]["ms"] > 0
-    assert row["graphs"] >= 1 and row["norm_layers"] == 9
-    assert len(_table_rows((tmp_path / "compile.md").read_text(), "| setting | norm layers")) == 1
+    rows = json.loads((tmp_path / "compile.json").read_text())["compile"]
+    assert [r["setting"]["label"] for r in rows] == ["none (1 process), W=1", "gloo, W=2"]
+    for row in rows:
+        assert row["peers"]["eager"]["ms"] > 0 and row["peers"]["compiled"]["ms"] > 0
+        assert row["graphs"] >= 1 and row["norm_layers"] == 9
+    assert len(_table_rows((tmp_path / "compile.md").read_text(), "| setting | norm layers")) == 2
