@@ -27,11 +27,8 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
-
-import torch
 
 from syncbn.testing import RankPool, find_mpiexec
 
@@ -41,7 +38,6 @@ from .comm_bench import (FP32_BYTES, FP64_BYTES, backward_payload_numel, forward
 from .figure_style import PEER_COLORS, legend_outside, plt, save_figure
 from .machine import machine_stamp, stamp_line
 from .plan import Setting
-from .rank_setup import rank_tools
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = "scaling_projection.png"
