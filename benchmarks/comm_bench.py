@@ -2,8 +2,9 @@
 torch.nn.SyncBatchNorm's as the world grows."""
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -78,3 +79,21 @@ def time_all_reduces(setting: Setting, channels: Sequence[int], reps: int,
             row[f"{direction}_bytes"] = payload.numel() * payload.element_size()
         rows.append(row)
     return rows
+
+
+def time_all_reduce_sequence(setting: Setting, payloads: Sequence[Tuple[int, str]],
+                             reps: int) -> float:
+    """Median seconds of all-reducing ``payloads`` ((numel, dtype name) each) one after another,
+    as the BatchNorm layers of one training step do; ranks are lined up before each repetition."""
+    tools = rank_tools(setting)
+    tensors = [torch.zeros(numel, dtype=getattr(torch, dtype), device=tools.device)
+               for numel, dtype in payloads]
+    samples = []
+    for _ in range(reps + 1):  # the first repetition warms up
+        tools.barrier()
+        start = time.perf_counter()
+        for tensor in tensors:
+            tools.comm.all_reduce_sum_(tensor)
+        tools.sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples[1:])

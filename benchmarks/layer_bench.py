@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import syncbn
 
+from .comm_bench import backward_payload_numel, forward_payload_numel
 from .naive_syncbn import NaiveSyncBatchNorm
 from .plan import DTYPES, LayerCase, Setting
 from .rank_setup import rank_tools
@@ -136,3 +137,38 @@ def profile_layer_case(setting: Setting, case: LayerCase, steps: int,
                 step()
         tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
     return tables
+
+
+def _repeated(step: Callable[[], None], times: int) -> Callable[[], None]:
+    """``times`` steps back to back: one timed sample of a step too short for the timer alone."""
+    def run() -> None:
+        for _ in range(times):
+            step()
+
+    return run
+
+
+def time_overhead_case(setting: Setting, case: LayerCase, warmup: int, reps: int,
+                       inner: int) -> Dict[str, object]:
+    """Host overhead of one layer: forward+backward of torch BatchNorm and of syncbn, and
+    syncbn's two all-reduces alone (its forward and backward payloads, through the same
+    communicator), interleaved in the same rank; each sample runs ``inner`` steps."""
+    tools = rank_tools(setting)
+    x, dy = make_layer_input(case, tools.device)
+    plain = _BATCHNORM_BY_NDIM[x.dim()](case.channels).to(tools.device)
+    layer = syncbn.SyncBatchNorm(case.channels, process_group=tools.comm, debug=False).to(tools.device)
+    payloads = [torch.zeros(forward_payload_numel(case.channels), dtype=torch.float64,
+                            device=tools.device),
+                torch.zeros(backward_payload_numel(case.channels), dtype=torch.float32,
+                            device=tools.device)]
+
+    def all_reduces() -> None:
+        for payload in payloads:
+            tools.comm.all_reduce_sum_(payload)
+
+    peers = [Peer("BatchNorm", _repeated(training_step(plain, x, dy), inner)),
+             Peer("syncbn", _repeated(training_step(layer, x, dy), inner)),
+             Peer("all-reduces", _repeated(all_reduces, inner))]
+    samples = time_interleaved(peers, warmup, reps, tools.barrier, tools.sync)
+    return {"threads_per_rank": tools.threads,
+            "peers": {name: {"ms": s.summary()["ms"] / inner} for name, s in samples.items()}}

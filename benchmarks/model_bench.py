@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable, Dict
 
 import torch
@@ -94,3 +95,35 @@ def time_model_step(setting: Setting, batch: int, width: int, image: int, warmup
         "norm_layers": norm_layer_count(model),
         "peers": {name: s.summary() for name, s in samples.items()},
     }
+
+
+def time_compiled_step(setting: Setting, batch: int, width: int, image: int, warmup: int,
+                       reps: int) -> Dict[str, object]:
+    """This rank's median training-step time of SmallResNet with syncbn.SyncBatchNorm, eager
+    against ``torch.compile`` (same initial weights, interleaved), the first compiled step's
+    time (compilation included) and the graphs and graph breaks ``torch._dynamo.explain`` finds
+    in the forward."""
+    tools = rank_tools(setting)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image, image, generator=generator).to(tools.device)
+    labels = torch.randint(0, 10, (batch,), generator=generator).to(tools.device)
+    norm = functools.partial(syncbn.SyncBatchNorm, process_group=tools.comm, debug=False)
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = SmallResNet(norm, width).to(tools.device)
+    explanation = torch._dynamo.explain(models["compiled"])(images)
+    torch._dynamo.reset()
+    compiled = torch.compile(models["compiled"])
+    tools.barrier()
+    start = time.perf_counter()
+    _model_step(compiled, images, labels)()
+    tools.sync()
+    first_step_s = time.perf_counter() - start
+    peers = [Peer("eager", _model_step(models["eager"], images, labels)),
+             Peer("compiled", _model_step(compiled, images, labels))]
+    samples = time_interleaved(peers, warmup, reps, tools.barrier, tools.sync)
+    return {"threads_per_rank": tools.threads, "norm_layers": norm_layer_count(models["eager"]),
+            "first_compiled_step_s": first_step_s, "graphs": explanation.graph_count,
+            "graph_breaks": explanation.graph_break_count,
+            "peers": {name: s.summary() for name, s in samples.items()}}

@@ -141,3 +141,45 @@ def plan_for(mode: str) -> Plan:
             payload_world_sizes=(1, 2, 4), gpu_batches=(2,),
         )
     raise ValueError(f"unknown mode {mode!r}: expected full, quick or smoke")
+
+
+@dataclass(frozen=True)
+class OverheadPlan:
+    """The host-overhead section (issue 16): tiny layers, where the host dominates, and
+    ResNet-50's layers at 2 samples per rank; a sample times ``inner`` steps (``inner_tiny``
+    for the tiny layers); settings: one process and 2 ranks per backend."""
+
+    cases: List[LayerCase]
+    warmup: int
+    reps: int
+    inner_tiny: int
+    inner: int
+    world_sizes: Tuple[int, ...] = (2,)
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """The compile section: SmallResNet with syncbn.SyncBatchNorm, eager vs torch.compile."""
+
+    batch: int
+    width: int
+    image: int
+    warmup: int
+    reps: int
+
+
+TINY_LAYERS: Tuple[Tuple[int, Tuple[int, ...]], ...] = ((64, (1, 1)), (256, (7, 7)), (2048, (1, 1)))
+
+
+def overhead_plan_for(mode: str) -> OverheadPlan:
+    if mode == "smoke":
+        return OverheadPlan(_cases(TINY_LAYERS[:1], (2,)) + _cases(RESNET50_LAYERS[-1:], (2,)),
+                            warmup=1, reps=2, inner_tiny=2, inner=1)
+    return OverheadPlan(_cases(TINY_LAYERS + RESNET50_LAYERS, (2,)), warmup=3, reps=9,
+                        inner_tiny=20, inner=2)
+
+
+def compile_plan_for(mode: str) -> CompilePlan:
+    if mode == "smoke":
+        return CompilePlan(batch=2, width=4, image=8, warmup=1, reps=2)
+    return CompilePlan(batch=8, width=16, image=32, warmup=3, reps=9)

@@ -6,6 +6,7 @@ from typing import Dict, Iterable, List, Sequence
 from .aggregate import geometric_mean
 from .machine import stamp_line
 from .plots import FIGURES
+from .targets import overhead_ratios
 
 PEER_COLUMNS = ("BatchNorm", "syncbn", "naive")
 FULL_REPORT = "speed_results.md"
@@ -238,3 +239,57 @@ def render_guard_markdown(results: Dict, title: str, level: int) -> str:
     """The guard's cost on its own, for BENCHMARKS.md."""
     return "\n".join([f"{'#' * level} {title}", "", *_stamp_lines(results), "",
                       *guard_section(results)])
+
+
+def render_overhead_markdown(results: Dict, title: str, level: int) -> str:
+    """The host-overhead section: per case, BatchNorm, syncbn and syncbn's two all-reduces
+    alone, measured side by side; the goals of issue 16."""
+    plan = results["overhead_plan"]
+    rows = []
+    for r in results["overhead"]:
+        peers, ratios = r["peers"], overhead_ratios(r)
+        rows.append((r["setting"]["label"], r["case"]["label"],
+                     *(f"{1e3 * peers[p]['ms']:.1f}" for p in ("BatchNorm", "syncbn", "all-reduces")),
+                     f"{ratios['syncbn_vs_batchnorm']:.2f}x",
+                     f"{ratios['beyond_all_reduces_vs_batchnorm']:.2f}x"))
+    targets = results["overhead_targets"]
+    return _section(
+        title, level, results,
+        f"- Method: forward+backward of one layer (gradients of input, weight, bias), 1 thread per "
+        f"rank; peers interleaved in the same processes, median of {plan['reps']} samples after "
+        f"{plan['warmup']} warm-up samples, each sample {plan['inner_tiny']} steps back to back "
+        f"on the tiny layers and {plan['inner']} on ResNet-50's; a time is the slowest rank's. "
+        "\"all-reduces\" is syncbn's two payloads (2C+2 fp64, 2C fp32) all-reduced alone through "
+        "the same communicator in the same run; \"beyond\" = (syncbn - all-reduces) / BatchNorm: "
+        "the host and compute work syncbn adds besides its communication.",
+        table(("target", "setting", "measured", "status"),
+              [(t["target"], t["setting"], t["measured"], t["status"]) for t in targets])
+        + table(("setting", "case", "BatchNorm µs", "syncbn µs", "all-reduces µs", "syncbn / BN",
+                 "beyond all-reduces / BN"), rows))
+
+
+def render_compile_markdown(results: Dict, title: str, level: int) -> str:
+    """The compile section: eager vs torch.compile step time of a small ResNet with syncbn."""
+    plan = results["compile_plan"]
+    rows = []
+    for r in results["compile"]:
+        eager, compiled = r["peers"]["eager"]["ms"], r["peers"]["compiled"]["ms"]
+        rows.append((r["setting"]["label"], r["norm_layers"], f"{eager:.2f}", f"{compiled:.2f}",
+                     f"{compiled / eager:.2f}x", f"{r['first_compiled_step_s']:.1f}",
+                     f"{r['graphs']} / {r['graph_breaks']}"))
+    return _section(
+        title, level, results,
+        f"- Model: SmallResNet (benchmarks/model_bench.py) with syncbn.SyncBatchNorm, width "
+        f"{plan['width']}, {plan['batch']} images of {plan['image']}x{plan['image']} per rank, "
+        f"CPU, 1 thread per rank; one training step (forward, loss, backward); eager and "
+        f"torch.compile (default options) from the same weights, interleaved, median of "
+        f"{plan['reps']} steps after {plan['warmup']} warm-up steps, slowest rank; graphs and "
+        "breaks from torch._dynamo.explain on one forward; the first compiled step (compilation "
+        "included) of the slowest rank.",
+        table(("setting", "norm layers", "eager ms", "compiled ms", "compiled / eager",
+               "first compiled step s (compiles)", "graphs / graph breaks"), rows))
+
+
+def _section(title: str, level: int, results: Dict, method: str, body: List[str]) -> str:
+    """A section run alone: heading, the run's stamp, how it was measured, its tables."""
+    return "\n".join([f"{'#' * level} {title}", "", *_stamp_lines(results), method, "", *body])

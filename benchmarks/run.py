@@ -1,11 +1,17 @@
 """Measure syncbn against its peers in one run; write JSON, a Markdown report and PNG plots.
 
     python -m benchmarks.run [--quick] [--out DIR] [--publish]
+    python -m benchmarks.run --only overhead [--only compile] [--out DIR] [--publish]
 
 Every CPU setting (one process without communication; gloo and MPI at each world size) runs
 in its own pool of long-lived ranks, which the layer, communication, whole-model and
-debug-guard measurements share. ``--publish`` copies the report and plots to
+debug-guard measurements share. --publish copies the report and plots to
 benchmarks/figures/ and rewrites the speed and guard sections of BENCHMARKS.md.
+
+--only runs one section alone (a few minutes each) and writes its Markdown fragment to
+DIR/<section>.md (--publish: into its section of BENCHMARKS.md): "overhead", the host overhead
+of one layer against BatchNorm at W=1 and W=2 with the all-reduces timed apart; "compile",
+torch.compile against eager for a small ResNet with syncbn.
 """
 from __future__ import annotations
 
@@ -26,11 +32,12 @@ from syncbn.testing import RankPool, find_mpiexec
 
 from . import aggregate, comm_bench, gpu, layer_bench, model_bench
 from .machine import load_average, machine_stamp
-from .plan import LayerCase, Plan, Setting, plan_for
+from .plan import (LayerCase, Plan, Setting, compile_plan_for, overhead_plan_for, plan_for)
 from .plots import write_plots
 from .rank_setup import init_side_gloo
-from .report import FULL_REPORT, render_guard_markdown, render_markdown
-from .targets import evaluate_targets
+from .report import (FULL_REPORT, render_compile_markdown, render_guard_markdown, render_markdown,
+                     render_overhead_markdown)
+from .targets import evaluate_overhead_targets, evaluate_targets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -169,9 +176,9 @@ def run_gpu(plan: Plan) -> Dict:
     return gpu.run_gpu_section(plan, measure)
 
 
-def rank_layout(results: Dict) -> str:
+def rank_layout(results: Dict, rows_key: str = "layers") -> str:
     """E.g. "2 cores served 1 rank x 1 thread, 4 ranks x 1 thread (oversubscribed 2x)"."""
-    threads = {r["setting"]["world_size"]: r["threads_per_rank"] for r in results["layers"]}
+    threads = {r["setting"]["world_size"]: r["threads_per_rank"] for r in results[rows_key]}
     cores = int(results["machine"]["cores"])
     parts = [f"{w} rank{'s' if w > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
              + (f" (oversubscribed {w * t / cores:g}x)" if w * t > cores else "")
@@ -215,8 +222,79 @@ def publish(paths: List[str], results: Dict) -> None:
                     render_guard_markdown(results, "Cost of the debug guard", 2))
 
 
+SECTIONS = ("overhead", "compile")
+SECTION_KEYS = ("overhead", "overhead_plan", "overhead_targets", "compile", "compile_plan")
+
+
+def run_overhead(mode: str, with_mpi: bool, results: Dict) -> None:
+    """Issue 16's host-overhead benchmark: one process, then 2 ranks per backend."""
+    plan = overhead_plan_for(mode)
+    settings = [Setting("none", 1)] + [Setting(b, w) for b in ["gloo"] + (["mpi"] * with_mpi)
+                                       for w in plan.world_sizes]
+    rows = []
+    with tqdm(total=len(settings) * len(plan.cases), desc="overhead", unit="case") as bar:
+        for setting in settings:
+            with open_pool(setting.pool_backend, setting.world_size, 1) as pool:
+                for case in plan.cases:
+                    inner = plan.inner if case.is_resnet50 else plan.inner_tiny
+                    bar.set_postfix_str(f"{setting.label} {case.label}", refresh=True)
+                    per_rank = pool.run(layer_bench.time_overhead_case, setting, case,
+                                        plan.warmup, plan.reps, inner)
+                    rows.append({"setting": describe_setting(setting), "case": describe_case(case),
+                                 **aggregate.combine_peers(per_rank)})
+                    bar.update()
+    results.update(overhead=rows, overhead_plan=dataclasses.asdict(plan),
+                   overhead_targets=evaluate_overhead_targets(rows))
+
+
+def run_compile(mode: str, results: Dict) -> None:
+    """torch.compile against eager, in one process and on 2 gloo ranks (each rank compiles)."""
+    plan = compile_plan_for(mode)
+    rows = []
+    for setting in (Setting("none", 1), Setting("gloo", 2)):
+        with open_pool(setting.pool_backend, setting.world_size, 1) as pool:
+            per_rank = pool.run(model_bench.time_compiled_step, setting, plan.batch, plan.width,
+                                plan.image, plan.warmup, plan.reps, timeout=900.0)
+        slowest = max(per_rank, key=lambda r: r["peers"]["compiled"]["ms"])
+        rows.append({"setting": describe_setting(setting), **slowest,
+                     "peers": aggregate.slowest_rank_peers(per_rank)})
+    results.update(compile=rows, compile_plan=dataclasses.asdict(plan))
+
+
+def run_sections(args: argparse.Namespace, mode: str) -> Dict:
+    """Run the sections named by --only; write each one's JSON and Markdown fragment."""
+    results: Dict = {
+        "mode": mode,
+        "command": " ".join(["python -m benchmarks.run"] + sys.argv[1:]),
+        "machine": machine_stamp(),
+        "load_average": {"start": load_average()},
+    }
+    renderers = {"overhead": (render_overhead_markdown, "Host overhead of one layer (CPU)"),
+                 "compile": (render_compile_markdown, "torch.compile against eager (CPU)")}
+    os.makedirs(args.out, exist_ok=True)
+    for section in dict.fromkeys(args.only):
+        if section == "overhead":
+            run_overhead(mode, mpi_available(), results)
+        else:
+            run_compile(mode, results)
+        results["load_average"]["end"] = load_average()
+        results["rank_layout"] = rank_layout(results, section)
+        render, title = renderers[section]
+        markdown = render(results, title, 2)
+        with open(os.path.join(args.out, f"{section}.json"), "w") as handle:
+            json.dump({k: v for k, v in results.items()
+                       if k.startswith(section) or k not in SECTION_KEYS}, handle, indent=1)
+        with open(os.path.join(args.out, f"{section}.md"), "w") as handle:
+            handle.write(markdown + "\n")
+        if args.publish:
+            replace_section(BENCHMARKS_MD, section, markdown)
+        print(markdown)
+    return results
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced set (under 3 minutes on 2 cores)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     parser.add_argument("--publish", action="store_true",
@@ -224,6 +302,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "the speed and guard sections of BENCHMARKS.md")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per rank (default: 1; see benchmarks/plan.py)")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run this section alone (repeatable); see above")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny sizes, for tests
     return parser.parse_args(argv)
 
@@ -231,6 +311,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.only:
+        return run_sections(args, mode)
     plan = plan_for(mode)
     if args.threads:
         plan = dataclasses.replace(plan, threads_per_rank=args.threads)

@@ -19,4 +19,5 @@ def run_smoke(module: str, out: Path, report: str, timeout: float) -> Dict:
     assert completed.returncode == 0, completed.stderr[-3000:]
     with open(out / "results.json") as handle:
         results = json.load(handle)
-    return {"out": out, "results": results, "markdown": (out / report).read_text()}
+    return {"out": out, "results": results, "markdown": (out / report).read_text(),
+            "stdout": completed.stdout}

@@ -57,9 +57,44 @@ def test_training_scores_in_range_and_syncbn_tracks_full_batch(smoke_run):
     assert {r["task"] for r in training} == {"classification", "segmentation"}
     assert {r["arm"] for r in training} == {"local", "sync", "group", "full"}
     for row in training:
-        assert 0.0 <= row["score"] <= 1.0, row
+        assert 0.0 <= row["score"] <= 1.0 and 0.0 <= row["val_score"] <= 1.0, row
         assert all(loss > 0 for loss in row["final_loss_per_rank"]), row
-    score = {(r["task"], r["arm"], r["per_rank_batch"]): r["score"] for r in training}
-    for (task, arm, batch), value in score.items():
+    score = {(r["task"], r["arm"], r["per_rank_batch"], r["lr"]): r["score"] for r in training}
+    for (task, arm, batch, lr), value in score.items():
         if arm == "sync":  # same global batches, same init, averaged gradients: same model
-            assert value == pytest.approx(score[(task, "full", batch)], abs=0.02)
+            assert value == pytest.approx(score[(task, "full", batch, lr)], abs=0.02)
+
+
+def test_every_arm_is_tuned_on_the_grid_and_reported_at_its_best_validation_score(smoke_run):
+    results = smoke_run["results"]
+    plan, training = results["plan"], results["training"]
+    for task in ("classification", "segmentation"):
+        for arm in plan["arms"]:
+            runs = [r for r in training if r["task"] == task and r["arm"] == arm]
+            sizes = plan["group_channels"] if arm == "group" else [runs[0]["group_channels"]]
+            assert {(r["lr"], r["group_channels"]) for r in runs} == {
+                (lr, g) for lr in plan["lrs"] for g in sizes}
+            chosen = [r for r in runs if r["selected"]]
+            assert len(chosen) == 1  # one seed in smoke mode
+            assert chosen[0]["val_score"] == max(r["val_score"] for r in runs)
+    markdown = smoke_run["markdown"]
+    assert "### Tuning grid" in markdown and "| b per rank | arm | setting | validation | test |" in markdown
+    assert "### Targets" in markdown
+
+
+def test_help_shows_no_raw_markup():
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    help_text = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--help"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "--quick" in help_text and "``" not in help_text
+
+
+def test_command_prints_the_findings_tables_and_targets(smoke_run):
+    out = smoke_run["stdout"]
+    assert "- Classification (accuracy" in out and "targets:" in out
+    assert "| b per rank | global batch |" in out
+    assert out.count("[met]") + out.count("[missed]") >= 3

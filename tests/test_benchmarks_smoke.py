@@ -157,3 +157,144 @@ def _naive_against_global_batchnorm() -> float:
 def test_naive_peer_computes_global_batchnorm_over_two_ranks():
     errors = run_on_ranks(_naive_against_global_batchnorm, 2, "gloo")
     assert max(errors) < 1e-10
+
+
+def test_resnet50_has_53_batchnorm_layers_with_26560_channels():
+    """torchvision's resnet50 holds 53 BatchNorm2d modules; their widths add up to
+    64 + 1,408 + 3,584 + 10,240 + 11,264 (stem and the four stages, counted by hand)."""
+    from benchmarks.scaling import RESNET50_BLOCKS, resnet_bn_channels
+
+    channels = resnet_bn_channels(RESNET50_BLOCKS)
+    assert len(channels) == 53 and sum(channels) == 26_560
+    assert channels[0] == 64 and channels[-1] == 2048
+
+
+def test_scaling_model_payloads_match_each_scheme_and_only_torch_grows_with_world_size():
+    from benchmarks import scaling
+
+    fabric = scaling.Fabric("test", alpha=5e-6, bus_bandwidth=1e10)
+    # syncbn: 2C+2 fp64 forward and 2C fp32 backward (the collective audit in the speed run)
+    calls = scaling.layer_collectives("syncbn", 64)
+    assert [(c.kind, c.nbytes) for c in calls] == [("all_reduce", 130 * 8), ("all_reduce", 128 * 4)]
+    assert len(scaling.layer_collectives("naive", 64)) == 5
+    # at W=2 the ring and the tree are the same two steps
+    assert scaling.all_reduce_ring(fabric, 2, 4096) == scaling.all_reduce_tree(fabric, 2, 4096)
+    channels = scaling.resnet_bn_channels(scaling.RESNET50_BLOCKS)
+    ratio = [scaling.step_time(fabric, "torch.nn.SyncBatchNorm", channels, w)
+             / scaling.step_time(fabric, "syncbn", channels, w) for w in (64, 1024)]
+    assert ratio[1] > ratio[0]  # torch's all_gather payload grows with W, syncbn's does not
+    assert scaling.step_time(fabric, "syncbn", channels, 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory) -> Dict:
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    out = tmp_path_factory.mktemp("scaling")
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--smoke", "--out",
+                                str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {"results": json.loads((out / "scaling.json").read_text()),
+            "markdown": (out / "scaling.md").read_text(), "out": out}
+
+
+def test_scaling_projection_says_it_is_a_model_and_shows_sourced_inputs(scaling_run):
+    markdown = scaling_run["markdown"]
+    assert "This is a model, not a measurement" in markdown
+    inputs = _table_rows(markdown, "| fabric | alpha")
+    assert {"NVLink", "InfiniBand"} <= {row[0].split(" ")[0] for row in inputs}
+    assert all("https://" in row[-1] or "fitted" in row[-1] for row in inputs)
+    assert any("ASSUMPTION" in row[-1] for row in inputs)  # a figure without a source says so
+    worlds = {r["world_size"] for r in scaling_run["results"]["projection"]}
+    assert min(worlds) == 1 and max(worlds) == 1024
+
+
+def test_scaling_validation_sets_measured_beside_projected_for_each_world_size(scaling_run):
+    rows = _table_rows(scaling_run["markdown"], "| backend | W | scheme | collectives | measured")
+    measured_worlds = {r["world_size"] for r in scaling_run["results"]["measured"]["rows"]}
+    assert {int(r[1]) for r in rows} == measured_worlds
+    for row in scaling_run["results"]["validation"]:
+        assert row["measured_s"] > 0 and row["projected_tree_s"] > 0
+        assert row["collectives"] == 2 * 53 if row["scheme"] == "syncbn" else 5 * 53
+    assert os.path.getsize(scaling_run["out"] / "scaling_projection.png") < PNG_LIMIT_BYTES
+
+
+def test_each_peer_keeps_one_colour_across_panels_and_figures(smoke_run, monkeypatch):
+    """Issue 18: syncbn over gloo was orange in one panel of layer_overhead.png, blue in the
+    next. Every bar of a (peer, backend) series, in every panel and figure, has one colour,
+    and peers never share one."""
+    from matplotlib.colors import to_hex
+
+    from benchmarks import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, stamp: figures.append(fig) or path)
+    results = smoke_run["results"]
+    plots.plot_layer_overhead(results["layers"], "unused", results["machine"])
+    plots.plot_model_throughput(results["model"], results["plan"], "unused", results["machine"])
+    colours: Dict[str, set] = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for bars in ax.containers:
+                peer = bars.get_label().split(" (")[0]
+                colours.setdefault(peer, set()).update(to_hex(p.get_facecolor()) for p in bars)
+    assert {"syncbn", "naive", "BatchNorm"} <= set(colours)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+
+
+@pytest.fixture(scope="module")
+def overhead_run(tmp_path_factory) -> Dict:
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    out = tmp_path_factory.mktemp("overhead")
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only",
+                                "overhead", "--out", str(out)], cwd=REPO, capture_output=True,
+                               text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {"results": json.loads((out / "overhead.json").read_text()),
+            "markdown": (out / "overhead.md").read_text()}
+
+
+def test_overhead_section_runs_alone_with_all_reduces_timed_beside_syncbn(overhead_run):
+    results, markdown = overhead_run["results"], overhead_run["markdown"]
+    assert "layers" not in results and "compile" not in results  # the section alone
+    labels = {r["setting"]["label"] for r in results["overhead"]}
+    assert {"none (1 process), W=1", "gloo, W=2"} <= labels
+    for row in results["overhead"]:
+        assert set(row["peers"]) == {"BatchNorm", "syncbn", "all-reduces"}
+        assert all(p["ms"] > 0 for p in row["peers"].values())
+    rows = _table_rows(markdown, "| setting | case | BatchNorm µs")
+    assert len(rows) == len(results["overhead"])
+    targets = _table_rows(markdown, "| target | setting | measured | status |")
+    assert {t[1] for t in targets} == labels  # one goal per setting: W=1 and each W=2 backend
+    assert all(t[3] in ("met", "missed") for t in targets)
+
+
+@pytest.mark.slow
+def test_compile_section_compares_compiled_with_eager(tmp_path):
+    """Slow: torch.compile of a small ResNet takes minutes on a loaded 2-core machine."""
+    import json
+    import subprocess
+    import sys
+
+    from smoke import REPO
+
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only",
+                                "compile", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                               text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads((tmp_path / "compile.json").read_text())["compile"]
+    assert [r["setting"]["label"] for r in rows] == ["none (1 process), W=1", "gloo, W=2"]
+    for row in rows:
+        assert row["peers"]["eager"]["ms"] > 0 and row["peers"]["compiled"]["ms"] > 0
+        assert row["graphs"] >= 1 and row["norm_layers"] == 9
+    assert len(_table_rows((tmp_path / "compile.md").read_text(), "| setting | norm layers")) == 2

@@ -19,7 +19,12 @@ STAT_WORLDS = (1, 2, 4, 8)
 
 @dataclass(frozen=True)
 class Plan:
-    """What one mode runs. ``train_world`` ranks train every distributed arm."""
+    """What one mode runs. ``train_world`` ranks train every distributed arm.
+
+    Every arm is trained at every learning rate of ``lrs`` (GroupNorm also at every group size
+    of ``group_channels``) with the first seed; the configuration with the best validation
+    score is the arm's setting, which the other seeds and the MPI repeats then use.
+    """
 
     stat_trials: int
     stat_ranks: Tuple[Tuple[str, int], ...]      # (backend, W) measured over real ranks
@@ -31,8 +36,8 @@ class Plan:
     seeds: Tuple[int, ...]
     mpi_arms: Tuple[str, ...]                     # arms repeated over MPI (seed 0 only)
     mpi_batches: Tuple[int, ...]
-    class_lr: float = 3e-3
-    seg_lr: float = 3e-3
+    lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    group_channels: Tuple[int, ...] = (1, 4)      # GroupNorm channels per group (1: InstanceNorm)
     arms: Tuple[str, ...] = tasks.ARMS
     stat_batches: Tuple[int, ...] = STAT_BATCHES
     stat_worlds: Tuple[int, ...] = STAT_WORLDS
@@ -42,10 +47,11 @@ class Plan:
 PLANS: Dict[str, Plan] = {
     "smoke": Plan(stat_trials=10, stat_ranks=(("gloo", 2),), train_world=2, class_batches=(2,),
                   class_steps=10, seg_batches=(1,), seg_steps=4, seeds=(0,), mpi_arms=(),
-                  mpi_batches=(), stat_batches=(1, 4), stat_worlds=(1, 2)),
+                  mpi_batches=(), stat_batches=(1, 4), stat_worlds=(1, 2), lrs=(3e-3, 1e-2),
+                  group_channels=(1, 4)),
     "quick": Plan(stat_trials=50, stat_ranks=(("gloo", 4), ("mpi", 4)), train_world=4,
-                  class_batches=(1, 2, 4, 8), class_steps=120, seg_batches=(1, 2), seg_steps=120,
-                  seeds=(0,), mpi_arms=("sync",), mpi_batches=(2,)),
+                  class_batches=(1, 8), class_steps=120, seg_batches=(1,), seg_steps=200,
+                  seeds=(0,), mpi_arms=("sync",), mpi_batches=(1,)),
     "full": Plan(stat_trials=200, stat_ranks=(("gloo", 2), ("gloo", 4), ("gloo", 8), ("mpi", 2),
                                               ("mpi", 4)),
                  train_world=4, class_batches=(1, 2, 4, 8), class_steps=200, seg_batches=(1, 2),
@@ -65,8 +71,42 @@ class Job:
     row: Dict[str, Any]
 
 
+Config = Tuple[float, int]  # (peak learning rate, GroupNorm channels per group)
+
+
+def arm_configs(plan: Plan, arm: str) -> List[Config]:
+    """The grid an arm is tuned on; the group size only varies for GroupNorm."""
+    sizes = plan.group_channels if arm == "group" else (tasks.DEFAULT_GROUP_CHANNELS,)
+    return [(lr, g) for g in sizes for lr in plan.lrs]
+
+
+def _work(plan: Plan) -> List[Tuple[str, int, int]]:
+    return ([("classification", b, plan.class_steps) for b in plan.class_batches]
+            + [("segmentation", b, plan.seg_steps) for b in plan.seg_batches])
+
+
+def _train_job(plan: Plan, task: str, arm: str, batch: int, steps: int, seed: int,
+               config: Config, backend: str = "gloo", phase: str = "grid") -> Job:
+    world = plan.train_world
+    one_process = arm in tasks.ONE_PROCESS_ARMS
+    backend = "none" if one_process else backend
+    lr, group_channels = config
+    row = {"task": task, "arm": arm, "backend": backend, "world_size": world,
+           "per_rank_batch": batch, "global_batch": batch * world, "seed": seed, "steps": steps,
+           "lr": lr, "group_channels": group_channels, "phase": phase}
+    return Job("train", backend, 1 if one_process else world, tasks.train_and_score,
+               (task, arm, batch * world if one_process else batch, steps, seed, lr,
+                group_channels), row)
+
+
+def _grouped_by_pool(out: List[Job]) -> List[Job]:
+    order = {("none", 1): 0}
+    return sorted(out, key=lambda j: order.setdefault((j.backend, j.world), len(order)))
+
+
 def jobs(plan: Plan) -> List[Job]:
-    """Every run of the plan, grouped by (backend, world size) so each pool starts once."""
+    """The statistics runs and the grid (first seed), grouped by (backend, world size) so each
+    pool starts once."""
     out: List[Job] = []
     products = sorted({b * w for b in plan.stat_batches for w in plan.stat_worlds})
     out.append(Job("stats", "none", 1, tasks.rank_stats_errors, (tuple(products), plan.stat_trials),
@@ -75,27 +115,45 @@ def jobs(plan: Plan) -> List[Job]:
         out.append(Job("stats", backend, world, tasks.rank_stats_errors,
                        (plan.stat_batches, plan.stat_trials),
                        {"source": f"{world} ranks, {backend}"}))
-    work = [("classification", b, plan.class_steps, plan.class_lr) for b in plan.class_batches]
-    work += [("segmentation", b, plan.seg_steps, plan.seg_lr) for b in plan.seg_batches]
-    world = plan.train_world
-    for task, batch, steps, lr in work:
-        for seed in plan.seeds:
-            for arm in plan.arms:
-                full = arm == "full"
-                row = {"task": task, "arm": arm, "backend": "none" if full else "gloo",
-                       "world_size": world, "per_rank_batch": batch, "global_batch": batch * world,
-                       "seed": seed, "steps": steps, "lr": lr}
-                out.append(Job("train", row["backend"], 1 if full else world, tasks.train_and_score,
-                               (task, arm, batch * world if full else batch, steps, seed, lr), row))
-            if seed == plan.seeds[0] and batch in plan.mpi_batches:
-                for arm in plan.mpi_arms:
-                    row = {"task": task, "arm": arm, "backend": "mpi", "world_size": world,
-                           "per_rank_batch": batch, "global_batch": batch * world, "seed": seed,
-                           "steps": steps, "lr": lr}
-                    out.append(Job("train", "mpi", world, tasks.train_and_score,
-                                   (task, arm, batch, steps, seed, lr), row))
-    order = {("none", 1): 0}
-    return sorted(out, key=lambda j: order.setdefault((j.backend, j.world), len(order)))
+    for task, batch, steps in _work(plan):
+        for arm in plan.arms:
+            for config in arm_configs(plan, arm):
+                out.append(_train_job(plan, task, arm, batch, steps, plan.seeds[0], config))
+    return _grouped_by_pool(out)
+
+
+def best_configs(training: List[Dict[str, Any]]) -> Dict[Tuple[str, int, str], Config]:
+    """Per (task, per-rank batch, arm): the grid configuration with the best validation score
+    (the first of equals, in grid order)."""
+    best: Dict[Tuple[str, int, str], Tuple[float, Config]] = {}
+    for r in training:
+        if r["phase"] != "grid":
+            continue
+        key = (r["task"], r["per_rank_batch"], r["arm"])
+        if key not in best or r["val_score"] > best[key][0]:
+            best[key] = (r["val_score"], (r["lr"], r["group_channels"]))
+    return {key: config for key, (_, config) in best.items()}
+
+
+def repeat_jobs(plan: Plan, best: Dict[Tuple[str, int, str], Config]) -> List[Job]:
+    """The other seeds and the MPI repeats, each at its arm's selected configuration."""
+    out: List[Job] = []
+    for task, batch, steps in _work(plan):
+        for arm in plan.arms:
+            config = best[(task, batch, arm)]
+            for seed in plan.seeds[1:]:
+                out.append(_train_job(plan, task, arm, batch, steps, seed, config,
+                                      phase="repeat"))
+            if batch in plan.mpi_batches and arm in plan.mpi_arms:
+                out.append(_train_job(plan, task, arm, batch, steps, plan.seeds[0], config,
+                                      backend="mpi", phase="mpi"))
+    return _grouped_by_pool(out)
+
+
+def repeat_count(plan: Plan) -> int:
+    per_pair = len(plan.arms) * (len(plan.seeds) - 1)
+    mpi = sum(b in plan.mpi_batches for _, b, _ in _work(plan)) * len(plan.mpi_arms)
+    return len(_work(plan)) * per_pair + mpi
 
 
 @contextlib.contextmanager
@@ -120,30 +178,42 @@ def _pools() -> Iterator[Callable[[str, int], RankPool]]:
 
 
 def run(plan: Plan) -> Dict[str, List[Dict[str, Any]]]:
-    """Run every job with a progress bar; return the stats and training rows."""
+    """Run every job with a progress bar: statistics, the grid, then the repeats at each arm's
+    selected configuration; return the stats and training rows."""
     torch.set_num_threads(1)  # like each rank: tiny ops only lose from threads on a busy machine
-    todo = jobs(plan)
-    if find_mpiexec() is None:
+    with_mpi = find_mpiexec() is not None
+    if not with_mpi:
         plan.notes.append("MPI runs skipped: no mpiexec")
-        todo = [j for j in todo if j.backend != "mpi"]
     stats: List[Dict[str, Any]] = []
     training: List[Dict[str, Any]] = []
-    with _pools() as pool_for, tqdm(todo, desc="accuracy study", unit="run") as bar:
-        for job in bar:
-            bar.set_postfix_str(f"{job.kind} {job.backend} W={job.world} "
-                                f"{job.row.get('arm', '')} {job.row.get('per_rank_batch', '')}")
-            start = time.perf_counter()
-            if job.backend == "none":
-                results = [job.fn(*job.args)]
-            else:
-                results = pool_for(job.backend, job.world).run(job.fn, *job.args)
-            seconds = time.perf_counter() - start
-            if job.kind == "stats":
-                stats.extend(_stats_rows(job, results))
-            else:
-                training.append({**job.row, "score": results[0]["score"],
-                                 "final_loss_per_rank": [r["final_loss"] for r in results],
-                                 "seconds": round(seconds, 2)})
+    todo = [j for j in jobs(plan) if with_mpi or j.backend != "mpi"]
+    with _pools() as pool_for, tqdm(total=len(todo) + repeat_count(plan), desc="accuracy study",
+                                    unit="run") as bar:
+        for phase in ("grid", "repeats"):
+            if phase == "repeats":
+                todo = [j for j in repeat_jobs(plan, best_configs(training))
+                        if with_mpi or j.backend != "mpi"]
+            for job in todo:
+                bar.set_postfix_str(f"{job.kind} {job.backend} W={job.world} "
+                                    f"{job.row.get('arm', '')} {job.row.get('per_rank_batch', '')}")
+                start = time.perf_counter()
+                if job.backend == "none":
+                    results = [job.fn(*job.args)]
+                else:
+                    results = pool_for(job.backend, job.world).run(job.fn, *job.args)
+                seconds = time.perf_counter() - start
+                if job.kind == "stats":
+                    stats.extend(_stats_rows(job, results))
+                else:
+                    training.append({**job.row, "score": results[0]["score"],
+                                     "val_score": results[0]["val_score"],
+                                     "final_loss_per_rank": [r["final_loss"] for r in results],
+                                     "seconds": round(seconds, 2)})
+                bar.update()
+    best = best_configs(training)
+    for row in training:
+        row["selected"] = best[(row["task"], row["per_rank_batch"], row["arm"])] == (
+            row["lr"], row["group_channels"])
     return {"stats": stats, "training": training}
 
 

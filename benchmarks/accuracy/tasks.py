@@ -1,19 +1,20 @@
 """The study's data, models and per-rank work: each public function here runs inside one rank.
 
-Data: scikit-learn's bundled digits (1,797 real 8x8 images), split 80/20 once (seed 0).
-Segmentation canvases: 2-3 test-or-train digits upscaled to 14x14 and placed in distinct
+Data: scikit-learn's bundled digits (1,797 real 8x8 images), split once (seed 0) into 70%
+training, 10% validation (learning-rate selection) and 20% test (reported scores).
+Segmentation canvases: 2-3 digits of one split upscaled to 14x14 and placed in distinct
 quadrants of a 32x32 canvas (jitter 0-2 px); a pixel is labelled with its digit's class + 1
 where the digit's ink exceeds 0.3, else 0 (background).
 
 Arms (the normalization layer after every conv):
 - ``local``: torch.nn.BatchNorm2d on each rank's own batch;
 - ``sync``: syncbn.SyncBatchNorm over all ranks;
-- ``group``: torch.nn.GroupNorm with 4 channels per group;
+- ``group``: torch.nn.GroupNorm, ``group_channels`` channels per group (1: InstanceNorm);
 - ``full``: torch.nn.BatchNorm2d in one process on the whole global batch (the target).
 Every arm starts from the same conv weights (seeded), sees the same global batches in the same
 order (``syncbn.data.rank_batch_stream``), averages gradients over ranks
-(``syncbn.data.average_gradients``) and follows the same LR schedule, so arms differ only in
-normalization.
+(``syncbn.data.average_gradients``) and follows the same LR schedule shape; each arm's peak
+learning rate (and GroupNorm's group size) is chosen on the validation split.
 """
 from __future__ import annotations
 
@@ -29,23 +30,29 @@ import syncbn
 from syncbn.data import average_gradients, rank_batch_stream, rank_batches
 
 ARMS = ("local", "sync", "group", "full")
+# Arms whose result does not depend on how the global batch is split over ranks: run in one
+# process on the whole global batch. GroupNorm normalizes each sample on its own, so W ranks of
+# b samples with averaged gradients compute the gradient of the mean loss over the b*W batch.
+ONE_PROCESS_ARMS = ("group", "full")
+DEFAULT_GROUP_CHANNELS = 4
 NUM_SEG_CLASSES = 11  # background + 10 digits
 _CANVAS = 32
 _DIGIT_PX = 14
 
 
 @functools.lru_cache(maxsize=None)
-def digits() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): images (N, 1, 8, 8) in [0, 1], labels int64."""
+def digits() -> Tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val, x_test, y_test): images (N, 1, 8, 8) in [0, 1], labels
+    int64. The test split is the last 20% of one seeded permutation; validation the 10% before."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(y))
-    train, test = order[:cut], order[cut:]
-    return x[train], y[train], x[test], y[test]
+    val_start, test_start = int(0.7 * len(y)), int(0.8 * len(y))
+    splits = (order[:val_start], order[val_start:test_start], order[test_start:])
+    return tuple(t for split in splits for t in (x[split], y[split]))
 
 
 def _canvases(images: torch.Tensor, labels: torch.Tensor, count: int,
@@ -71,44 +78,47 @@ def _canvases(images: torch.Tensor, labels: torch.Tensor, count: int,
 
 
 @functools.lru_cache(maxsize=None)
-def segmentation(num_train: int = 1000, num_test: int = 250) -> Tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test): canvases (N, 1, 32, 32), per-pixel labels (N, 32, 32).
-
-    Training canvases use only training digits, test canvases only test digits.
-    """
-    x_train, y_train, x_test, y_test = digits()
+def segmentation(num_train: int = 1000, num_val: int = 125, num_test: int = 250
+                 ) -> Tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val, x_test, y_test): canvases (N, 1, 32, 32), per-pixel
+    labels (N, 32, 32). Each split's canvases use only that split's digits."""
+    x_train, y_train, x_val, y_val, x_test, y_test = digits()
     return (*_canvases(x_train, y_train, num_train, seed=1),
+            *_canvases(x_val, y_val, num_val, seed=3),
             *_canvases(x_test, y_test, num_test, seed=2))
 
 
-def _norm(arm: str, channels: int) -> nn.Module:
+def _norm(arm: str, channels: int, group_channels: int) -> nn.Module:
     if arm == "sync":
         return syncbn.SyncBatchNorm(channels)
     if arm == "group":
-        return nn.GroupNorm(channels // 4, channels)
+        return nn.GroupNorm(channels // group_channels, channels)
     if arm in ("local", "full"):
         return nn.BatchNorm2d(channels)
     raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
 
 
-def _block(arm: str, cin: int, cout: int, stride: int = 1, dilation: int = 1) -> List[nn.Module]:
+def _block(arm: str, cin: int, cout: int, group_channels: int, stride: int = 1,
+           dilation: int = 1) -> List[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
-            _norm(arm, cout), nn.ReLU()]
+            _norm(arm, cout, group_channels), nn.ReLU()]
 
 
-def classifier(arm: str) -> nn.Module:
+def classifier(arm: str, group_channels: int = DEFAULT_GROUP_CHANNELS) -> nn.Module:
     """Small CNN for 8x8 digits: three conv-norm-ReLU blocks, global pooling, linear."""
-    return nn.Sequential(*_block(arm, 1, 16), *_block(arm, 16, 32), nn.MaxPool2d(2),
-                         *_block(arm, 32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    g = group_channels
+    return nn.Sequential(*_block(arm, 1, 16, g), *_block(arm, 16, 32, g), nn.MaxPool2d(2),
+                         *_block(arm, 32, 64, g), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(64, 10))
 
 
-def segmenter(arm: str) -> nn.Module:
+def segmenter(arm: str, group_channels: int = DEFAULT_GROUP_CHANNELS) -> nn.Module:
     """Small fully convolutional net for 32x32 canvases: stride 2, dilated context, upsample."""
-    return nn.Sequential(*_block(arm, 1, 16), *_block(arm, 16, 32, stride=2),
-                         *_block(arm, 32, 32, dilation=2), *_block(arm, 32, 32, dilation=4),
+    g = group_channels
+    return nn.Sequential(*_block(arm, 1, 16, g), *_block(arm, 16, 32, g, stride=2),
+                         *_block(arm, 32, 32, g, dilation=2), *_block(arm, 32, 32, g, dilation=4),
                          nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                         *_block(arm, 32, 16), nn.Conv2d(16, NUM_SEG_CLASSES, 1))
+                         *_block(arm, 32, 16, g), nn.Conv2d(16, NUM_SEG_CLASSES, 1))
 
 
 def _score(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -127,19 +137,23 @@ def _score(task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
 
 
 def train_and_score(task: str, arm: str, batch: int, steps: int, seed: int,
-                    lr: float = 3e-3) -> Dict[str, float]:
+                    lr: float = 3e-3, group_channels: int = DEFAULT_GROUP_CHANNELS
+                    ) -> Dict[str, float]:
     """Train one arm on this rank's share of every global batch; score rank 0 in eval mode.
 
     ``batch`` is the per-rank batch (the whole global batch for ``full``, run in one process).
-    Returns the score on rank 0 (None elsewhere) and the final training loss of this rank.
-    AdamW (weight decay 1e-4); LR: 5% linear warm-up, then cosine to 0.
+    Returns the test score and the validation score on rank 0 (None elsewhere) and the final
+    training loss of this rank. AdamW (weight decay 1e-4); LR: 5% linear warm-up, then cosine
+    to 0.
     """
     comm = syncbn.resolve_communicator()
     if arm == "full" and comm.size != 1:
         raise ValueError("the full-batch arm runs in one process")
-    x_train, y_train, x_test, y_test = digits() if task == "classification" else segmentation()
+    x_train, y_train, x_val, y_val, x_test, y_test = (
+        digits() if task == "classification" else segmentation())
     torch.manual_seed(seed)
-    model = classifier(arm) if task == "classification" else segmenter(arm)
+    build = classifier if task == "classification" else segmenter
+    model = build(arm, group_channels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(
@@ -153,17 +167,19 @@ def train_and_score(task: str, arm: str, batch: int, steps: int, seed: int,
         average_gradients(model.parameters())
         optimizer.step()
         schedule.step()
-    score = _score(task, model, x_test, y_test) if comm.rank == 0 else None
-    return {"score": score, "final_loss": float(loss.detach())}
+    if comm.rank != 0:
+        return {"score": None, "val_score": None, "final_loss": float(loss.detach())}
+    return {"score": _score(task, model, x_test, y_test),
+            "val_score": _score(task, model, x_val, y_val), "final_loss": float(loss.detach())}
 
 
 def first_conv_activation(seed: int = 0) -> torch.Tensor:
     """The first conv layer's output (seeded init, as in ``classifier``) on all 1,797 digits."""
-    x_train, _, x_test, _ = digits()
+    images = digits()[0::2]
     torch.manual_seed(seed)
     conv = classifier("full")[0]
     with torch.no_grad():
-        return conv(torch.cat([x_train, x_test]))
+        return conv(torch.cat(images))
 
 
 def stats_error(mean: torch.Tensor, var: torch.Tensor, population: Tuple[torch.Tensor, torch.Tensor]
