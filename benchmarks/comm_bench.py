@@ -16,19 +16,19 @@ FP64_BYTES, FP32_BYTES = 8, 4
 
 
 def forward_payload_numel(channels: int) -> int:
-    """syncbn's forward all-reduce, fp64 whatever W: [count, sum x (C), sum x^2 (C), number
-    of ranks with invalid input] (syncbn/functional.py)."""
-    return 2 * channels + 2
+    """syncbn's forward all-reduce, fp64 whatever W: [count, sums about the shared shift (C),
+    squared sums (C), ranks with invalid input, ranks with fp64 input] (syncbn/functional.py)."""
+    return 2 * channels + 3
 
 
 def backward_payload_numel(channels: int) -> int:
-    """syncbn's backward all-reduce, fp32 for fp32/bf16 input: [sum dy (C), sum dy*xhat (C)]."""
+    """syncbn's backward all-reduce, fp64 whatever the input dtype: [sum dy (C), sum dy*xhat (C)]."""
     return 2 * channels
 
 
 def train_payloads(channels: int) -> List[List[object]]:
     """The (numel, dtype) of the all-reduces one syncbn training step of fp32/bf16 input makes."""
-    return [[forward_payload_numel(channels), "float64"], [backward_payload_numel(channels), "float32"]]
+    return [[forward_payload_numel(channels), "float64"], [backward_payload_numel(channels), "float64"]]
 
 
 def forward_payload_bytes(channels: int) -> int:
@@ -43,7 +43,8 @@ def torch_forward_gather_bytes(channels: int, world_size: int) -> int:
 def payload_growth(channels: Sequence[int], world_sizes: Sequence[int]) -> List[Dict[str, int]]:
     """Forward bytes each rank receives, syncbn versus torch.nn.SyncBatchNorm (computed).
 
-    The backward payloads are alike (2C fp32 all-reduced in both) and are left out.
+    The backward payloads are alike (2C values all-reduced in both, fp64 in syncbn, fp32 in
+    torch's) and are left out.
     """
     return [
         {"channels": c, "world_size": w, "syncbn_bytes": forward_payload_bytes(c),

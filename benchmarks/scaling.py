@@ -5,7 +5,7 @@
 Projects, with an alpha-beta model, how long the BatchNorm collectives of one training step
 take for ResNet-50 and a detection backbone (ResNet-101-FPN), for three schemes:
 
-- syncbn: per layer one all-reduce of 2C+2 fp64 values forward, one of 2C fp32 backward;
+- syncbn: per layer one all-reduce of 2C+3 fp64 values forward, one of 2C fp64 backward;
 - torch.nn.SyncBatchNorm: per layer an all_gather of W x (2C+1) fp32 values forward, an
   all-reduce of 2C fp32 backward;
 - naive: one collective per statistic, as Horovod's SyncBatchNorm issues them (there as
@@ -136,10 +136,10 @@ class Collective:
 
 def layer_collectives(scheme: str, channels: int) -> List[Collective]:
     """The collectives of one layer's training step under a scheme."""
-    backward = Collective("all_reduce", "backward", backward_payload_numel(channels), "float32")
     if scheme == "syncbn":
         return [Collective("all_reduce", "forward", forward_payload_numel(channels), "float64"),
-                backward]
+                Collective("all_reduce", "backward", backward_payload_numel(channels), "float64")]
+    backward = Collective("all_reduce", "backward", backward_payload_numel(channels), "float32")
     if scheme == "torch.nn.SyncBatchNorm":  # mean, invstd (C each) and count of every rank
         return [Collective("all_gather", "forward", 2 * channels + 1, "float32"), backward]
     if scheme == "naive":
@@ -351,7 +351,7 @@ def render_markdown(results: Dict, folder: str = "") -> str:
         "",
         f"- Command: `{results['command']}`",
         f"- Machine (for the fit and the validation): {stamp_line(stamp)}",
-        "- Schemes per layer with C channels: syncbn all-reduces 2C+2 fp64 forward and 2C fp32 "
+        "- Schemes per layer with C channels: syncbn all-reduces 2C+3 fp64 forward and 2C fp64 "
         "backward; torch.nn.SyncBatchNorm all_gathers W x (2C+1) fp32 forward and all-reduces "
         "2C fp32 backward; naive issues one all-reduce per statistic, forward count (1), sum x "
         "(C), sum x^2 (C) and backward sum dy (C), sum dy*xhat (C), fp32 (Horovod's design, "
