@@ -77,14 +77,17 @@ def test_plots_are_readable_small_pngs(smoke_run):
 
 def test_syncbn_makes_exactly_two_collectives_per_layer_step_and_none_in_eval(smoke_run):
     for row in smoke_run["results"]["layers"]:
-        channels = row["case"]["channels"]
-        assert row["peers"]["syncbn"]["collectives_per_step"] == [2], row["case"]["label"]
+        channels, alone = row["case"]["channels"], row["setting"]["world_size"] == 1
+        # A group of one is torch's BatchNorm: no collective at all.
+        assert row["peers"]["syncbn"]["collectives_per_step"] == [0 if alone else 2], row["case"]["label"]
         assert row["collectives_eval"] == 0
-        # Forward: count, sum x, sum x^2 and the invalid-input flag (syncbn/functional.py);
-        # backward: sum dy, sum dy*xhat.
-        assert row["train_payloads"] == [[2 * channels + 2, "float64"], [2 * channels, "float32"]]
+        # Forward: count, sums, squared sums, invalid-input and fp64-input flags
+        # (syncbn/functional.py); backward: sum dy, sum dy*xhat, both fp64.
+        expected = [] if alone else [[2 * channels + 3, "float64"], [2 * channels, "float64"]]
+        assert row["train_payloads"] == expected
     for row in smoke_run["results"]["model"]:
-        assert row["peers"]["syncbn"]["collectives_per_step"] == [2 * row["norm_layers"]]
+        per_layer = 0 if row["setting"]["world_size"] == 1 else 2
+        assert row["peers"]["syncbn"]["collectives_per_step"] == [per_layer * row["norm_layers"]]
     collective_target = smoke_run["results"]["targets"][-1]
     assert collective_target["status"] == "met", collective_target
 
