@@ -76,7 +76,7 @@ def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         total, total_sq = payload[1 : channels + 1], payload[channels + 1 :]
         mean = total / count
         return mean, (total_sq - total * mean).clamp_(min=0.0)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= _TWO_PASS_MIN_NUMEL:
+    if x.device.type == "cpu":
         return _two_pass_moments(x)
     acc = accumulation_dtype(x.dtype)
     # For fp16/bf16 input, scratch running stats in fp32 make the fused Welford kernel accumulate
@@ -87,20 +87,21 @@ def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean.double(), var.double() * count
 
 
-# torch's fused Welford kernel is slow on large contiguous fp32 CPU input (about 1.4x the
-# two-pass below at 4x1024x14x14) and fast on small input, where the two-pass costs 3x its ops.
-_TWO_PASS_MIN_NUMEL = 1 << 16
-
-
 def _two_pass_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Corrected two-pass moments: mean, then sums of x - mean, whose own sum corrects the mean."""
+    """Two-pass moments: the mean, then M2 = sum of squares of x - mean, both summed in fp64.
+
+    Summed in fp64, as torch's own CPU BatchNorm accumulates its statistics: every fp32 value is
+    exact in fp64, so the mean is exact but for the final rounding. The squares are taken about
+    the mean rounded to x's accumulation dtype (fp32 for half input), and M2 is corrected for
+    that rounding by the sum of x - mean (near-constant channels depend on it).
+    """
+    values = x.to(accumulation_dtype(x.dtype))
     dims = reduction_dims(x.dim())
     count = local_count(x)
-    rough_mean = x.mean(dims)
-    centered = x - channel_view(rough_mean, x.dim())
-    residual = centered.sum(dims).double()
-    squares = centered.square_().sum(dims).double()
-    mean = rough_mean.double() + residual / count
+    mean = values.sum(dims, dtype=torch.float64) / count
+    centered = values - channel_view(mean.to(values.dtype), x.dim())
+    residual = centered.sum(dims, dtype=torch.float64)
+    squares = centered.square_().sum(dims, dtype=torch.float64)
     return mean, (squares - residual * residual / count).clamp_(min=0.0)
 
 
@@ -142,20 +143,21 @@ def global_moments(payload: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tens
     return count, shift + offset, var
 
 
-def ill_conditioned(payload: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the merge about the payload's shift may have lost precision that ``dtype`` would show.
+def ill_conditioned(payload: Tensor, dtype: torch.dtype, world_size: int) -> bool:
+    """Whether the merge about the payload's shift may have lost precision ``dtype`` would show.
 
-    The fp64 merge error of var, relative, is about 2^-52 * (W + 1) * (1 + condition). fp32
-    statistics (fp32/fp16/bf16 input) carry 2^-24 of their own, so a condition up to 2^20
-    (|mean - shift| up to 1000 std) costs them nothing even for W = 1024 ranks; fp64 input
-    carries 2^-53, so any condition above 1 may already cost it a few ulps. A host read: on
-    CPU, where the payload lives on the host, it is free.
+    The fp64 merge error of var, relative, is about 2^-52 * (W + 1) * (1 + condition), where
+    condition = (mean - shift)^2 / var. fp32 statistics (fp32/fp16/bf16 input) carry 2^-24 of
+    their own: the merge may cost up to a quarter of that, condition up to 2^26 / (W + 1)
+    (|mean - shift| up to about 4700 std at W = 2, 250 std at W = 1024). fp64 statistics carry
+    2^-53: any condition above 1 may already cost them a few ulps. A host read: on CPU, where
+    the payload lives on the host, it is free.
     """
     channels = (payload.numel() - 1) // 2
     count = payload[0].clamp(min=1.0)
     offset = payload[1 : channels + 1] / count
     second = payload[channels + 1 :] / count
-    limit = 1.0 if dtype == torch.float64 else float(1 << 20)
+    limit = 1.0 if dtype == torch.float64 else float(1 << 26) / (world_size + 1)
     # condition = offset^2 / var = offset^2 / (second - offset^2): ill when offset^2 > limit * var.
     return bool(((offset * offset) * (1.0 + limit) > limit * second).any())
 
