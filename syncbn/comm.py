@@ -133,8 +133,10 @@ class _MPIWatchdog:
             with self._lock:  # held through Abort: the wait cannot end in between
                 if token in self._waits:
                     communicator.comm.Abort(1)
-            sys.stderr.write(f"syncbn: {communicator.label} completed after all; not aborting\n")
-            sys.stderr.flush()
+                else:
+                    sys.stderr.write(f"syncbn: {communicator.label} completed after all; "
+                                     "not aborting\n")
+                    sys.stderr.flush()
 
 
 def _let_mpiexec_forward() -> None:
