@@ -11,12 +11,15 @@ mpi: the ranks run under the mpiexec that belongs to mpi4py; torch.distributed s
 uninitialized and syncbn's default group is ``MPI.COMM_WORLD``.
 
 Every line a rank prints arrives whole on the launcher's stdout or stderr (the same stream),
-prefixed ``[rankK] ``; with ``--log-dir`` also in ``DIR/rankK.log``.
+prefixed ``[rankK] `` (torch's own ``[rankK]:`` label dropped); with ``--log-dir`` also in
+``DIR/rankK.log``.
 
 Fail fast: when a rank exits non-zero or dies by a signal (the others get a second to report
 their own errors), or ``--timeout`` passes, or the launcher gets SIGINT/SIGTERM/SIGHUP, every
 rank's process group gets SIGTERM, then SIGKILL after a grace period, and the launcher reports
-the first failing rank, its exit code or signal and its last lines.
+the first failing rank, its exit code or signal, the first Python exception in its output and
+its last lines. A launcher killed by SIGKILL leaves no rank behind either: gloo/nccl ranks are
+ended by a reaper process, MPI ranks by their wrappers (see :mod:`syncbn._processes`).
 
 Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128+N when it died
 by signal N, or when the launcher itself got signal N; 124 on ``--timeout``; 2 on a usage error
