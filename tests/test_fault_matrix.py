@@ -237,6 +237,15 @@ def _summary(result: Finished) -> str:
     return result.stderr[result.stderr.index("syncbn-launch: job failed"):]
 
 
+def _ranks_that_ended_on_their_own(summary: str) -> List[int]:
+    """The ranks the launcher did not stop: on a loaded machine a slow rank can still be
+    starting when the first one fails, and is then stopped before reaching the fault."""
+    ended = [rank for rank in range(2)
+             if not re.search(rf"rank {rank} was killed by SIG(TERM|KILL)", summary)]
+    assert ended, summary  # the first rank to fail always did
+    return ended
+
+
 def test_row4_gloo_an_uncaught_exception_on_one_rank_ends_the_job():
     result = _job(run_launcher, "--nprocs", "2", FAULT_JOB, "uncaught")
     assert result.returncode == 1, result
@@ -258,13 +267,14 @@ def test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job():
 def test_row5_gloo_a_launched_script_that_never_initializes_a_group_raises_on_every_rank():
     result = _job(run_launcher, "--nprocs", "2", FAULT_JOB, "forget-init")
     assert result.returncode == 1, result
-    for rank in range(2):
+    summary = _summary(result)
+    for rank in _ranks_that_ended_on_their_own(summary):
         assert f"[rank{rank}] rank {rank}: running statistics unchanged: True" in result.stdout
-    raised = [line for line in _summary(result).splitlines() if " raised RuntimeError: " in line]
-    assert len(raised) == 2, result
-    for line in raised:
-        assert "WORLD_SIZE=2" in line and "torch.distributed.init_process_group(" in line
-        assert "syncbn.init_distributed()" in line
+        raised = re.search(rf"^rank {rank} raised RuntimeError: (.*)$", summary, re.M)
+        assert raised, summary
+        assert "WORLD_SIZE=2" in raised.group(1), summary
+        assert "torch.distributed.init_process_group(" in raised.group(1), summary
+        assert "syncbn.init_distributed()" in raised.group(1), summary
 
 
 @requires_mpi
@@ -334,8 +344,10 @@ def test_row6_the_summary_shows_each_ranks_own_exception_and_prefixes_are_not_do
     summary = _summary(result)
     if backend == "gloo":  # both raised, then died by SIGABRT as gloo's terminate does
         assert "was killed by SIGABRT" in summary.splitlines()[0], summary
-    for rank, layer in ((0, "fault.bn"), (1, "fault.second")):  # each names its own layer
+    layers = {0: "fault.bn", 1: "fault.second"}  # each rank names the layer it was calling
+    for rank in _ranks_that_ended_on_their_own(summary):
+        layer = layers[rank]
         assert (f"rank {rank} raised syncbn.guard.CollectiveMismatchError: SyncBatchNorm(4) "
                 f"'{layer}': rank {rank} is about to issue") in summary, summary
         assert f"[rank{rank}] Traceback (most recent call last):" in result.stderr, result
-        assert f"[rank{rank}] [rank{rank}]" not in result.stderr, result
+    assert not re.search(r"\[rank\d\] \[rank\d\]", result.stderr), result
