@@ -414,11 +414,19 @@ class _Job:
             thread.join(max(0.0, deadline - time.monotonic()))
         for output in self.outputs.values():
             output.close()
-        if self.reaper is not None:  # the job is over: nothing for it to end
-            self._tell_reaper("done")
+        self._dismiss_reaper()
+
+    def _dismiss_reaper(self) -> None:
+        """The job is over: the reaper has nothing left to end."""
+        if self.reaper is None:
+            return
+        self._tell_reaper("done")
+        try:
             self.reaper.stdin.close()
-            self.reaper.wait()
-            self.reaper = None
+        except OSError:  # it died, with our last words still buffered
+            pass
+        self.reaper.wait()
+        self.reaper = None
 
     def _exception(self, rank: Optional[int]) -> str:
         if rank is None or rank == -1 or rank not in self.outputs:
