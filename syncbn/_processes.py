@@ -1,8 +1,9 @@
 """Process helpers shared by :mod:`syncbn.testing` and :mod:`syncbn.launch`; stdlib only.
 
-Run by path (``python .../_processes.py mpi-rank|run-script ...``) this file is also what
-``syncbn-launch --backend mpi`` puts between mpiexec and each rank's script; run so, it imports
-nothing from the ``syncbn`` package, whose import loads torch (seconds per rank, for nothing).
+Run by path (``python .../_processes.py mpi-rank|run-script|reap ...``) this file is also what
+``syncbn-launch --backend mpi`` puts between mpiexec and each rank's script, and the watcher
+that ends gloo/nccl ranks when the launcher dies; run so, it imports nothing from the
+``syncbn`` package, whose import loads torch (seconds per process, for nothing).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import subprocess
 import threading
 from typing import List, Optional
 
-__all__ = ["find_mpiexec", "signal_group", "kill_session", "tail", "signal_name", "describe_exit",
-           "exit_status", "MPI_INSTALL_HINT"]
+__all__ = ["BACKENDS", "find_mpiexec", "signal_group", "kill_session", "tail", "signal_name",
+           "describe_exit", "exit_status", "MPI_INSTALL_HINT"]
 
+# What the ranks of a job can synchronize over: torch.distributed's gloo or NCCL, or MPI.
+BACKENDS = ("gloo", "nccl", "mpi")
 # How to get mpi4py and the mpich wheel's mpiexec, for a syncbn installed from an index or a clone.
 MPI_INSTALL_HINT = 'pip install "syncbn[mpi]" (in a clone of syncbn: pip install -e ".[mpi]")'
 
@@ -174,10 +177,33 @@ def _run_script(argv: List[str]) -> None:
     os._exit(code)
 
 
+# --- the reaper of gloo/nccl ranks ------------------------------------------------------------
+# Why a separate process: a launcher killed by SIGKILL runs no code, and its ranks (each in its
+# own session, so that a Ctrl-C reaches the launcher only) would go on training, with their
+# DataLoader workers. PR_SET_PDEATHSIG would reach the rank alone, not its children, and needs a
+# preexec_fn, unsafe in the launcher's threads. The reaper runs in a session of its own, reads
+# "group PID" lines from a pipe whose only writer is the launcher, and on end-of-file without
+# "done" (the launcher died) SIGKILLs every process group it was told of: the rank and its
+# children together.
+
+def _reap_when_launcher_gone() -> None:
+    groups = []
+    for line in sys.stdin:
+        word, _, value = line.partition(" ")
+        if word == "done":
+            return
+        if word == "group" and value.strip().isdigit():
+            groups.append(int(value))
+    for pid in groups:
+        signal_group(pid, signal.SIGKILL)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["mpi-rank"] and len(sys.argv) > 2:
         sys.exit(_run_mpi_rank(sys.argv[2:]))
     if sys.argv[1:2] == ["run-script"] and len(sys.argv) > 2:
         _run_script(sys.argv[2:])
+    elif sys.argv[1:] == ["reap"]:
+        _reap_when_launcher_gone()
     else:
-        raise SystemExit("usage: _processes.py mpi-rank|run-script ARGS... (run by syncbn-launch)")
+        raise SystemExit("usage: _processes.py mpi-rank|run-script ARGS...|reap (run by syncbn-launch)")

@@ -31,6 +31,13 @@ __all__ = [
 # for each process: the world size can be read from them without importing mpi4py, whose
 # import initializes MPI.
 _MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# Variables through which the other launchers announce the size of a job: a process that sees
+# more than one rank here but has no group would silently normalize over its own batch alone.
+# srun sets SLURM_STEP_NUM_TASKS for the tasks of one step only (SLURM_NTASKS is also set in
+# a batch script itself, where a lone python process is legitimate).
+_JOB_SIZE_VARIABLES = {"WORLD_SIZE": "torchrun or syncbn-launch", "SLURM_STEP_NUM_TASKS": "srun"}
+# Abort tears down mpiexec's pipes: seconds for it to forward what a rank wrote just before.
+_MPIEXEC_FORWARD_S = 1.0
 
 
 class Communicator:
@@ -117,18 +124,32 @@ class _MPIWatchdog:
     def _watch(self) -> None:
         while True:
             time.sleep(0.5)
-            now = time.monotonic()
             with self._lock:
-                expired = [entry for entry in self._waits.values() if entry[0] < now]
-            for _, communicator in expired[:1]:
-                sys.stderr.write(
-                    f"syncbn: {communicator.label} over {communicator.describe()} waited longer "
-                    f"than {communicator.timeout:g} s (SYNCBN_TIMEOUT); a rank may have died, "
-                    "skipped a layer or stopped early; aborting the MPI job\n")
-                sys.stderr.flush()
-                # Give mpiexec a moment to forward the message: Abort tears its pipes down.
-                time.sleep(1.0)
-                communicator.comm.Abort(1)
+                now = time.monotonic()
+                expired = [(deadline, token, communicator)
+                           for token, (deadline, communicator) in self._waits.items()
+                           if deadline < now]
+            if not expired:
+                continue
+            _, token, communicator = min(expired, key=lambda entry: entry[0])
+            sys.stderr.write(
+                f"syncbn: {communicator.label} over {communicator.describe()} waited longer "
+                f"than {communicator.timeout:g} s (SYNCBN_TIMEOUT); a rank may have died, "
+                "skipped a layer or stopped early; aborting the MPI job\n")
+            _let_mpiexec_forward()
+            with self._lock:  # held through Abort: the wait cannot end in between
+                if token in self._waits:
+                    communicator.comm.Abort(1)
+                else:
+                    sys.stderr.write(f"syncbn: {communicator.label} completed after all; "
+                                     "not aborting\n")
+                    sys.stderr.flush()
+
+
+def _let_mpiexec_forward() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(_MPIEXEC_FORWARD_S)
 
 
 _watchdog: Optional[_MPIWatchdog] = None
@@ -154,6 +175,8 @@ class MPICommunicator(Communicator):
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = collective_timeout() if timeout is None else timeout
+        if MPI.COMM_WORLD.Get_size() > 1:
+            _abort_job_on_uncaught_exception()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         watchdog = _mpi_watchdog()
@@ -177,6 +200,38 @@ class MPICommunicator(Communicator):
         return f"{name} (rank={self.rank}, size={self.size})"
 
 
+_abort_hook_lock = threading.Lock()
+_abort_hook_installed = False
+
+
+def _abort_job_on_uncaught_exception() -> None:
+    """Make an uncaught exception end the whole MPI job, as ``python -m mpi4py`` does.
+
+    Without it, under a plain ``mpiexec -n N python train.py``, the other ranks wait in their
+    collective until SYNCBN_TIMEOUT and this rank hangs in MPI_Finalize at exit. Installed
+    once, in front of the hook already there (which still prints the traceback). Uncaught
+    exceptions in other threads do not end the process, so they do not abort the job either.
+    """
+    global _abort_hook_installed
+    with _abort_hook_lock:
+        if _abort_hook_installed:
+            return
+        _abort_hook_installed = True
+        previous = sys.excepthook
+
+    def print_then_abort(exc_type: type, exc: BaseException, tb: Any) -> None:
+        try:
+            previous(exc_type, exc, tb)
+        finally:
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                _let_mpiexec_forward()
+                MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = print_then_abort
+
+
 def launched_by_mpi() -> int:
     """World size announced by an MPI launcher's environment, or 0 when not started by one."""
     for variable in _MPI_SIZE_VARIABLES:
@@ -184,6 +239,24 @@ def launched_by_mpi() -> int:
         if value and value.isdigit():
             return int(value)
     return 0
+
+
+def _refuse_silent_single_process() -> None:
+    """Raise when the environment announces several ranks but no group is available.
+
+    Normalizing over this process alone would train with per-rank statistics and exit 0.
+    """
+    for variable, launcher in _JOB_SIZE_VARIABLES.items():
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            raise RuntimeError(
+                f"syncbn: the environment says this job has {value} ranks ({variable}={value}, "
+                f"set by {launcher}) but no process group is available: torch.distributed is "
+                "not initialized and no MPI launcher started this process. Call "
+                "torch.distributed.init_process_group(...) or syncbn.init_distributed() before "
+                "the first training step, or pass process_group= explicitly (an mpi4py "
+                "communicator, or syncbn.SingleProcessCommunicator() to normalize over this "
+                "process alone)")
 
 
 def _is_mpi_comm(obj: Any) -> bool:
@@ -195,7 +268,10 @@ def resolve_communicator(process_group: Any = None) -> Communicator:
     """The communicator for ``process_group``.
 
     ``None`` means: the torch.distributed default group if one is initialized; else
-    ``MPI.COMM_WORLD`` when an MPI launcher started more than one rank; else a single process.
+    ``MPI.COMM_WORLD`` when an MPI launcher started more than one rank; else a single process,
+    unless the environment announces more than one rank (WORLD_SIZE from torchrun or
+    syncbn-launch, SLURM_STEP_NUM_TASKS from srun): then it raises ``RuntimeError`` saying
+    what to call, rather than silently normalizing over this process alone.
     A torch.distributed ProcessGroup, an mpi4py communicator or a :class:`Communicator` is used
     as given.
     """
@@ -210,6 +286,7 @@ def resolve_communicator(process_group: Any = None) -> Communicator:
             from mpi4py import MPI
 
             return MPICommunicator(MPI.COMM_WORLD)
+        _refuse_silent_single_process()
         return SingleProcessCommunicator()
     if _is_mpi_comm(process_group):
         return MPICommunicator(process_group)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .comm import SingleProcessCommunicator, launched_by_mpi
+from .comm import SingleProcessCommunicator, _refuse_silent_single_process, launched_by_mpi
 
 __all__ = ["new_groups"]
 
@@ -37,6 +37,7 @@ def new_groups(group_size: int, parent: Any = None) -> Any:
                       for start in range(0, world_size, group_size)]
             return groups[rank // group_size]
         if launched_by_mpi() <= 1:
+            _refuse_silent_single_process()
             _check_size(group_size, 1)
             return SingleProcessCommunicator()
         from mpi4py import MPI

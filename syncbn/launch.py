@@ -13,12 +13,15 @@ initializes torch.distributed (gloo/NCCL); a script that does not call it syncs 
 over ``MPI.COMM_WORLD``.
 
 Every line a rank prints arrives whole on the launcher's stdout or stderr (the same stream),
-prefixed ``[rankK] ``; with ``--log-dir`` also in ``DIR/rankK.log``.
+prefixed ``[rankK] `` (torch's own ``[rankK]:`` label dropped); with ``--log-dir`` also in
+``DIR/rankK.log``.
 
 Fail fast: when a rank exits non-zero or dies by a signal (the others get a second to report
 their own errors), or ``--timeout`` passes, or the launcher gets SIGINT/SIGTERM/SIGHUP, every
 rank's process group gets SIGTERM, then SIGKILL after a grace period, and the launcher reports
-the first failing rank, its exit code or signal and its last lines.
+the first failing rank, its exit code or signal, the first Python exception in its output and
+its last lines. A launcher killed by SIGKILL leaves no rank behind either: gloo/nccl ranks are
+ended by a reaper process, MPI ranks by their wrappers (see :mod:`syncbn._processes`).
 
 Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128+N when it died
 by signal N, or when the launcher itself got signal N; 124 on ``--timeout``; 2 on a usage error
@@ -43,12 +46,11 @@ import time
 from typing import IO, Deque, Dict, List, Optional, Sequence, Set
 
 from . import _processes
-from ._processes import (MPI_INSTALL_HINT, describe_exit, exit_status, find_mpiexec, signal_group,
-                         signal_name)
+from ._processes import (BACKENDS, MPI_INSTALL_HINT, describe_exit, exit_status, find_mpiexec,
+                         signal_group, signal_name)
 
 __all__ = ["main", "launch", "UsageError"]
 
-BACKENDS = ("gloo", "nccl", "mpi")
 GRACE_S = 3.0  # SIGTERM to SIGKILL
 SETTLE_S = 1.0  # after the first failure, time for the other ranks' own errors to get out
 TAIL_LINES = 20
@@ -68,27 +70,72 @@ class UsageError(Exception):
     """A launch that cannot start (bad arguments, too few GPUs, no mpiexec)."""
 
 
+class _ExceptionFinder:
+    """Reads one stream's lines and keeps the exception of the first Python traceback in it.
+
+    A rank that raised can still die by a signal afterwards (gloo's "terminate called without
+    an active exception" at exit is a SIGABRT): the exception says what went wrong. Chained
+    exceptions belong to the same traceback; the last one printed is the one raised.
+    """
+
+    _CHAIN = ("The above exception was the direct cause of the following exception:",
+              "During handling of the above exception, another exception occurred:")
+
+    def __init__(self) -> None:
+        self.found: Optional[str] = None
+        self.started_at = float("inf")  # when its traceback began: the earliest one wins
+        self._state = "before"  # before | frames | after | chained | done
+
+    def feed(self, line: str) -> None:
+        text = line.rstrip("\n")
+        if self._state in ("before", "chained") and text.startswith("Traceback (most recent call last):"):
+            self.started_at = min(self.started_at, time.monotonic())
+            self._state = "frames"
+        elif self._state == "frames" and text and not text[0].isspace():
+            self.found, self._state = text, "after"  # frames are indented; this is the exception
+        elif self._state == "after" and text.strip():
+            self._state = "chained" if text in self._CHAIN else "done"
+        elif self._state == "chained" and text.strip():
+            self._state = "done"
+
+
 class _Output:
     """One source of lines (a rank, or mpiexec): prefix, optional log file, last lines."""
 
     def __init__(self, label: str, log_path: Optional[str]):
         self.prefix = f"[{label}] ".encode()
+        # torch.distributed labels a rank's tracebacks and log lines "[rankK]:" itself; the
+        # launcher's prefix already says so.
+        self.torch_prefix = f"[{label}]:".encode()
         self.tail: Deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.finders: List[_ExceptionFinder] = []
         self.log = open(log_path, "wb") if log_path else None
         self.lock = threading.Lock()
 
     def pump(self, pipe: IO[bytes], stream: IO[bytes]) -> threading.Thread:
-        thread = threading.Thread(target=self._copy, args=(pipe, stream), daemon=True)
+        finder = _ExceptionFinder()  # one per stream: their lines interleave
+        self.finders.append(finder)
+        thread = threading.Thread(target=self._copy, args=(pipe, stream, finder), daemon=True)
         thread.start()
         return thread
 
-    def _copy(self, pipe: IO[bytes], stream: IO[bytes]) -> None:
+    def first_exception(self) -> Optional[str]:
+        with self.lock:
+            found = [finder for finder in self.finders if finder.found]
+            return min(found, key=lambda finder: finder.started_at).found if found else None
+
+    def _copy(self, pipe: IO[bytes], stream: IO[bytes], finder: _ExceptionFinder) -> None:
         with pipe:
             for line in iter(pipe.readline, b""):
                 if not line.endswith(b"\n"):
                     line += b"\n"
+                if line.startswith(self.torch_prefix):
+                    line = line[len(self.torch_prefix):]
+                    line = line[1:] if line.startswith(b" ") else line
+                text = line.decode(errors="replace")
                 with self.lock:
-                    self.tail.append(line.decode(errors="replace"))
+                    self.tail.append(text)
+                    finder.feed(text)
                     if self.log:
                         self.log.write(line)
                         self.log.flush()
@@ -129,6 +176,7 @@ class _Job:
         self.server: Optional[socket.socket] = None
         self.channels: List[socket.socket] = []
         self.store = None  # the rendezvous TCPStore, alive as long as the job
+        self.reaper: Optional[subprocess.Popen] = None  # ends gloo/nccl ranks if we are killed
         self.received_signal: Optional[int] = None
 
     def _log(self, name: str) -> Optional[str]:
@@ -172,17 +220,31 @@ class _Job:
                    ROLE_NAME="default", TORCHELASTIC_USE_AGENT_STORE="True",
                    TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
                    TORCHELASTIC_RUN_ID=f"syncbn-launch-{secrets.token_hex(4)}")
+        # MPI ranks end themselves when the launcher dies (their wrappers watch it); these
+        # need the reaper (see _processes), started first so that every rank is known to it.
+        self.reaper = subprocess.Popen([sys.executable, _processes.__file__, "reap"],
+                                       stdin=subprocess.PIPE, start_new_session=True)
         for rank in range(self.nprocs):
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
             process = self._spawn([sys.executable, "-u"] + self.script_argv, rank_env,
                                   self.outputs[rank])
             self.groups[rank] = process.pid
+            self._tell_reaper(f"group {process.pid}")
             self._watch(process, ("exit", rank))
         from torch.distributed import TCPStore
 
         # The store takes the socket over (and closes it).
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                               master_listen_fd=listener.detach())
+
+    def _tell_reaper(self, message: str) -> None:
+        if self.reaper is None or self.reaper.stdin is None:
+            return
+        try:
+            self.reaper.stdin.write(f"{message}\n".encode())
+            self.reaper.stdin.flush()
+        except OSError:  # the reaper died: the ranks are still stopped by this launcher
+            pass
 
     # --- MPI --------------------------------------------------------------------------------
 
@@ -290,8 +352,10 @@ class _Job:
             # first), so every rank that failed on its own shows its last lines.
             own = [rank for rank, code in self.codes.items()
                    if code != 0 and rank not in self.signaled and rank != failed_rank]
+            shown = [failed_rank] + own[:3]
             self._say(f"job failed (exit status {status}): {report}{self._others(failed_rank)}"
-                      + "".join(self._tail(rank) for rank in [failed_rank] + own[:3]))
+                      + "".join(self._exception(rank) for rank in shown)
+                      + "".join(self._tail(rank) for rank in shown))
         return status
 
     def _others(self, failed_rank: Optional[int]) -> str:
@@ -353,6 +417,25 @@ class _Job:
             thread.join(max(0.0, deadline - time.monotonic()))
         for output in self.outputs.values():
             output.close()
+        self._dismiss_reaper()
+
+    def _dismiss_reaper(self) -> None:
+        """The job is over: the reaper has nothing left to end."""
+        if self.reaper is None:
+            return
+        self._tell_reaper("done")
+        try:
+            self.reaper.stdin.close()
+        except OSError:  # it died, with our last words still buffered
+            pass
+        self.reaper.wait()
+        self.reaper = None
+
+    def _exception(self, rank: Optional[int]) -> str:
+        if rank is None or rank == -1 or rank not in self.outputs:
+            return ""
+        exception = self.outputs[rank].first_exception()
+        return f"\nrank {rank} raised {exception}" if exception else ""
 
     def _tail(self, rank: Optional[int]) -> str:
         if rank is None or rank not in self.outputs or not self.outputs[rank].tail:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-from ._processes import MPI_INSTALL_HINT, find_mpiexec, kill_session as _kill_session, tail as _tail
+from ._processes import (BACKENDS, MPI_INSTALL_HINT, find_mpiexec, kill_session as _kill_session,
+                         tail as _tail)
 from .comm import Communicator
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "find_mpiexec",
 ]
 
-BACKENDS = ("gloo", "nccl", "mpi")
 # After one rank raises, how long the others get to finish before they count as stalled.
 _GRACE_AFTER_ERROR_S = 5.0
 

@@ -1,8 +1,11 @@
 """Communicators: default-group resolution, zero-copy MPI, sub-groups on both backends."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -84,3 +87,77 @@ def _mpi_reduces_cpu_tensors_in_place() -> tuple:
 def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies(rank_pool):
     for same_object, same_memory, values in rank_pool(2, "mpi").run(_mpi_reduces_cpu_tensors_in_place):
         assert same_object and same_memory and values == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def _without_any_group(monkeypatch) -> None:
+    for variable in MPI_VARIABLES + ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.mark.parametrize("variable, launcher", [("WORLD_SIZE", "torchrun or syncbn-launch"),
+                                                ("SLURM_STEP_NUM_TASKS", "srun")])
+def test_several_ranks_announced_without_a_group_raise_instead_of_normalizing_alone(
+        monkeypatch, variable, launcher):
+    _without_any_group(monkeypatch)
+    monkeypatch.setenv(variable, "2")
+    with pytest.raises(RuntimeError) as info:
+        resolve_communicator(None)
+    message = str(info.value)
+    assert f"{variable}=2, set by {launcher}" in message
+    assert "torch.distributed.init_process_group(" in message and "syncbn.init_distributed()" in message
+    own = SingleProcessCommunicator()  # the way out the message names
+    assert resolve_communicator(own) is own
+
+
+def test_one_rank_announced_or_a_slurm_batch_script_is_a_single_process(monkeypatch):
+    _without_any_group(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # the batch script of a 4-task allocation, not srun
+    assert isinstance(resolve_communicator(None), SingleProcessCommunicator)
+
+
+class _WatchedComm:
+    """An mpi4py-like communicator of one rank whose Allreduce returns once the watchdog has
+    named it in its notice (``completes=True``), or waits for the watchdog's Abort."""
+
+    def __init__(self, completes: bool):
+        self.completes = completes
+        self.noticed = threading.Event()
+        self.aborted = threading.Event()
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Get_name(self):  # called when the watchdog writes its notice
+        self.noticed.set()
+        return "watched test communicator"
+
+    def Allreduce(self, send, receive):
+        (self.noticed if self.completes else self.aborted).wait(20)
+
+    def Abort(self, code):
+        self.aborted.set()
+
+
+def _watchdog_outcome(completes: bool) -> tuple:
+    comm = _WatchedComm(completes)
+    captured, real_stderr = io.StringIO(), sys.stderr
+    sys.stderr = captured  # where the watchdog thread writes its notice
+    try:
+        MPICommunicator(comm, timeout=0.1).all_reduce_sum_(torch.zeros(2, dtype=torch.float64))
+        time.sleep(2.0)  # past the second the watchdog leaves mpiexec before it aborts
+    finally:
+        sys.stderr = real_stderr
+    return comm.noticed.is_set(), comm.aborted.is_set(), captured.getvalue()
+
+
+@requires_mpi
+@pytest.mark.parametrize("completes", [True, False])
+def test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice(rank_pool, completes):
+    for noticed, aborted, err in rank_pool(2, "mpi").run(_watchdog_outcome, completes):
+        assert noticed and aborted != completes
+        assert "watched test communicator (rank=0, size=1) waited longer than 0.1 s" in err
+        assert ("completed after all; not aborting" in err) == completes

@@ -39,3 +39,10 @@ def test_group_size_must_divide_the_world(rank_pool, backend):
 def test_single_process_groups_of_one_are_the_process_itself(monkeypatch):
     monkeypatch.delenv("PMI_SIZE", raising=False)
     assert syncbn.resolve_communicator(syncbn.new_groups(1)).size == 1
+
+
+def test_groups_in_a_job_of_several_ranks_without_a_group_name_the_missing_initialization(monkeypatch):
+    monkeypatch.delenv("PMI_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's, with init_process_group forgotten
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=4.*init_process_group\("):
+        syncbn.new_groups(2)

@@ -46,8 +46,12 @@ class Finished:
                 f"\n--- stderr ---\n{self.stderr[-6000:]}")
 
 
-def run_launcher(*args: str, **extra_env: str) -> Finished:
-    completed = subprocess.run(launcher_command(*args), cwd=ROOT, env=launcher_env(**extra_env),
+def run_command(command: List[str], **extra_env: str) -> Finished:
+    completed = subprocess.run(command, cwd=ROOT, env=launcher_env(**extra_env),
                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                timeout=LIMIT_S)
     return Finished(completed, time.time())
+
+
+def run_launcher(*args: str, **extra_env: str) -> Finished:
+    return run_command(launcher_command(*args), **extra_env)
