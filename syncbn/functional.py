@@ -343,7 +343,10 @@ def sync_batch_norm(
         # torch.nn.SyncBatchNorm in eval: no collective.
         use_batch = running_mean is None or running_var is None
         return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch, 0.0, eps)
-    comm_key, group_size = _group_of(process_group)
+    try:
+        comm_key, group_size = _group_of(process_group)
+    except RuntimeError as error:  # no group where the launcher says there is one: name the layer
+        raise RuntimeError(f"{layer}: {error}") from error
     if group_size == 1:
         if problem is not None:
             raise problem

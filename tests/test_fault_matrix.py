@@ -272,6 +272,7 @@ def test_row5_gloo_a_launched_script_that_never_initializes_a_group_raises_on_ev
         assert f"[rank{rank}] rank {rank}: running statistics unchanged: True" in result.stdout
         raised = re.search(rf"^rank {rank} raised RuntimeError: (.*)$", summary, re.M)
         assert raised, summary
+        assert raised.group(1).startswith("SyncBatchNorm(4) 'fault.bn': "), summary
         assert "WORLD_SIZE=2" in raised.group(1), summary
         assert "torch.distributed.init_process_group(" in raised.group(1), summary
         assert "syncbn.init_distributed()" in raised.group(1), summary
@@ -301,6 +302,7 @@ def test_row5_srun_tasks_that_never_initialize_a_group_raise_on_every_rank():
     for rank, (task, (out, err)) in enumerate(zip(tasks, outputs)):
         assert task.returncode == 1, out + err
         assert f"rank {rank}: running statistics unchanged: True" in out
+        assert "RuntimeError: SyncBatchNorm(4) 'fault.bn': " in err, err
         assert "SLURM_STEP_NUM_TASKS=2, set by srun" in err and "init_process_group(" in err, err
 
 
