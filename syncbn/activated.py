@@ -182,59 +182,63 @@ def normalize_activate(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Te
 
 
 def _preactivation(y: Tensor, dy: Tensor, inversion: Inversion) -> Tuple[Tensor, Tensor]:
-    """(z, dL/dz) from the output y and dL/dy: the activation inverted, its derivative in y."""
-    if inversion.code == 0:
-        return y, dy
-    negative = y < 0
+    """(z, dL/dz) from the output y and dL/dy, as new tensors (one fused op each where torch
+    has one): the activation inverted, and its derivative written in y."""
     if inversion.code == 1:
         slope = inversion.parameter
-        return torch.where(negative, y / slope, y), torch.where(negative, dy * slope, dy)
-    alpha = inversion.parameter
-    # y > -alpha in exact arithmetic; the clamp keeps log finite where y rounded onto -alpha.
-    z = torch.log1p((y / alpha).clamp(min=-1.0 + torch.finfo(y.dtype).eps))
-    return torch.where(negative, z, y), torch.where(negative, dy * (y + alpha), dy)
+        # leaky_relu with slope 1/s undoes leaky_relu with slope s.
+        return (torch.nn.functional.leaky_relu(y, 1.0 / slope),
+                torch.ops.aten.leaky_relu_backward(dy, y, slope, True))
+    if inversion.code == 2:
+        alpha = inversion.parameter
+        # y > -alpha in exact arithmetic; the clamp keeps log finite where y rounded onto -alpha.
+        z = y.clamp(max=0.0).div_(alpha).clamp_(min=-1.0 + torch.finfo(y.dtype).eps).log1p_()
+        return z.add_(y.clamp(min=0.0)), torch.ops.aten.elu_backward(dy, alpha, 1.0, 1.0, True, y)
+    return y.clone(), dy.clone()
 
 
-def _normalized_from_output(y: Tensor, dy: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                            inversion: Inversion) -> Tuple[Tensor, Tensor]:
-    """(xhat, dL/dz) in the accumulation dtype, from the output and its gradient."""
-    acc = _Core.accumulation_dtype(y.dtype)
-    z, dz = _preactivation(y.to(acc), dy.to(acc), inversion)
-    if weight is None:
-        return z, dz
-    ndim = y.dim()
-    xhat = (z - _Core.channel_view(bias.to(acc), ndim)) / _Core.channel_view(weight.to(acc), ndim)
-    return xhat, dz
+class _FromOutput:
+    """The backward's arithmetic from the output y: local sums, then the input gradient.
 
+    The torch path inverts the activation once and keeps xhat and dz (two buffers) across the
+    all-reduce; the Triton path recomputes them from y in each of its two passes.
+    """
 
-def backward_sums_from_output(dy: Tensor, y: Tensor, weight: Optional[Tensor],
-                              bias: Optional[Tensor], inversion: Inversion) -> Tensor:
-    """[sum dz (C), sum dz * xhat (C)] of the local batch in the accumulation dtype."""
-    if _Core.uses_triton(y):
-        return triton_kernels.activated_backward_payload(dy, y, weight, bias, inversion.code,
-                                                         inversion.parameter)
-    xhat, dz = _normalized_from_output(y, dy, weight, bias, inversion)
-    dims = _Core.reduction_dims(y.dim())
-    return torch.cat([dz.sum(dims), (dz * xhat).sum(dims)])
+    def __init__(self, y: Tensor, dy: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 inversion: Inversion):
+        self.y, self.dy, self.weight, self.bias, self.inversion = y, dy, weight, bias, inversion
+        self.triton = _Core.uses_triton(y)
+        if not self.triton:
+            acc, ndim = _Core.accumulation_dtype(y.dtype), y.dim()
+            z, self.dz = _preactivation(y.to(acc), dy.to(acc), inversion)
+            if weight is not None:  # xhat = (z - bias) / weight, in place on the fresh z
+                z.sub_(_Core.channel_view(bias.to(acc), ndim)).div_(_Core.channel_view(weight.to(acc), ndim))
+            self.xhat = z
 
+    def local_sums(self) -> Tensor:
+        """[sum dz (C), sum dz * xhat (C)] of the local batch in the accumulation dtype."""
+        if self.triton:
+            return triton_kernels.activated_backward_payload(
+                self.dy, self.y, self.weight, self.bias, self.inversion.code, self.inversion.parameter)
+        dims = _Core.reduction_dims(self.y.dim())
+        return torch.cat([self.dz.sum(dims), (self.dz * self.xhat).sum(dims)])
 
-def input_grad_from_output(dy: Tensor, y: Tensor, var: Tensor, weight: Optional[Tensor],
-                           bias: Optional[Tensor], eps: float, inversion: Inversion,
-                           global_sums: Tensor, count: Tensor) -> Tensor:
-    """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), means over the group."""
-    if _Core.uses_triton(y):
-        return triton_kernels.activated_input_grad(dy, y, var, weight, bias, eps, inversion.code,
-                                                   inversion.parameter, global_sums, count)
-    xhat, dz = _normalized_from_output(y, dy, weight, bias, inversion)
-    acc, ndim, channels = xhat.dtype, y.dim(), y.shape[1]
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    scale = invstd if weight is None else weight.to(acc) * invstd
-    safe_count = count.to(acc).clamp(min=1.0)
-    mean_dz = _Core.channel_view(global_sums[:channels].to(acc) / safe_count, ndim)
-    mean_dz_xhat = _Core.channel_view(global_sums[channels:].to(acc) / safe_count, ndim)
-    # Out of place first: for identity without affine, xhat and dz alias y and dy.
-    dx = (dz - mean_dz).addcmul_(xhat, mean_dz_xhat, value=-1.0)
-    return dx.mul_(_Core.channel_view(scale, ndim)).to(y.dtype)
+    def input_grad(self, var: Tensor, eps: float, global_sums: Tensor, count: Tensor) -> Tensor:
+        """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), means over the group."""
+        if self.triton:
+            return triton_kernels.activated_input_grad(
+                self.dy, self.y, var, self.weight, self.bias, eps, self.inversion.code,
+                self.inversion.parameter, global_sums, count)
+        xhat, dz = self.xhat, self.dz
+        acc, ndim, channels = xhat.dtype, xhat.dim(), xhat.shape[1]
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        scale = invstd if self.weight is None else self.weight.to(acc) * invstd
+        safe_count = count.to(acc).clamp(min=1.0)
+        mean_dz = _Core.channel_view(global_sums[:channels].to(acc) / safe_count, ndim)
+        mean_dz_xhat = _Core.channel_view(global_sums[channels:].to(acc) / safe_count, ndim)
+        # In place on the two buffers this object owns: no third activation-sized buffer.
+        dx = dz.sub_(mean_dz).sub_(xhat.mul_(mean_dz_xhat)).mul_(_Core.channel_view(scale, ndim))
+        return dx.to(self.y.dtype)
 
 
 class _SyncBatchNormActFunction(torch.autograd.Function):
@@ -263,7 +267,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         y, weight, bias, var, count = ctx.saved_tensors
         dy = dy.contiguous(memory_format=_Core.memory_format(y))
         # Local sums from the output, one all-reduce, then the input gradient.
-        local_sums = backward_sums_from_output(dy, y, weight, bias, ctx.inversion)
+        from_output = _FromOutput(y, dy, weight, bias, ctx.inversion)
+        local_sums = from_output.local_sums()
         channels = y.shape[1]
         grad_x = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -272,8 +277,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             grad_bias = local_sums[:channels].to(weight.dtype)
         if ctx.needs_input_grad[0]:
             global_sums = _Core.reduce_backward(local_sums, ctx.comm, ctx.layer, y.dtype, ctx.debug)
-            grad_x = input_grad_from_output(dy, y, var, weight, bias, ctx.eps, ctx.inversion,
-                                            global_sums, count)
+            grad_x = from_output.input_grad(var, ctx.eps, global_sums, count)
         return (grad_x, grad_weight, grad_bias) + (None,) * 11
 
 
