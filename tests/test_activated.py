@@ -307,37 +307,33 @@ def test_output_modified_in_place_afterwards_makes_backward_raise():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("tiny", [0.0, 1e-5])
-def test_weight_near_zero_falls_back_out_of_place_with_correct_grads(tiny):
-    layer = syncbn.SyncBatchNormAct(4, activation="elu")
-    weight, bias = torch.tensor([1.0, tiny, -0.7, 1.3]), torch.tensor([0.2, 0.5, -0.1, 0.0])
+def _step_with_weights(activation: str, weight: torch.Tensor, bias: torch.Tensor):
+    """One training step of a layer with these weights on a non-leaf input, and the oracle's."""
+    layer = syncbn.SyncBatchNormAct(4, activation=activation, negative_slope=SLOPE)
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     leaf = torch.randn(3, 4, 5, 5, requires_grad=True)
     x = leaf * 1.0
     y = layer(x)
+    in_place = y.data_ptr() == x.data_ptr()
     y.sum().backward()
-    assert y.data_ptr() != x.data_ptr()
-    expected_y, expected_dx, expected_dweight = _oracle_grads(leaf, "elu", weight, bias)
+    expected_y, expected_dx, expected_dweight = _oracle_grads(leaf, activation, weight, bias)
     torch.testing.assert_close(y.double(), expected_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaf.grad.double(), expected_dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight.grad.double(), expected_dweight, rtol=1e-4, atol=1e-4)
+    return in_place
 
 
-def test_negative_weights_are_inverted_exactly():
-    layer = syncbn.SyncBatchNormAct(4, negative_slope=SLOPE)
+@pytest.mark.parametrize("tiny", [0.0, 1e-5])
+def test_weight_near_zero_falls_back_out_of_place_with_correct_grads(tiny):
+    weight, bias = torch.tensor([1.0, tiny, -0.7, 1.3]), torch.tensor([0.2, 0.5, -0.1, 0.0])
+    assert not _step_with_weights("elu", weight, bias)
+
+
+def test_negative_weights_are_inverted_in_place_with_correct_grads():
     weight, bias = torch.tensor([-1.0, -0.5, 0.7, -2.0]), torch.tensor([0.2, 0.5, -0.1, 0.0])
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-    leaf = torch.randn(3, 4, 5, 5, requires_grad=True)
-    x = leaf * 1.0
-    y = layer(x)
-    assert y.data_ptr() == x.data_ptr()
-    y.sum().backward()
-    expected_y, expected_dx, _ = _oracle_grads(leaf, "leaky_relu", weight, bias)
-    torch.testing.assert_close(leaf.grad.double(), expected_dx, rtol=1e-5, atol=1e-5)
+    assert _step_with_weights("leaky_relu", weight, bias)
 
 
 def test_backward_with_create_graph_raises_a_clear_error():
@@ -484,3 +480,16 @@ def test_strided_and_empty_input_through_the_kernels(affine):
     assert tk.normalize_activate(empty, torch.zeros(3), torch.ones(3), None, None, 1e-5, 1, 0.1,
                                  True).shape == empty.shape
     assert torch.equal(tk.activated_backward_payload(empty, empty, None, None, 2, 1.0), torch.zeros(6))
+
+
+# ----- the memory claim, as benchmarks/memory.py counts it -----------------------------------
+
+@pytest.mark.parametrize("model_name", ["ResNet-50 v2-style", "segmentation-style"])
+def test_norm_act_layers_keep_at_least_40_percent_fewer_bytes_in_whole_networks(model_name):
+    from benchmarks import memory
+
+    x, _ = memory.batch_and_loss(model_name, 1)
+    kept = {arm: memory.kept_bytes(memory.build(model_name, arm), x) for arm in memory.ARMS}
+    for baseline in ("torch BN + act", "SyncBN + act"):
+        ratio = kept["SyncBNAct"]["norm_act_bytes"] / kept[baseline]["norm_act_bytes"]
+        assert ratio <= 0.6, f"{model_name}: SyncBNAct keeps {ratio:.2f}x the bytes of {baseline}"
