@@ -338,6 +338,11 @@ def _mib(value: float) -> str:
     return f"{value / 2 ** 20:.1f}"
 
 
+def _over(m: Dict, arm: str) -> str:
+    excess = m["peak_at_largest_batch"][arm] / m["budget_bytes"] - 1
+    return f", {100 * excess:.0f}% over the budget" if excess > 0.005 else ""
+
+
 def markdown(results: Dict, figure: str) -> str:
     stamp = results["stamp"]
     lines = [
@@ -374,9 +379,9 @@ def markdown(results: Dict, figure: str) -> str:
             f"than SyncBN + act; the whole model keeps "
             f"{100 * (1 - act['unique_bytes'] / base['unique_bytes']):.0f}% fewer bytes.",
             f"- Budget {_mib(m['budget_bytes'])} MiB (torch BN + act's peak at batch {largest}): "
-            "largest batch " + ", ".join(
+            "largest batch from the fit " + ", ".join(
                 f"{arm} {m['largest_batch'][arm]} (measured peak "
-                f"{_mib(m['peak_at_largest_batch'][arm])} MiB)" for arm in ARMS)
+                f"{_mib(m['peak_at_largest_batch'][arm])} MiB{_over(m, arm)})" for arm in ARMS)
             + f"; SyncBNAct fits {ratio_largest:.2f}x the batch of torch BN + act.",
             f"- Step time at batch {m['time_batch']}: " + ", ".join(
                 f"{arm} {m['step_ms'][arm]:.0f} ms" for arm in ARMS)
@@ -431,16 +436,23 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer and smaller batches")
     parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON results")
     parser.add_argument("--figures", default=FIGURES_DIR, help="folder for the plot and Markdown")
+    parser.add_argument("--render", action="store_true",
+                        help="redo the plot and Markdown from the JSON in --out, measuring nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
-    results = measure(args.quick)
-    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "memory.json")
+    if args.render:
+        with open(json_path) as handle:
+            results = json.load(handle)
+    else:
+        results = measure(args.quick)
+        os.makedirs(args.out, exist_ok=True)
+        with open(json_path, "w") as handle:
+            json.dump(results, handle, indent=1)
     os.makedirs(args.figures, exist_ok=True)
-    with open(os.path.join(args.out, "memory.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
     figure = "memory_inplace_activated.png"
     plot(results, os.path.join(args.figures, figure))
     text = markdown(results, figure)
