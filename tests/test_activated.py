@@ -229,6 +229,21 @@ def test_invalid_input_on_one_rank_raises_on_every_rank(rank_pool):
     assert rank1.startswith("CollectiveError") and "invalid input" in rank1
 
 
+def _layers_differ_across_ranks() -> str:
+    rank = syncbn.resolve_communicator().rank
+    layer = syncbn.SyncBatchNormAct(3, name=f"stage{rank}.bn", debug=True)
+    try:
+        layer(torch.randn(2, 3, 4) * 1.0)
+    except syncbn.CollectiveMismatchError as error:
+        return str(error)
+    return "no error"
+
+
+def test_debug_guard_turns_mismatched_layers_into_an_error_on_every_rank(rank_pool):
+    messages = rank_pool(2, "gloo").run(_layers_differ_across_ranks, timeout=60)
+    assert all("SyncBatchNormAct(3) 'stage" in m and "disagree" in m for m in messages), messages
+
+
 # ----- memory: storage reuse and what the graph keeps ----------------------------------------
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tensor]:
