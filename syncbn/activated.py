@@ -23,7 +23,13 @@ When in place is unsafe, the layer falls back (same output, same gradients, same
   storage; the graph still keeps only the output;
 - a channel's weight is too small for the inversion (|weight| < 1e-3 * max(1, |bias|)): the
   layer runs SyncBatchNorm and the activation out of place, keeping the input. Checking this
-  reads C booleans on the host (a sync on GPU) in each training forward.
+  reads C booleans on the host (a sync on GPU) in each training forward;
+- ELU on fp16/bf16 input: SyncBatchNorm then ELU, out of place. ELU flattens towards -alpha:
+  recovering z from y = alpha * (exp(z) - 1) turns y's rounding u (half its spacing near 1)
+  into an error of about u * exp(-z) in z (alpha = 1): at z = -4, 0.01 in fp16 and 0.1 in
+  bf16; in fp32 1e-4 at z = -8, and where exp(z) < 2**-23 (z < -15.9) z is lost and taken as
+  -15.9 (finite). dx at such a position is then off by invstd * (z_true - z) * mean(dz * xhat).
+  leaky_relu has no such limit.
 
 Overwriting the input is the contract of ``inplace=True``, as with ``nn.ReLU(inplace=True)``:
 code must not read the input after the layer. An earlier op that saved the input for its own
@@ -287,6 +293,10 @@ def _inplace_is_safe(x: Tensor) -> bool:
     return not leaf_needing_grad and not x._is_view()
 
 
+def _output_keeps_enough_precision(inversion: Inversion, dtype: torch.dtype) -> bool:
+    return inversion.code != 2 or dtype not in (torch.float16, torch.bfloat16)
+
+
 def _weights_invertible(weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
     if weight is None:
         return True
@@ -346,6 +356,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         self._last_input_dim = input.dim()
         inversion = inversion_of(self.act)
         if (not self.training or inversion is None
+                or not _output_keeps_enough_precision(inversion, input.dtype)
                 or not _weights_invertible(self.weight, self.bias)):
             return self.drop(self.act(super().forward(input)))
         comm = _Core.resolve_communicator(self.process_group)

@@ -131,7 +131,9 @@ def assert_matches_oracle(runs: List[Run], scenario: Scenario, activation: str,
 def test_one_process_equals_float64_batchnorm_then_activation_in_place(activation, dtype):
     scenario = Scenario(sizes=(6,), steps=2)
     run = run_act_rank(scenario, activation, dtype)
-    assert all(run.reused_input_storage)
+    # ELU's output in half precision does not keep z: that case runs out of place.
+    half_elu = activation == "elu" and dtype in (torch.float16, torch.bfloat16)
+    assert all(run.reused_input_storage) != half_elu
     assert all(y.dtype == dtype for y in run.y)
     assert_matches_oracle([run], scenario, activation, dtype)
 
@@ -475,8 +477,23 @@ def test_layer_through_the_kernels_equals_the_oracle(activation, dtype, channels
     scenario = Scenario(sizes=(3,), spatial=(3, 4), channels_last=channels_last)
     assert syncbn.batchnorm_math.uses_triton(torch.zeros(1, 3, dtype=dtype))
     run = run_act_rank(scenario, activation, dtype)
-    assert all(run.reused_input_storage)
+    assert all(run.reused_input_storage) != (activation == "elu" and dtype != torch.float32)
     assert_matches_oracle([run], scenario, activation, dtype)
+
+
+@in_interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_many_tiles_and_programs_through_the_kernels(monkeypatch, channels_last):
+    # Tiny tiles, few target programs: programs walk several tiles and share a sample's
+    # positions, so the backward sums merge many partials and the last tile is ragged.
+    monkeypatch.setattr(tk, "_TILE", 16)
+    monkeypatch.setattr(tk, "_TARGET_PROGRAMS", 8)
+    scenario = Scenario(sizes=(3,), spatial=(7, 9), channels=5, channels_last=channels_last)
+    x = layout(torch.zeros((3, 5, 7, 9)), channels_last)
+    assert tk._grid(x).tiles > 1 and tk._grid(x).partials > 1
+    run = run_act_rank(scenario, "leaky_relu", torch.float32)
+    assert all(run.reused_input_storage)
+    assert_matches_oracle([run], scenario, "leaky_relu", torch.float32)
 
 
 @in_interpreter
