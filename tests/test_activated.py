@@ -525,3 +525,14 @@ def test_norm_act_layers_keep_at_least_40_percent_fewer_bytes_in_whole_networks(
     for baseline in ("torch BN + act", "SyncBN + act"):
         ratio = kept["SyncBNAct"]["norm_act_bytes"] / kept[baseline]["norm_act_bytes"]
         assert ratio <= 0.6, f"{model_name}: SyncBNAct keeps {ratio:.2f}x the bytes of {baseline}"
+
+
+def test_step_peak_grows_more_slowly_with_the_batch_than_syncbn_plus_activation():
+    from benchmarks import memory
+
+    # A child process with glibc's mmap threshold fixed, as the benchmark measures it.
+    peaks = memory.run_child({"model": "segmentation-style", "batches": [2, 4], "time_batch": 2,
+                              "reps": 1})["peaks"]
+    per_sample = {arm: (peaks[arm]["4"] - peaks[arm]["2"]) / 2 for arm in memory.ARMS}
+    assert per_sample["SyncBNAct"] <= 0.75 * per_sample["SyncBN + act"], per_sample
+    assert per_sample["SyncBNAct"] <= 0.75 * per_sample["torch BN + act"], per_sample
