@@ -392,7 +392,8 @@ def convert_sync_batchnorm_act(module: nn.Module, process_group: Any = None,
 
     The BatchNorm (any torch BatchNorm or syncbn.SyncBatchNorm) becomes a SyncBatchNormAct that
     owns the very activation module and the BatchNorm's parameters and buffers (weights,
-    running statistics, requires_grad, training flag, device, dtype); the activation's slot
+    running statistics, requires_grad, training flag, device, dtype), on ``process_group``
+    (None: a SyncBatchNorm's own group, else the default group); the activation's slot
     holds a FusedActivation, so later modules keep their names. Returns ``module`` (changed in
     place). :func:`revert_sync_batchnorm_act` undoes it exactly.
     """
@@ -402,12 +403,15 @@ def convert_sync_batchnorm_act(module: nn.Module, process_group: Any = None,
             if not (isinstance(bn, _BatchNorm) and not isinstance(bn, SyncBatchNormAct)
                     and type(act) in _FUSABLE and inversion_of(act) is not None):
                 continue
+            group = process_group if process_group is not None else getattr(bn, "process_group", None)
             fused = SyncBatchNormAct(
                 bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                process_group, activation=act, inplace=inplace,
-                name=f"{path}.{bn_name}" if path else bn_name)
+                group, activation=act, inplace=inplace,
+                name=getattr(bn, "name", None) or (f"{path}.{bn_name}" if path else bn_name))
             _move_state(bn, fused)
-            fused.original_class = getattr(bn, "original_class", None) or type(bn)
+            fused.fused_from = type(bn)
+            if hasattr(bn, "original_class"):  # a converted SyncBatchNorm remembers its BatchNorm
+                fused.original_class = bn.original_class
             setattr(sequential, bn_name, fused)
             setattr(sequential, act_name, FusedActivation())
     return module
@@ -423,11 +427,14 @@ def revert_sync_batchnorm_act(module: nn.Module) -> nn.Module:
         for (bn_name, fused), (act_name, slot) in zip(children, children[1:]):
             if not (isinstance(fused, SyncBatchNormAct) and isinstance(slot, FusedActivation)):
                 continue
-            cls = fused.original_class
-            extra = {"process_group": fused.process_group} if issubclass(cls, SyncBatchNorm) else {}
+            cls = fused.fused_from
+            extra = dict(process_group=fused.process_group, name=fused.name) \
+                if issubclass(cls, SyncBatchNorm) else {}
             reverted = cls(fused.num_features, fused.eps, fused.momentum, fused.affine,
                            fused.track_running_stats, **extra)
             _move_state(fused, reverted)
+            if hasattr(fused, "original_class"):
+                reverted.original_class = fused.original_class
             setattr(sequential, bn_name, reverted)
             setattr(sequential, act_name, fused.act)
     return module

@@ -447,6 +447,17 @@ def test_convert_fuses_invertible_pairs_keeps_state_names_and_outputs_and_revert
     assert reverted.state_dict().keys() == before.keys()
 
 
+def test_fusing_converted_syncbatchnorms_keeps_their_group_and_reverts_to_them():
+    group = SingleProcessCommunicator()
+    model = syncbn.convert_sync_batchnorm(_segmentation_head(), process_group=group)
+    fused = syncbn.convert_sync_batchnorm_act(model)
+    assert fused[1].process_group is group and fused[1].name == "1"
+    reverted = syncbn.revert_sync_batchnorm_act(fused)
+    assert type(reverted[1]) is syncbn.SyncBatchNorm and reverted[1].process_group is group
+    assert reverted[1].original_class is nn.BatchNorm2d and type(reverted[2]) is nn.LeakyReLU
+    assert type(syncbn.revert_sync_batchnorm(reverted)[1]) is nn.BatchNorm2d
+
+
 def test_convert_leaves_unrelated_layers_and_existing_fused_layers_alone():
     model = nn.Sequential(syncbn.SyncBatchNormAct(3), nn.LeakyReLU(), nn.Linear(3, 3), nn.BatchNorm1d(3))
     fused = syncbn.convert_sync_batchnorm_act(model)
