@@ -10,6 +10,7 @@ from .comm import (
     TorchDistributedCommunicator,
     resolve_communicator,
 )
+from .activated import SyncBatchNormAct, convert_sync_batchnorm_act, revert_sync_batchnorm_act
 from .convert import convert_sync_batchnorm, revert_sync_batchnorm
 from .distributed import DistInfo, init_distributed
 from .functional import sync_batch_norm
@@ -23,7 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "init_distributed", "DistInfo",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "sync_batch_norm",
+    "convert_sync_batchnorm_act",
+    "revert_sync_batchnorm_act",
     "convert_sync_batchnorm",
     "revert_sync_batchnorm",
     "new_groups",

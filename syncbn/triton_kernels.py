@@ -15,6 +15,9 @@ own dtype and layout.
 - normalize: one pass, y = (x - mean) * weight * invstd + bias.
 - backward_payload: one pass over (dy, x): partial sums of dy and dy * (x - mean) * invstd.
 - input_grad: one pass, dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+- normalize_activate, activated_backward_payload, activated_input_grad: the same passes for
+  in-place activated BatchNorm (syncbn.activated); the forward may write into x, the backward
+  reads the output y instead of x and inverts the activation to get xhat.
 
 The elementwise passes subtract the fp64 mean as two fp32 parts (hi, then lo): x - hi is exact
 for x near the mean, so xhat keeps fp32 precision relative to the spread even at mean 1e4.
@@ -49,6 +52,9 @@ __all__ = [
     "normalize",
     "backward_payload",
     "input_grad",
+    "normalize_activate",
+    "activated_backward_payload",
+    "activated_input_grad",
 ]
 
 # Decided when the kernels below are decorated: TRITON_INTERPRET=1 at import runs them on CPU.
@@ -216,6 +222,114 @@ def _input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, sum
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# ----- In-place activated BatchNorm (syncbn.activated): ACTIVATION 0 identity, 1 leaky_relu
+# (PARAMETER: slope), 2 elu (PARAMETER: alpha). The backward reads the output y, not x.
+
+@_jit
+def _activate(z, parameter, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        z = tl.where(z < 0, z * parameter, z)
+    elif ACTIVATION == 2:
+        z = tl.where(z < 0, parameter * (tl.exp(z) - 1.0), z)
+    return z
+
+
+@_jit
+def _preactivation(y, dy, parameter, ACTIVATION: tl.constexpr):
+    """(z, dL/dz): the activation inverted from y, its derivative written in y."""
+    z = y
+    dz = dy
+    if ACTIVATION == 1:
+        z = tl.where(y < 0, y / parameter, y)
+        dz = tl.where(y < 0, dy * parameter, dy)
+    elif ACTIVATION == 2:
+        # y > -alpha in exact arithmetic; the floor keeps log finite where y rounded onto -alpha.
+        z = tl.where(y < 0, tl.log(tl.maximum(1.0 + y / parameter, 1.1920929e-07)), y)
+        dz = tl.where(y < 0, dy * (y + parameter), dy)
+    return z, dz
+
+
+@_jit
+def _affine_inverse(weight_ptr, bias_ptr, c, c_mask):
+    """Per channel 1 / weight and bias (1 and 0 without affine), for xhat = (z - bias) / weight."""
+    inv_weight = tl.full(c.shape, 1.0, tl.float32)
+    shift = tl.zeros(c.shape, dtype=tl.float32)
+    if weight_ptr is not None:
+        inv_weight = 1.0 / tl.load(weight_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    return inv_weight, shift
+
+
+@_jit
+def _normalize_activate_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
+                               parameter, C, S, stride_n, stride_c, stride_s, chunks, tiles,
+                               ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_S: tl.constexpr):
+    """y = act((x - mean) * invstd * weight + bias); y_ptr may be x_ptr (each value is read
+    and written by the same program, read first)."""
+    c, c_mask, n, chunk, _ = _coords(C, chunks, BLOCK_C)
+    mean_hi, mean_lo, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask, eps)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if bias_ptr is not None:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    for t in range(tiles):
+        offsets, mask, _ = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
+                                 tiles, BLOCK_S)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z = _centered(x, mean_hi, mean_lo) * scale[:, None] + shift[:, None]
+        y = _activate(z, parameter, ACTIVATION)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _activated_grad_stats_kernel(dy_ptr, y_ptr, weight_ptr, bias_ptr, part_ptr, parameter, P,
+                                 C, S, stride_n, stride_c, stride_s, chunks, tiles,
+                                 ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+    """Partials [2, C, P]: sum dz and sum dz * xhat of each program's chunk, from y."""
+    c, c_mask, n, chunk, part = _coords(C, chunks, BLOCK_C)
+    inv_weight, shift = _affine_inverse(weight_ptr, bias_ptr, c, c_mask)
+    sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(tiles):
+        offsets, mask, _ = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
+                                 tiles, BLOCK_S)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z, dz = _preactivation(y, dy, parameter, ACTIVATION)
+        xhat = (z - shift[:, None]) * inv_weight[:, None]
+        sum_dz += tl.sum(dz, axis=1)
+        sum_dz_xhat += tl.sum(dz * xhat, axis=1)  # dz is 0 where masked
+    out = part_ptr + c * P + part
+    tl.store(out, sum_dz, mask=c_mask)
+    tl.store(out + C * P, sum_dz_xhat, mask=c_mask)
+
+
+@_jit
+def _activated_input_grad_kernel(dy_ptr, y_ptr, dx_ptr, var_ptr, weight_ptr, bias_ptr, sums_ptr,
+                                 count_ptr, eps, parameter, C, S, stride_n, stride_c, stride_s,
+                                 chunks, tiles, ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+    """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), from y."""
+    c, c_mask, n, chunk, _ = _coords(C, chunks, BLOCK_C)
+    inv_weight, shift = _affine_inverse(weight_ptr, bias_ptr, c, c_mask)
+    scale = tl.rsqrt(tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32) + eps)
+    if weight_ptr is not None:
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+    mean_dz = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    mean_dz_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    for t in range(tiles):
+        offsets, mask, _ = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
+                                 tiles, BLOCK_S)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z, dz = _preactivation(y, dy, parameter, ACTIVATION)
+        xhat = (z - shift[:, None]) * inv_weight[:, None]
+        dx = scale[:, None] * (dz - mean_dz[:, None] - xhat * mean_dz_xhat[:, None])
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class _Grid:
     """How the kernels walk x viewed as [n, channels, s] with the given strides."""
@@ -337,4 +451,54 @@ def input_grad(
     grid = _grid(x)
     _input_grad_kernel[grid.programs](dy, x, dx, mean, var, weight, global_payload, count, eps,
                                       *grid.args, **grid.meta)
+    return dx
+
+
+def normalize_activate(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, activation: int, parameter: float, inplace: bool,
+) -> Tensor:
+    """act(weight * (x - mean) * invstd + bias) in one pass, into x's storage when ``inplace``."""
+    dense, _ = _dense(x)
+    # Not dense: the kernel works on a copy, then the result goes back into x.
+    y = dense if inplace else torch.empty_like(dense)
+    if x.numel() != 0:
+        grid = _grid(dense)
+        _normalize_activate_kernel[grid.programs](dense, y, mean, var, weight, bias, eps, parameter,
+                                                  *grid.args, ACTIVATION=activation, **grid.meta)
+    return x.copy_(y) if inplace and y is not x else y
+
+
+def activated_backward_payload(
+    dy: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: int,
+    parameter: float,
+) -> Tensor:
+    """[sum dz (C), sum dz * xhat (C)] of the local batch in fp32, read from the output y."""
+    channels = y.shape[1]
+    if y.numel() == 0:
+        return torch.zeros(2 * channels, dtype=torch.float32, device=y.device)
+    y, memory_format = _dense(y)
+    dy = dy.contiguous(memory_format=memory_format)
+    grid = _grid(y)
+    partials = torch.empty((2, channels, grid.partials), dtype=torch.float32, device=y.device)
+    _activated_grad_stats_kernel[grid.programs](dy, y, weight, bias, partials, parameter,
+                                                grid.partials, *grid.args, ACTIVATION=activation,
+                                                **grid.meta)
+    return partials.sum(dim=2).reshape(2 * channels)
+
+
+def activated_input_grad(
+    dy: Tensor, y: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, activation: int, parameter: float, global_payload: Tensor, count: Tensor,
+) -> Tensor:
+    """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), read from the output y."""
+    y, memory_format = _dense(y)
+    dx = torch.empty_like(y)
+    if y.numel() == 0:
+        return dx
+    dy = dy.contiguous(memory_format=memory_format)
+    grid = _grid(y)
+    _activated_input_grad_kernel[grid.programs](dy, y, dx, var, weight, bias, global_payload,
+                                                count, eps, parameter, *grid.args,
+                                                ACTIVATION=activation, **grid.meta)
     return dx
