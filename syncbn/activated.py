@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import triton_kernels
-from .convert import _move_state
+from .convert import _move_state, register_converter, register_reverter
 from .module import SyncBatchNorm
 
 Tensor = torch.Tensor
@@ -66,59 +66,38 @@ MIN_INVERTIBLE_WEIGHT = 1e-3
 # change of the core's internals is re-pointed here alone.
 from . import batchnorm_math as _bnm  # noqa: E402
 from . import functional as _functional  # noqa: E402
-from .comm import Communicator, resolve_communicator  # noqa: E402
-from .guard import all_reduce, debug_enabled  # noqa: E402
+from .guard import all_reduce_op, communicator_for, debug_enabled  # noqa: E402
 
 
 class _Core:
     """The statistics, collectives and error handling of SyncBatchNorm, as this layer uses them."""
 
-    resolve_communicator = staticmethod(resolve_communicator)
+    group_of = staticmethod(_functional.group_of)
     debug_enabled = staticmethod(debug_enabled)
     reduction_dims = staticmethod(_bnm.reduction_dims)
     channel_view = staticmethod(_bnm.channel_view)
     accumulation_dtype = staticmethod(_bnm.accumulation_dtype)
     uses_triton = staticmethod(_bnm.uses_triton)
     normalize = staticmethod(_bnm.normalize)
-    memory_format = staticmethod(_functional._memory_format)
+    memory_format = staticmethod(_functional.memory_format)
+    group_statistics = staticmethod(_functional.group_statistics)
+    update_running_stats = staticmethod(_functional.update_running_stats_once)
 
     @staticmethod
-    def check_input(x: Tensor, channels: int, reference: Tensor, comm: Communicator, layer: str,
-                    debug: bool) -> None:
+    def check_input(x: Tensor, channels: int, eps: float, reference: Tensor, comm_key: int,
+                    layer: str, debug: bool) -> None:
         """Raise on every rank if ``x`` is invalid here (the others learn it from the payload)."""
-        problem = _functional.input_problem(x, channels, layer, reference)
+        problem = (_functional.eps_problem(eps, True, layer)
+                   or _functional.input_problem(x, channels, layer, reference))
         if problem is not None:
-            _functional._report_invalid_input(comm, channels, reference.device, layer, problem, debug)
+            _functional.report_invalid_input(communicator_for(comm_key), channels,
+                                             reference.device, layer, problem, debug)
 
     @staticmethod
-    def global_statistics(x: Tensor, comm: Communicator, layer: str, debug: bool,
-                          check_finite: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """(count, mean, var) of the group: the forward all-reduce and the group's errors."""
-        local = _bnm.forward_payload(x)
-        payload = torch.cat([local, local.new_zeros(1)])  # last slot: ranks with invalid input
-        all_reduce(comm, payload, layer, "forward", x.shape[1], x.dtype, debug)
-        count, mean, var = _bnm.global_moments(payload[:-1])
-        if payload.device.type == "cpu" or debug or check_finite:
-            _functional._raise_group_errors(payload, local, comm, layer, x, check_finite)
-        elif comm.size == 1 and _bnm.local_count(x) == 1:
-            raise _functional._single_value_error(layer, comm, x)
-        return count, mean, var
-
-    @staticmethod
-    def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                             num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-                             count: Tensor, mean: Tensor, var: Tensor) -> None:
-        # Activation checkpointing re-runs the forward inside backward: stats already updated.
-        recomputing = torch._C._current_graph_task_id() != -1
-        if running_mean is not None and not recomputing:
-            _bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                      count, mean, var)
-
-    @staticmethod
-    def reduce_backward(local_sums: Tensor, comm: Communicator, layer: str, x_dtype: torch.dtype,
-                        debug: bool) -> Tensor:
-        channels = local_sums.numel() // 2
-        return all_reduce(comm, local_sums.clone(), layer, "backward", channels, x_dtype, debug)
+    def reduce_backward(local_sums: Tensor, comm_key: int, layer: str, debug: bool) -> Tensor:
+        # fp64, as SyncBatchNorm's: ranks with different input dtypes still agree.
+        return all_reduce_op(local_sums.double(), comm_key, layer, "backward",
+                             local_sums.numel() // 2, debug)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,9 +229,10 @@ class _FromOutput:
 class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                eps, comm, layer, debug, check_finite, inversion, inplace):
+                eps, comm_key, layer, debug, check_finite, inversion, inplace):
         # Global statistics: the same payload and all-reduce as SyncBatchNorm.
-        count, mean, var = _Core.global_statistics(x, comm, layer, debug, check_finite)
+        count, mean, var = _Core.group_statistics(x, running_mean, comm_key, layer, debug,
+                                                  check_finite)
         _Core.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                                    count, mean, var)
         # Normalize and activate, into x's storage when in place: the graph keeps y alone.
@@ -260,7 +240,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(y, weight, bias, var, count)
-        ctx.eps, ctx.comm, ctx.layer, ctx.debug, ctx.inversion = eps, comm, layer, debug, inversion
+        ctx.eps, ctx.comm_key, ctx.layer, ctx.debug, ctx.inversion = eps, comm_key, layer, debug, inversion
         return y
 
     @staticmethod
@@ -279,12 +259,12 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = local_sums[channels:].to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_bias = local_sums[:channels].to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = local_sums[:channels].to(bias.dtype)
         if ctx.needs_input_grad[0]:
-            global_sums = _Core.reduce_backward(local_sums, ctx.comm, ctx.layer, y.dtype, ctx.debug)
+            global_sums = _Core.reduce_backward(local_sums, ctx.comm_key, ctx.layer, ctx.debug)
             grad_x = from_output.input_grad(var, ctx.eps, global_sums, count)
-        return (grad_x, grad_weight, grad_bias) + (None,) * 11
+        return (grad_x, grad_weight, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _inplace_is_safe(x: Tensor) -> bool:
@@ -344,11 +324,6 @@ class SyncBatchNormAct(SyncBatchNorm):
         self.drop = drop if drop is not None else nn.Identity()
         self.inplace = inplace
 
-    @property
-    def layer_name(self) -> str:
-        label = f"SyncBatchNormAct({self.num_features})"
-        return f"{label} '{self.name}'" if self.name else label
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", inplace={self.inplace}"
 
@@ -359,16 +334,17 @@ class SyncBatchNormAct(SyncBatchNorm):
                 or not _output_keeps_enough_precision(inversion, input.dtype)
                 or not _weights_invertible(self.weight, self.bias)):
             return self.drop(self.act(super().forward(input)))
-        comm = _Core.resolve_communicator(self.process_group)
+        comm_key, _ = _Core.group_of(self.process_group)
         debug = _Core.debug_enabled(self.debug)
         reference = self.weight if self.weight is not None else self.running_mean
         if reference is None:  # affine=False without running stats: nothing names the device
             reference = input
-        _Core.check_input(input, self.num_features, reference, comm, self.layer_name, debug)
+        _Core.check_input(input, self.num_features, self.eps, reference, comm_key,
+                          self.layer_name, debug)
         track = self.track_running_stats
         y = _SyncBatchNormActFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var,
-            self.num_batches_tracked if track else None, self.momentum, self.eps, comm,
+            self.num_batches_tracked if track else None, self.momentum, self.eps, comm_key,
             self.layer_name, debug, self.check_finite, inversion,
             self.inplace and _inplace_is_safe(input))
         return self.drop(y)
@@ -442,3 +418,37 @@ def revert_sync_batchnorm_act(module: nn.Module) -> nn.Module:
 
 def _sequentials(module: nn.Module):
     return [(path, m) for path, m in module.named_modules() if isinstance(m, nn.Sequential)]
+
+
+# ----- timm's BatchNormAct2d (efficientnet, regnet, mobilenetv3...): BatchNorm, act, drop ------
+# Registered by name: importing timm here would load torchvision's compiled operators.
+_TIMM_BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
+
+
+def _from_timm_batchnorm_act(layer: _BatchNorm, process_group: Any, path: str) -> SyncBatchNormAct:
+    """The same function synchronized: its drop and act modules kept, run out of place.
+
+    BatchNormAct2d applies drop, then act: the pair becomes this layer's activation module.
+    """
+    synced = SyncBatchNormAct(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                              layer.track_running_stats, process_group,
+                              activation=nn.Sequential(layer.drop, layer.act), inplace=False,
+                              name=path or None)
+    _move_state(layer, synced)
+    # Kept for revert, in a tuple so that it is not registered as a child module.
+    synced.original_module = (layer,)
+    return synced
+
+
+def _to_original_module(layer: SyncBatchNormAct, path: str) -> nn.Module:
+    original = getattr(layer, "original_module", None)
+    if original is None:
+        raise ValueError(
+            f"revert_sync_batchnorm: '{path or layer.layer_name}' is a SyncBatchNormAct that was not "
+            "converted from another layer; revert_sync_batchnorm_act reverts fused Sequential pairs")
+    _move_state(layer, original[0])
+    return original[0]
+
+
+register_converter(_TIMM_BATCHNORM_ACT, _from_timm_batchnorm_act)
+register_reverter(SyncBatchNormAct, _to_original_module)

@@ -36,7 +36,9 @@ from . import batchnorm_math as bnm
 from .comm import Communicator, resolve_communicator
 from .guard import CollectiveError, all_reduce, all_reduce_op, communicator_for, communicator_key, debug_enabled
 
-__all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once"]
+__all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
+           "group_statistics", "update_running_stats_once", "report_invalid_input", "eps_problem",
+           "memory_format"]
 
 Tensor = torch.Tensor
 
@@ -82,14 +84,14 @@ def resolve_once(process_group: Any) -> Communicator:
 
 
 @torch.compiler.assume_constant_result
-def _group_of(process_group: Any) -> Tuple[int, int]:
+def group_of(process_group: Any) -> Tuple[int, int]:
     """(communicator key, group size) of ``process_group``: plain ints, which torch.compile
     bakes into its graph, calling this at trace time rather than tracing the resolution."""
     comm = resolve_once(process_group)
     return communicator_key(comm), comm.size
 
 
-def _eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
+def eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
     # torch 2.13's F.batch_norm: eps must be positive in training, non-negative in eval.
     if training and eps <= 0:
         return ValueError(f"{layer}: eps must be positive during training, got {eps}")
@@ -179,7 +181,7 @@ def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
                       f"in the whole group (input shape on rank {rank}: {tuple(shape)})")
 
 
-def _report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
+def report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
                           problem: Exception, debug: bool) -> None:
     """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise."""
     payload = torch.zeros(2 * channels + 1 + _FLAGS, dtype=torch.float64, device=device)
@@ -188,7 +190,7 @@ def _report_invalid_input(comm: Communicator, channels: int, device: torch.devic
     raise problem
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
@@ -196,16 +198,38 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def group_statistics(x: Tensor, running_mean: Optional[Tensor], comm_key: int, layer: str,
+                     debug: bool, check_finite: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, biased var) of the group: local moments, then the forward all-reduce(s).
+
+    The shift every rank shares, and that tracks the mean, is the running mean where there is
+    one (syncbn keeps it identical on every rank), else 0.
+    """
+    if running_mean is not None:
+        shift = running_mean.detach().double()
+    else:
+        shift = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    mean, m2 = bnm.local_moments(x)
+    return _sync_moments(x, mean, m2, bnm.local_count(x), shift, x.dtype == torch.float64,
+                         comm_key, layer, debug, check_finite, list(x.shape))
+
+
+def update_running_stats_once(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                              count: Tensor, mean: Tensor, var: Tensor) -> None:
+    """batchnorm_math.update_running_stats, except in a checkpoint's recompute of this step."""
+    if running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint()):
+        bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                                 count, mean, var)
+
+
 class _SyncBatchNorm(torch.autograd.Function):
     """y = BatchNorm(x) with group statistics; also returns (count, mean, var), not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, eps, comm_key, layer, debug, check_finite):
+    def forward(ctx, x, weight, bias, running_mean, eps, comm_key, layer, debug, check_finite):
         # local moments -> group moments (one all-reduce, errors raised on every rank)
-        mean, m2 = bnm.local_moments(x)
-        count, mean, var = _sync_moments(x, mean, m2, bnm.local_count(x), shift,
-                                         x.dtype == torch.float64, comm_key, layer, debug,
-                                         check_finite, list(x.shape))
+        count, mean, var = group_statistics(x, running_mean, comm_key, layer, debug, check_finite)
         ctx.save_for_backward(x, weight, bias, mean, var, count)
         ctx.eps, ctx.comm_key, ctx.layer, ctx.debug = eps, comm_key, layer, debug
         ctx.mark_non_differentiable(count, mean, var)
@@ -222,7 +246,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
 def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, weight, bias, mean, var, count = ctx.saved_tensors
-    dy = dy.contiguous(memory_format=_memory_format(x))
+    dy = dy.contiguous(memory_format=memory_format(x))
     channels = x.shape[1]
     # local [sum dy, sum dy * xhat]; in fp64, so ranks with different input dtypes still agree
     local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps).double()
@@ -335,7 +359,7 @@ def sync_batch_norm(
     reference = next((t for t in (weight, running_mean) if t is not None), None)
     channels = num_features if num_features is not None else (
         reference.shape[0] if reference is not None else (input.shape[1] if input.dim() >= 2 else None))
-    problem = _eps_problem(eps, training, layer) or input_problem(input, channels, layer, reference)
+    problem = eps_problem(eps, training, layer) or input_problem(input, channels, layer, reference)
     if not training:
         if problem is not None:
             raise problem
@@ -344,7 +368,7 @@ def sync_batch_norm(
         use_batch = running_mean is None or running_var is None
         return F.batch_norm(input, running_mean, running_var, weight, bias, use_batch, 0.0, eps)
     try:
-        comm_key, group_size = _group_of(process_group)
+        comm_key, group_size = group_of(process_group)
     except RuntimeError as error:  # no group where the launcher says there is one: name the layer
         raise RuntimeError(f"{layer}: {error}") from error
     if group_size == 1:
@@ -359,15 +383,9 @@ def sync_batch_norm(
         if channels is None:
             raise problem  # no channel count to size the shared payload by
         device = reference.device if reference is not None else input.device
-        _report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug)
-    # A shift every rank shares and that tracks the mean: the running mean where there is one.
-    if running_mean is not None:
-        shift = running_mean.detach().double()
-    else:
-        shift = torch.zeros(channels, dtype=torch.float64, device=input.device)
-    y, count, mean, var = _SyncBatchNorm.apply(input, weight, bias, shift, eps, comm_key, layer,
-                                               debug, check_finite)
-    if running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint()):
-        bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                 count, mean, var)
+        report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug)
+    y, count, mean, var = _SyncBatchNorm.apply(input, weight, bias, running_mean, eps, comm_key,
+                                               layer, debug, check_finite)
+    update_running_stats_once(running_mean, running_var, num_batches_tracked, momentum,
+                              count, mean, var)
     return y

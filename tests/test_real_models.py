@@ -244,42 +244,22 @@ def test_converted_model_computes_the_same_function_in_train_and_eval(name):
     torch.testing.assert_close(converted.state_dict(), model.state_dict(), rtol=1e-9, atol=1e-10)
 
 
-def test_timm_batchnorm_act_is_refused_until_a_converter_is_registered():
-    model = timm.create_model("efficientnet_b0")
-    with pytest.raises(ValueError, match=r"'bn1' \(timm\.layers\.norm_act\.BatchNormAct2d\) is a "
-                                         r"BatchNorm subclass with its own forward"):
-        syncbn.convert_sync_batchnorm(model)
-    assert type(model.bn1) is timm.layers.BatchNormAct2d
-
-
-def _batchnorm_act_as_sync_then_drop_then_act(layer, process_group, path):
-    """A stand-in for the activated SyncBatchNorm: BatchNormAct2d runs norm, drop, act."""
-    sync = syncbn.SyncBatchNorm(layer.num_features, layer.eps, layer.momentum, layer.affine,
-                                layer.track_running_stats, process_group, dtype=layer.weight.dtype,
-                                name=path)
-    sync.load_state_dict(layer.state_dict())
-    return torch.nn.Sequential(sync, layer.drop, layer.act)
-
-
-@pytest.fixture
-def batchnorm_act_converter():
-    from syncbn import convert
-
-    key = "timm.layers.norm_act.BatchNormAct2d"  # registered by name, as the library would
-    convert.register_converter(key, _batchnorm_act_as_sync_then_drop_then_act)
-    yield
-    del convert._CONVERTERS[key]
-
-
-def test_a_registered_converter_makes_efficientnet_compute_the_same_function(batchnorm_act_converter):
+def test_timm_batchnorm_act_becomes_sync_batchnorm_act_computing_the_same_function_and_reverts():
+    # BatchNormAct2d runs norm, drop, act: a plain SyncBatchNorm would drop the last two.
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", num_classes=CLASSES).double()
     converted = syncbn.convert_sync_batchnorm(copy.deepcopy(model))
     assert not any(isinstance(m, timm.layers.BatchNormAct2d) for m in converted.modules())
+    assert isinstance(converted.bn1, syncbn.SyncBatchNormAct) and converted.bn1.name == "bn1"
     images = _global_batch("timm_resnet10t", 0)[0][:2]
     for training in (True, False):
         torch.testing.assert_close(converted.train(training)(images), model.train(training)(images),
                                    rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(converted.state_dict(), model.state_dict(), rtol=0, atol=0)
+    reverted = syncbn.revert_sync_batchnorm(converted)
+    assert type(reverted.bn1) is timm.layers.BatchNormAct2d
+    assert not any(isinstance(m, syncbn.SyncBatchNorm) for m in reverted.modules())
+    torch.testing.assert_close(reverted.eval()(images), model.eval()(images), rtol=1e-9, atol=1e-10)
 
 
 def test_frozen_batchnorm_is_left_alone():
