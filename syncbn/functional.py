@@ -357,7 +357,7 @@ def sync_batch_norm(
     ``num_features``: the channel count (default: the length of ``weight`` or ``running_mean``,
     else the input's dim 1); a rank whose input disagrees with it raises on every rank.
     """
-    reference = next((t for t in (weight, running_mean) if t is not None), None)
+    reference = weight if weight is not None else running_mean
     channels = num_features if num_features is not None else (
         reference.shape[0] if reference is not None else (input.shape[1] if input.dim() >= 2 else None))
     problem = eps_problem(eps, training, layer) or input_problem(input, channels, layer, reference)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -25,6 +25,11 @@ class SyncBatchNorm(_BatchNorm):
     ``debug`` turns on the collective cross-check (default: the SYNCBN_DEBUG variable);
     ``check_finite`` refuses NaN/Inf batches on every rank before running statistics change.
     """
+
+    # The dims of the last input seen: revert_sync_batchnorm picks BatchNorm1d/2d/3d by it.
+    _last_input_dim: Optional[int] = None
+    # (name, layer_name) of the last name the layer had
+    _layer_name: Optional[Tuple[Optional[str], str]] = None
 
     def __init__(
         self,
@@ -50,12 +55,18 @@ class SyncBatchNorm(_BatchNorm):
 
     @property
     def layer_name(self) -> str:
-        label = f"{type(self).__name__}({self.num_features})"
-        return f"{label} '{self.name}'" if self.name else f"{label} #{self.construction_index}"
+        # Built once per name: it is passed on every forward.
+        cached = self._layer_name
+        if cached is None or cached[0] != self.name:
+            label = f"{type(self).__name__}({self.num_features})"
+            text = f"{label} '{self.name}'" if self.name else f"{label} #{self.construction_index}"
+            cached = self._layer_name = (self.name, text)
+        return cached[1]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Input is validated in sync_batch_norm, which tells the other ranks when it is bad.
-        self._last_input_dim = input.dim()
+        if input.dim() != self._last_input_dim:  # for revert; nn.Module.__setattr__ is slow
+            self._last_input_dim = input.dim()
         track = self.training and self.track_running_stats
         return sync_batch_norm(
             input,
