@@ -66,7 +66,7 @@ MIN_INVERTIBLE_WEIGHT = 1e-3
 # change of the core's internals is re-pointed here alone.
 from . import batchnorm_math as _bnm  # noqa: E402
 from . import functional as _functional  # noqa: E402
-from .guard import all_reduce_op, communicator_for, debug_enabled  # noqa: E402
+from .guard import communicator_for, debug_enabled  # noqa: E402
 
 
 class _Core:
@@ -82,6 +82,7 @@ class _Core:
     memory_format = staticmethod(_functional.memory_format)
     group_statistics = staticmethod(_functional.group_statistics)
     update_running_stats = staticmethod(_functional.update_running_stats_once)
+    backward_sums = staticmethod(_functional.backward_sums)
 
     @staticmethod
     def check_input(x: Tensor, channels: int, eps: float, reference: Tensor, comm_key: int,
@@ -93,11 +94,6 @@ class _Core:
             _functional.report_invalid_input(communicator_for(comm_key), channels,
                                              reference.device, layer, problem, debug)
 
-    @staticmethod
-    def reduce_backward(local_sums: Tensor, comm_key: int, layer: str, debug: bool) -> Tensor:
-        # fp64, as SyncBatchNorm's: ranks with different input dtypes still agree.
-        return all_reduce_op(local_sums.double(), comm_key, layer, "backward",
-                             local_sums.numel() // 2, debug)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -254,15 +250,10 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         dy = dy.contiguous(memory_format=_Core.memory_format(y))
         # Local sums from the output, one all-reduce, then the input gradient.
         from_output = _FromOutput(y, dy, weight, bias, ctx.inversion)
-        local_sums = from_output.local_sums()
-        channels = y.shape[1]
-        grad_x = grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = local_sums[channels:].to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = local_sums[:channels].to(bias.dtype)
-        if ctx.needs_input_grad[0]:
-            global_sums = _Core.reduce_backward(local_sums, ctx.comm_key, ctx.layer, ctx.debug)
+        grad_weight, grad_bias, global_sums = _Core.backward_sums(ctx, from_output.local_sums(),
+                                                                  weight, bias)
+        grad_x = None
+        if global_sums is not None:
             grad_x = from_output.input_grad(var, ctx.eps, global_sums, count)
         return (grad_x, grad_weight, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 3)
 

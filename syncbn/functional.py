@@ -37,8 +37,8 @@ from .comm import Communicator, resolve_communicator
 from .guard import CollectiveError, all_reduce, all_reduce_op, communicator_for, communicator_key, debug_enabled
 
 __all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
-           "group_statistics", "update_running_stats_once", "report_invalid_input", "eps_problem",
-           "memory_format"]
+           "group_statistics", "update_running_stats_once", "backward_sums", "report_invalid_input",
+           "eps_problem", "memory_format"]
 
 Tensor = torch.Tensor
 
@@ -248,21 +248,34 @@ class _SyncBatchNorm(torch.autograd.Function):
 def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, weight, bias, mean, var, count = ctx.saved_tensors
     dy = dy.contiguous(memory_format=memory_format(x))
-    channels = x.shape[1]
-    # local [sum dy, sum dy * xhat]; in fp64, so ranks with different input dtypes still agree
-    local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps).double()
-    grad_weight = grad_bias = grad_x = None
+    local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps)
+    grad_weight, grad_bias, global_sums = backward_sums(ctx, local_sums, weight, bias)
+    grad_x = None
+    if global_sums is not None:
+        grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
+    return grad_x, grad_weight, grad_bias
+
+
+def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
+                  ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dweight, dbias, group sums) from this rank's [sum dy, sum dy * xhat] (C each).
+
+    dweight and dbias are this rank's own sums (DDP averages them; reducing them here too would
+    count them twice). The group sums, None when x needs no gradient, take the backward
+    all-reduce, in fp64 so that ranks with different input dtypes still agree.
+    """
+    local_sums = local_sums.double()
+    channels = local_sums.numel() // 2
+    grad_weight = grad_bias = global_sums = None
     if weight is not None and ctx.needs_input_grad[1]:
         grad_weight = local_sums[channels:].to(weight.dtype)
     if bias is not None and ctx.needs_input_grad[2]:
         grad_bias = local_sums[:channels].to(bias.dtype)
     if ctx.needs_input_grad[0]:
-        # group sums -> input gradient (one all-reduce)
         # The operator reduces a copy: the gradients above may be views of local_sums.
         global_sums = all_reduce_op(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
                                     ctx.debug)
-        grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
-    return grad_x, grad_weight, grad_bias
+    return grad_weight, grad_bias, global_sums
 
 
 def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:

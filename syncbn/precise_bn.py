@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm

@@ -7,13 +7,11 @@ tests/test_triton_kernels.py.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import pytest
+from triton_interpreter import run_in_interpreter
 import torch
 from torch import nn
 
@@ -25,7 +23,6 @@ from syncbn.activated import FusedActivation
 from syncbn.comm import SingleProcessCommunicator
 from syncbn.testing import RecordingCommunicator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOPE = 0.1
 ACTIVATIONS = ("identity", "leaky_relu", "elu")
 # (rtol, atol) against float64 for values of order 1 computed in each dtype.
@@ -468,16 +465,7 @@ def test_convert_leaves_unrelated_layers_and_existing_fused_layers_alone():
 # ----- Triton kernels, through the interpreter -----------------------------------------------
 
 def test_kernels_in_interpreter() -> None:
-    if not tk.TRITON_AVAILABLE:
-        pytest.skip("triton is not installed")
-    if tk.INTERPRETED:
-        pytest.skip("already inside the interpreter subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", SYNCBN_TRITON="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-         "-k", "through_the_kernels"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
-    assert " passed" in done.stdout.strip().splitlines()[-1], done.stdout[-2000:]
+    run_in_interpreter(__file__, "-k", "through_the_kernels")
 
 
 @in_interpreter

@@ -8,11 +8,10 @@ tests below run (CPU tensors then take the kernels); in any other process they s
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Dict, Optional, Tuple
 
 import pytest
+from triton_interpreter import run_in_interpreter
 import torch
 
 import syncbn
@@ -20,7 +19,6 @@ from syncbn import batchnorm_math as bnm
 from scenarios import IdenticalPeers
 from syncbn import triton_kernels as tk
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 in_interpreter = pytest.mark.skipif(
     not tk.INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_interpreter")
 
@@ -35,16 +33,7 @@ EPS = 1e-5
 
 
 def test_kernels_in_interpreter() -> None:
-    if not tk.TRITON_AVAILABLE:
-        pytest.skip("triton is not installed")
-    if tk.INTERPRETED:
-        pytest.skip("already inside the interpreter subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", SYNCBN_TRITON="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
-    assert " passed" in done.stdout.strip().splitlines()[-1], done.stdout[-2000:]
+    run_in_interpreter(__file__)
 
 
 def test_cpu_tensors_keep_the_torch_path_without_the_interpreter() -> None:
