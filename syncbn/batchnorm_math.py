@@ -157,8 +157,10 @@ def global_moments(payload: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tens
     return count, shift + offset, var
 
 
-def ill_conditioned(payload: Tensor, dtype: torch.dtype, world_size: int) -> bool:
-    """Whether the merge about the payload's shift may have lost precision ``dtype`` would show.
+def ill_conditioned(mean: Tensor, var: Tensor, shift: Tensor, dtype: torch.dtype,
+                    world_size: int) -> bool:
+    """Whether global_moments' (mean, var), merged about ``shift``, may have lost precision that
+    ``dtype`` would show.
 
     The fp64 merge error of var, relative, is about 2^-52 * (W + 1) * (1 + condition), where
     condition = (mean - shift)^2 / var. fp32 statistics (fp32/fp16/bf16 input) carry 2^-24 of
@@ -167,13 +169,9 @@ def ill_conditioned(payload: Tensor, dtype: torch.dtype, world_size: int) -> boo
     2^-53: any condition above 1 may already cost them a few ulps. A host read: on CPU, where
     the payload lives on the host, it is free.
     """
-    channels = (payload.numel() - 1) // 2
-    count = payload[0].clamp(min=1.0)
-    offset = payload[1 : channels + 1] / count
-    second = payload[channels + 1 :] / count
     limit = 1.0 if dtype == torch.float64 else float(1 << 26) / (world_size + 1)
-    # condition = offset^2 / var = offset^2 / (second - offset^2): ill when offset^2 > limit * var.
-    return bool(((offset * offset) * (1.0 + limit) > limit * second).any())
+    offset = mean - shift
+    return bool((offset * offset > limit * var).any())
 
 
 def update_running_stats(

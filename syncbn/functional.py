@@ -141,14 +141,16 @@ def _sync_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor
     on_host = payload.device.type == "cpu"
     if on_host or debug or check_finite:  # free on CPU, a sync on GPU
         _raise_group_errors(payload, comm, layer, shape, check_finite, finite_here)
+    group_count, group_mean, group_var = bnm.global_moments(moments, shift)
     # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-    if on_host and bnm.ill_conditioned(
-            moments, torch.float64 if payload[_FP64] > 0 else torch.float32, comm.size):
+    if on_host and bnm.ill_conditioned(group_mean, group_var, shift,
+                                       torch.float64 if payload[_FP64] > 0 else torch.float32,
+                                       comm.size):
         # Merge again, from the data, about the global mean just found (the same on every rank).
-        shift = bnm.global_moments(moments, shift)[1]
+        shift = group_mean
         moments = all_reduce(comm, bnm.payload_about(x, shift), layer, "forward, re-centred",
                              channels, debug)
-    group_count, group_mean, group_var = bnm.global_moments(moments, shift)
+        group_count, group_mean, group_var = bnm.global_moments(moments, shift)
     return group_count.clone(), group_mean, group_var
 
 
