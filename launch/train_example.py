@@ -72,8 +72,9 @@ def main() -> None:
     print(f"rank {rank}/{world}: done, weights agree across ranks", flush=True)
 
     if dist.is_initialized():
-        # Always end with this: without it gloo can abort at interpreter exit
-        # ("terminate called without an active exception").
+        # Always end with these two (see the README): without them gloo can abort or hang at
+        # interpreter exit, after the work is done.
+        dist.barrier()
         dist.destroy_process_group()
 
 

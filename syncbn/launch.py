@@ -27,8 +27,9 @@ Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128
 by signal N, or when the launcher itself got signal N; 124 on ``--timeout``; 2 on a usage error
 (bad arguments, too few GPUs, no mpiexec).
 
-End your script with ``torch.distributed.destroy_process_group()``: without it gloo can abort
-at interpreter exit ("terminate called without an active exception").
+End your script with ``torch.distributed.barrier()`` and ``destroy_process_group()``: without
+them gloo can abort ("terminate called without an active exception") or hang at interpreter
+exit (README: "Launching jobs").
 """
 from __future__ import annotations
 
