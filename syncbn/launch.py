@@ -24,8 +24,9 @@ its last lines. A launcher killed by SIGKILL leaves no rank behind either: gloo/
 ended by a reaper process, MPI ranks by their wrappers (see :mod:`syncbn._processes`).
 
 Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128+N when it died
-by signal N, or when the launcher itself got signal N; 124 on ``--timeout``; 2 on a usage error
-(bad arguments, too few GPUs, no mpiexec).
+by signal N, or when the launcher itself got signal N (1, not 134, for a rank that raised an
+uncaught exception and was then aborted by gloo at exit); 124 on ``--timeout``; 2 on a usage
+error (bad arguments, too few GPUs, no mpiexec).
 
 End your script with ``torch.distributed.barrier()`` and ``destroy_process_group()``: without
 them gloo can abort ("terminate called without an active exception") or hang at interpreter
@@ -348,6 +349,12 @@ class _Job:
             status, failed_rank = _exit_status(self.mpiexec.returncode), -1
             report = f"every rank exited 0 but mpiexec {describe_exit(self.mpiexec.returncode)}"
         self._close()
+        if (failed_rank is not None and self.codes.get(failed_rank) == -signal.SIGABRT
+                and self._exception(failed_rank)):
+            # It raised, then gloo's teardown aborted it at exit (a race in torch, README):
+            # it failed with its exception, whichever way the race went.
+            status = 1
+            report += " after raising an uncaught exception"
         if status != 0:
             # The first rank to exit is not always the culprit (its peers' errors can end it
             # first), so every rank that failed on its own shows its last lines.
