@@ -34,7 +34,8 @@ import torch.utils.checkpoint
 
 from . import batchnorm_math as bnm
 from .comm import Communicator, resolve_communicator
-from .guard import CollectiveError, all_reduce, all_reduce_op, communicator_for, communicator_key, debug_enabled
+from .guard import (CollectiveError, all_reduce, all_reduce_copy, communicator_for, communicator_key,
+                    debug_enabled)
 
 __all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
            "group_statistics", "update_running_stats_once", "backward_sums", "report_invalid_input",
@@ -123,8 +124,7 @@ def recomputing_checkpoint() -> bool:
     return False
 
 
-@torch.library.custom_op("syncbn::sync_moments", mutates_args=())
-def _sync_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor, fp64_input: bool,
+def _merge_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor, fp64_input: bool,
                   comm_key: int, layer: str, debug: bool, check_finite: bool,
                   shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) of the group from this rank's moments: the forward all-reduce(s).
@@ -154,6 +154,10 @@ def _sync_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor
     return group_count.clone(), group_mean, group_var
 
 
+# As an operator torch.compile does not enter: the collectives and host reads stay out of its graph.
+_sync_moments = torch.library.custom_op("syncbn::sync_moments", mutates_args=())(_merge_moments)
+
+
 @_sync_moments.register_fake
 def _(x, mean, m2, count, shift, fp64_input, comm_key, layer, debug, check_finite, shape):
     return mean.new_empty(()), torch.empty_like(mean), torch.empty_like(mean)
@@ -161,7 +165,7 @@ def _(x, mean, m2, count, shift, fp64_input, comm_key, layer, debug, check_finit
 
 # On real meta tensors run the real body, not the fake: the meta device stands in for CUDA in
 # the tests that prove a training step reads nothing back from the device.
-_sync_moments.register_kernel("meta")(_sync_moments._init_fn)
+_sync_moments.register_kernel("meta")(_merge_moments)
 
 
 def _raise_group_errors(payload: Tensor, comm: Communicator, layer: str, shape: List[int],
@@ -213,7 +217,9 @@ def group_statistics(x: Tensor, running_mean: Optional[Tensor], comm_key: int, l
     else:
         shift = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     mean, m2 = bnm.local_moments(x)
-    return _sync_moments(x, mean, m2, bnm.local_count(x), shift, x.dtype == torch.float64,
+    # Eager calls skip the operator's dispatch (tens of µs a call on CPU): the same body.
+    merge = _sync_moments if torch.compiler.is_compiling() else _merge_moments
+    return merge(x, mean, m2, bnm.local_count(x), shift, x.dtype == torch.float64,
                          comm_key, layer, debug, check_finite, list(x.shape))
 
 
@@ -275,7 +281,7 @@ def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optio
         grad_bias = local_sums[:channels].to(bias.dtype)
     if ctx.needs_input_grad[0]:
         # The operator reduces a copy: the gradients above may be views of local_sums.
-        global_sums = all_reduce_op(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
+        global_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
                                     ctx.debug)
     return grad_weight, grad_bias, global_sums
 
@@ -306,7 +312,7 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     local_mean = values.sum(dims) / max(count, 1)
     m2 = (values - bnm.channel_view(local_mean, ndim)).square().sum(dims)
     payload = bnm.forward_payload(count, local_mean.double(), m2.double(), shift)
-    reduced = all_reduce_op(payload, comm_key, layer, "forward, rebuilt for double backward",
+    reduced = all_reduce_copy(payload, comm_key, layer, "forward, rebuilt for double backward",
                             x.shape[1], debug)
     _, mean, var = bnm.global_moments(reduced, shift)
     invstd = torch.rsqrt(var.to(acc) + eps)
