@@ -72,10 +72,7 @@ def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
         return zeros, zeros
     if uses_triton(x):
-        payload = triton_kernels.forward_payload(x)
-        total, total_sq = payload[1 : channels + 1], payload[channels + 1 :]
-        mean = total / count
-        return mean, (total_sq - total * mean).clamp_(min=0.0)
+        return triton_kernels.local_moments(x)
     if x.device.type == "cpu":
         return _two_pass_moments(x)
     acc = accumulation_dtype(x.dtype)

@@ -7,11 +7,11 @@ sample and walks ``tiles`` tiles of BLOCK_S positions of it (its chunk); the pro
 1-D grid, channels fastest. Half and bfloat16 input is accumulated in fp32, written back in its
 own dtype and layout.
 
-- forward_payload: one pass over x: per program a Welford (count, mean, M2) of x - shift merged
-  tile by tile (Chan's formula), then a tiny kernel turns the partials into the fp64 payload
-  [count, sum x, sum x^2], forming sum x^2 = M2 + n * (mean + shift)^2 in fp64 so nothing
-  cancels. The shift is the channel's first value, the same for every program: the fp32
-  partial means then carry errors relative to the spread of x, not to its (possibly large) mean.
+- local_moments: one pass over x: per program a Welford (count, mean, M2) merged tile by tile
+  (Chan's formula), each tile centred on its own mean, the values taken about a pivot (the
+  program's first tile's mean, never a single element); then a tiny kernel merges the partials
+  in fp64 into the local mean and M2 = sum of partial M2 + n (partial mean - mean)^2, with no
+  E[x^2] - mean^2 anywhere.
 - normalize: one pass, y = (x - mean) * weight * invstd + bias.
 - backward_payload: one pass over (dy, x): partial sums of dy and dy * (x - mean) * invstd.
 - input_grad: one pass, dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
@@ -48,7 +48,7 @@ __all__ = [
     "TRITON_AVAILABLE",
     "INTERPRETED",
     "SUPPORTED_DTYPES",
-    "forward_payload",
+    "local_moments",
     "normalize",
     "backward_payload",
     "input_grad",
@@ -110,58 +110,87 @@ def _centered(x, mean_hi, mean_lo):
 
 
 @_jit
+def _tile_moments(x, mask, tile_count, pivot):
+    """(mean, M2) of one tile's x - pivot, M2 centred on the tile's own mean."""
+    x = tl.where(mask, x - pivot[:, None], 0.0)
+    mean = tl.sum(x, axis=1) / tl.maximum(tile_count, 1.0)
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    return mean, tl.sum(centered * centered, axis=1)
+
+
+@_jit
 def _stats_kernel(x_ptr, part_ptr, P, C, S, stride_n, stride_c, stride_s, chunks, tiles,
                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Partials [3, C, P] (count, mean - shift, M2) of each program's chunk, Welford over tiles."""
+    """Partials [4, C, P] (count, pivot, mean - pivot, M2) of each program's chunk.
+
+    The pivot is the mean of the chunk's first tile, in fp32. Values are taken as x - pivot,
+    which rounds relative to |x - pivot|: an element as pivot (an outlier, say) would round
+    every value to its ulp. The mean is kept as pivot + offset because one fp32 mean rounds to
+    ulp(|mean|), which the fp64 merge would then read as spread between partials: 1e-3 of the
+    variance and more at std = 1e-6 |mean|. Tiles are merged with Chan's formula, each tile
+    centred on its own mean, so M2 never holds a square of the pivot's distance.
+    """
     c, c_mask, n, chunk, part = _coords(C, chunks, BLOCK_C)
-    shift = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(tiles):
+    offsets, mask, s_mask = _tile(c, c_mask, n, chunk, 0, S, stride_n, stride_c, stride_s,
+                                  tiles, BLOCK_S)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32) + tl.sum(s_mask.to(tl.float32), axis=0)
+    pivot = tl.sum(x, axis=1) / tl.maximum(count, 1.0)
+    mean, m2 = _tile_moments(x, mask, count, pivot)
+    for t in range(1, tiles):
         offsets, mask, s_mask = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
                                       tiles, BLOCK_S)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - shift[:, None], 0.0)
         tile_count = tl.sum(s_mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=1) / tl.maximum(tile_count, 1.0)
-        # Centered within the tile too: the squares never see a large mean.
-        centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+        tile_mean, tile_m2 = _tile_moments(x, mask, tile_count, pivot)
         delta = tile_mean - mean
         count += tile_count
         share = tile_count / tl.maximum(count, 1.0)
         mean += delta * share
-        m2 += tl.sum(centered * centered, axis=1) + delta * delta * (count - tile_count) * share
+        m2 += tile_m2 + delta * delta * (count - tile_count) * share
     out = part_ptr + c * P + part
     tl.store(out, count, mask=c_mask)
-    tl.store(out + C * P, mean, mask=c_mask)
-    tl.store(out + 2 * C * P, m2, mask=c_mask)
+    tl.store(out + C * P, pivot, mask=c_mask)
+    tl.store(out + 2 * C * P, mean, mask=c_mask)
+    tl.store(out + 3 * C * P, m2, mask=c_mask)
 
 
 @_jit
-def _stats_merge_kernel(part_ptr, payload_ptr, x_ptr, stride_c, C, P,
+def _partials(part_ptr, c, p0, C, P, BLOCK_P: tl.constexpr):
+    """(count, mean, M2) in fp64 of partials p0 .. p0 + BLOCK_P of channels c; zeros past P.
+
+    pivot + offset is exact in fp64 (two fp32 values), so each partial's mean keeps what the
+    kernel knew of it."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    mask = (c < C)[:, None] & (p < P)[None, :]
+    ptr = part_ptr + c[:, None] * P + p[None, :]
+    n = tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
+    pivot = tl.load(ptr + C * P, mask=mask, other=0.0).to(tl.float64)
+    offset = tl.load(ptr + 2 * C * P, mask=mask, other=0.0).to(tl.float64)
+    m2 = tl.load(ptr + 3 * C * P, mask=mask, other=0.0).to(tl.float64)
+    return n, pivot + offset, m2
+
+
+@_jit
+def _stats_merge_kernel(part_ptr, mean_ptr, m2_ptr, C, P,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Partials -> fp64 payload [count, sum x (C), sum x^2 (C)]."""
+    """Partials -> mean and M2 per channel in fp64, in two passes over the partials: the mean,
+    then M2 = sum of M2_p + n_p (mean_p - mean)^2 (no sum of squares minus a square cancels)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    shift = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c < C, other=0.0)
-    shift = shift.to(tl.float32).to(tl.float64)  # exactly the fp32 shift the partials used
     count = tl.zeros([BLOCK_C], dtype=tl.float64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
-    total_sq = tl.zeros([BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (c < C)[:, None] & (p < P)[None, :]
-        offsets = c[:, None] * P + p[None, :]
-        n = tl.load(part_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-        mean = tl.load(part_ptr + C * P + offsets, mask=mask, other=0.0).to(tl.float64) + shift[:, None]
-        m2 = tl.load(part_ptr + 2 * C * P + offsets, mask=mask, other=0.0).to(tl.float64)
+        n, part_mean, _ = _partials(part_ptr, c, p0, C, P, BLOCK_P)
         count += tl.sum(n, axis=1)
-        total += tl.sum(n * mean, axis=1)
-        total_sq += tl.sum(m2 + n * mean * mean, axis=1)
-    tl.store(payload_ptr + 1 + c, total, mask=c < C)
-    tl.store(payload_ptr + 1 + C + c, total_sq, mask=c < C)
-    # Every channel has the same count; channel 0's lane writes it (exact: integers in fp64).
-    tl.store(payload_ptr + c * 0, count, mask=c == 0)
+        total += tl.sum(n * part_mean, axis=1)
+    mean = total / tl.maximum(count, 1.0)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        n, part_mean, part_m2 = _partials(part_ptr, c, p0, C, P, BLOCK_P)
+        spread = part_mean - mean[:, None]
+        m2 += tl.sum(part_m2 + n * spread * spread, axis=1)
+    tl.store(mean_ptr + c, mean, mask=c < C)
+    tl.store(m2_ptr + c, m2, mask=c < C)
 
 
 @_jit
@@ -377,20 +406,20 @@ def _grid(x: Tensor) -> _Grid:
     return _Grid(n, channels, s, strides, block_c, block_s, tiles, chunks)
 
 
-def forward_payload(x: Tensor) -> Tensor:
-    """[count, sum x (C), sum x^2 (C)] of the local batch, in fp64, zeros for an empty batch."""
+def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, M2 = sum (x - mean)^2) per channel of the local batch in fp64, zeros if empty."""
     channels = x.shape[1]
+    moments = torch.zeros((2, channels), dtype=torch.float64, device=x.device)
     if x.numel() == 0:
-        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+        return moments[0], moments[1]
     x, _ = _dense(x)
     grid = _grid(x)
-    partials = torch.empty((3, channels, grid.partials), dtype=torch.float32, device=x.device)
+    partials = torch.empty((4, channels, grid.partials), dtype=torch.float32, device=x.device)
     _stats_kernel[grid.programs](x, partials, grid.partials, *grid.args, **grid.meta)
-    payload = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
     _stats_merge_kernel[(triton.cdiv(channels, _MERGE_BLOCK_C),)](
-        partials, payload, x, grid.strides[1], channels, grid.partials,
+        partials, moments[0], moments[1], channels, grid.partials,
         BLOCK_C=_MERGE_BLOCK_C, BLOCK_P=min(triton.next_power_of_2(grid.partials), _MERGE_BLOCK_P))
-    return payload
+    return moments[0], moments[1]
 
 
 def normalize(
