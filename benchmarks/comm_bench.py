@@ -8,17 +8,13 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from syncbn.functional import forward_payload_numel
+
 from .plan import Setting
 from .rank_setup import rank_tools
 from .timing import median_ms
 
 FP64_BYTES, FP32_BYTES = 8, 4
-
-
-def forward_payload_numel(channels: int) -> int:
-    """syncbn's forward all-reduce, fp64 whatever W: [count, sums about the shared shift (C),
-    squared sums (C), ranks with invalid input, ranks with fp64 input] (syncbn/functional.py)."""
-    return 2 * channels + 3
 
 
 def backward_payload_numel(channels: int) -> int:

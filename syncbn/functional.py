@@ -2,19 +2,20 @@
 
 In a group of one it *is* torch's batch_norm (same op, same running-stat update), bitwise, and
 communicates nothing. In a larger group: one all-reduce in the forward pass (count, sums and
-squared sums about a shift every rank shares, an invalid-input flag and a count of fp64 ranks:
-2C+3 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C fp64 values), whatever
+squared sums about a shift every rank shares, an invalid-input flag, a count of fp64 ranks and
+two values that check the ranks share the shift: 2C+5 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C fp64 values), whatever
 the world size. Every rank issues them in the same order whatever its batch, an empty or invalid
 one included, so no rank is left waiting alone. On CPU, a second forward all-reduce of 2C+1
 values follows when the first shows the merge was ill-conditioned (see
 batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
 
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
-non-finite statistics with ``check_finite``) are read from the reduced payload, so every
-rank raises together. On CPU that read is free; on GPU it would be a host sync, so there it
-happens only with the debug guard on (``SYNCBN_DEBUG=1``) or ``check_finite``: without them a
-rank with invalid input raises alone and the others fail at their next collective, and a
-single value per channel normalizes with a variance of 0 instead of raising.
+running means that differ across ranks, non-finite statistics with ``check_finite``) are read
+from the reduced payload, so every rank raises together. On CPU that read is free; on GPU it
+would be a host sync, so there it happens only with the debug guard on (``SYNCBN_DEBUG=1``) or
+``check_finite``: without them a rank with invalid input raises alone and the others fail at
+their next collective, a single value per channel normalizes with a variance of 0 instead of
+raising, and running means that differ across ranks go unnoticed.
 So a GPU training step reads nothing back from the device (CUDA graphs, torch.compile).
 
 torch.compile: the collectives and the host reads live inside custom operators
@@ -39,13 +40,21 @@ from .guard import (CollectiveError, all_reduce, all_reduce_copy, communicator_f
 
 __all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
            "group_statistics", "update_running_stats_once", "backward_sums", "report_invalid_input",
-           "eps_problem", "memory_format"]
+           "eps_problem", "memory_format", "forward_payload_numel"]
 
 Tensor = torch.Tensor
 
-# The forward payload ends with two flags every rank adds to: how many ranks had invalid input,
-# and how many had fp64 input (the precision the merge must keep, decided alike on every rank).
-_INVALID, _FP64, _FLAGS = -2, -1, 2
+# The forward payload ends with four values every rank adds to: how many ranks had invalid input;
+# how many had fp64 input (the precision the merge must keep, decided alike on every rank); the
+# squared norm of the rank's shift, and its square (ranks agree on the shift when these two show
+# no spread over ranks; see _shift_differs).
+_INVALID, _FP64, _SHIFT_NORM, _SHIFT_NORM_SQ = -4, -3, -2, -1
+_FLAGS = 4
+
+
+def forward_payload_numel(channels: int) -> int:
+    """Values (fp64) in a layer's forward all-reduce: count, two sums per channel, the flags."""
+    return 2 * channels + 1 + _FLAGS
 
 
 def input_problem(x: Tensor, num_features: Optional[int], layer: str,
@@ -133,11 +142,12 @@ def _merge_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tenso
     """
     comm = communicator_for(comm_key)
     channels = mean.numel()
-    flags = mean.new_tensor([0.0, float(fp64_input)])
-    payload = torch.cat([bnm.forward_payload(count, mean, m2, shift), flags])
+    shift_norm = shift.dot(shift).reshape(1)
+    payload = torch.cat([bnm.forward_payload(count, mean, m2, shift),
+                         mean.new_tensor([0.0, float(fp64_input)]), shift_norm, shift_norm * shift_norm])
     finite_here = check_finite and bool(torch.isfinite(payload).all())  # check_finite syncs anyway
     all_reduce(comm, payload, layer, "forward", channels, debug)
-    moments = payload[:_INVALID]
+    moments = payload[:-_FLAGS]
     on_host = payload.device.type == "cpu"
     if on_host or debug or check_finite:  # free on CPU, a sync on GPU
         _raise_group_errors(payload, comm, layer, shape, check_finite, finite_here)
@@ -175,12 +185,36 @@ def _raise_group_errors(payload: Tensor, comm: Communicator, layer: str, shape: 
     if invalid_ranks:
         raise CollectiveError(f"{layer}: {invalid_ranks} other rank(s) gave this layer invalid "
                               "input (see their error); no statistics were updated")
+    if _shift_differs(payload, comm.size):
+        raise ValueError(f"{layer}: running_mean differs across ranks ({comm.describe()}); it is the "
+                         "shift every rank's sums are taken about, so the statistics would be wrong. "
+                         "Load checkpoints on every rank, or let DistributedDataParallel broadcast "
+                         "buffers (its default); no statistics were updated")
     if int(payload[0].item()) == 1:
         raise _single_value_error(layer, comm.rank, shape)
     if check_finite and not bool(torch.isfinite(payload).all()):
         where = "not this rank's" if finite_here else "including this rank's"
         raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
                                  "statistics were left untouched")
+
+
+# Spread of the ranks' shift norms, relative to their size, that still counts as agreement:
+# ranks whose running statistics differ in dtype (fp64 on one, fp32 on another) round the same
+# running mean differently, by about 2^-24 of it, which moves the merge by as little.
+_SHIFT_TOLERANCE = 2.0 ** -20
+
+
+def _shift_differs(payload: Tensor, world_size: int) -> bool:
+    """Whether the ranks' shifts (running means) disagree, read alike on every rank.
+
+    The spread over ranks of |shift|^2: a norm, so no cancellation hides a difference behind a
+    small total (it misses only differences of sign or order, which no diverged or reloaded
+    running mean shows). Its own fp64 rounding, about 2^-50 of the square, is far below the
+    tolerance.
+    """
+    mean_norm = float(payload[_SHIFT_NORM]) / world_size
+    mean_square = float(payload[_SHIFT_NORM_SQ]) / world_size
+    return mean_square - mean_norm * mean_norm > _SHIFT_TOLERANCE ** 2 * mean_square
 
 
 def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
@@ -191,7 +225,7 @@ def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
 def report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
                           problem: Exception, debug: bool) -> None:
     """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise."""
-    payload = torch.zeros(2 * channels + 1 + _FLAGS, dtype=torch.float64, device=device)
+    payload = torch.zeros(forward_payload_numel(channels), dtype=torch.float64, device=device)
     payload[_INVALID] = 1.0
     all_reduce(comm, payload, layer, "forward", channels, debug)
     raise problem

@@ -113,3 +113,50 @@ def test_float64_on_one_rank_float32_on_another_is_harmless(rank_pool, backend, 
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=f"rank {rank} {name}")
     total_weight_grad = results[0]["weight_grad"] + results[1]["weight_grad"]
     torch.testing.assert_close(total_weight_grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def _step_with_rank_running_mean(offset_on_rank_1: float) -> Dict:
+    """One training step of a layer whose running_mean rank 1 has moved by ``offset_on_rank_1``
+    (a checkpoint loaded on one rank only); what the rank raised and its statistics after."""
+    rank = syncbn.resolve_communicator().rank
+    layer = syncbn.SyncBatchNorm(CHANNELS, dtype=torch.float64).train()
+    if rank == 1:
+        layer.running_mean.add_(offset_on_rank_1)
+    before = layer.running_mean.clone(), layer.running_var.clone()
+    error = None
+    try:
+        layer(_x(4, seed=rank))
+    except ValueError as raised:
+        error = str(raised)
+    return {"error": error, "unchanged": torch.equal(layer.running_mean, before[0])
+            and torch.equal(layer.running_var, before[1])}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change(rank_pool, backend):
+    # The running mean is the shift every rank's sums are taken about: merged about different
+    # shifts, the statistics would be silently wrong (here by half the offset on every rank).
+    results = rank_pool(2, backend).run(_step_with_rank_running_mean, 0.5)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None and "running_mean differs across ranks" in result["error"], (
+            f"rank {rank}: {result['error']}")
+        assert "SyncBatchNorm" in result["error"], f"rank {rank}: the error does not name the layer"
+        assert result["unchanged"], f"rank {rank}: running statistics changed"
+
+
+def _mixed_dtype_steps(steps: int) -> Dict:
+    rank = syncbn.resolve_communicator().rank
+    dtype = torch.float64 if rank == 0 else torch.float32
+    layer = syncbn.SyncBatchNorm(CHANNELS, dtype=dtype).train()
+    for step in range(steps):
+        layer(_x(4, seed=10 * step + rank, dtype=dtype) * 3 + 100)
+    return {"running_mean": layer.running_mean.double()}
+
+
+def test_running_means_that_differ_only_by_their_dtype_rounding_train_on(rank_pool):
+    # fp64 running stats on one rank, fp32 on the other: after a step they differ by fp32
+    # rounding (about 2^-24 of the mean), which the shift check must accept.
+    results = rank_pool(2, "gloo").run(_mixed_dtype_steps, 4)
+    assert not torch.equal(results[0]["running_mean"], results[1]["running_mean"]), (
+        "the ranks' running means are bitwise equal: this case checks nothing")
+    torch.testing.assert_close(results[0]["running_mean"], results[1]["running_mean"], rtol=1e-6, atol=0)

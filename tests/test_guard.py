@@ -66,8 +66,8 @@ def _count_guarded_collectives() -> list:
 
 def test_debug_guard_adds_one_small_cross_check_before_each_collective(rank_pool):
     for calls in rank_pool(2, "gloo").run(_count_guarded_collectives):
-        # a (world size x 5) fingerprint table before the 2C+3 forward and 2C backward payloads
-        assert calls == [(10, torch.float64), (9, torch.float64), (10, torch.float64), (6, torch.float64)]
+        # a (world size x 5) fingerprint table before the 2C+5 forward and 2C backward payloads
+        assert calls == [(10, torch.float64), (11, torch.float64), (10, torch.float64), (6, torch.float64)]
 
 
 def _rank_one_gives_bad_input() -> dict:
