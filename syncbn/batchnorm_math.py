@@ -146,11 +146,10 @@ def global_moments(payload: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tens
     ill_conditioned). The count stays a 0-dim device tensor so no host sync is needed; an
     empty group gives mean = shift and var 0 (callers keep running stats unchanged then).
     """
-    channels = (payload.numel() - 1) // 2
     count = payload[0]
-    safe_count = count.clamp(min=1.0)
-    offset = payload[1 : channels + 1] / safe_count
-    var = (payload[channels + 1 :] / safe_count - offset * offset).clamp_(min=0.0)
+    # Both sums divided in one op (a small layer's step is bound by the number of ops).
+    offset, mean_square = (payload[1:].view(2, -1) / count.clamp(min=1.0)).unbind()
+    var = (mean_square - offset * offset).clamp_(min=0.0)
     return count, shift + offset, var
 
 
@@ -187,7 +186,7 @@ def update_running_stats(
     """
     has_values = count > 0
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(has_values.to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(has_values)
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
@@ -246,13 +245,10 @@ def input_grad(
     """
     if uses_triton(x):
         return triton_kernels.input_grad(dy, x, mean, var, weight, eps, global_payload, count)
-    channels = x.shape[1]
     acc = accumulation_dtype(x.dtype)
     invstd = torch.rsqrt(var.to(acc) + eps)
     scale = invstd if weight is None else weight.to(acc) * invstd
-    safe_count = count.to(acc).clamp(min=1.0)
-    mean_dy = global_payload[:channels].to(acc) / safe_count
-    mean_dy_xhat = global_payload[channels:].to(acc) / safe_count
+    mean_dy, mean_dy_xhat = (global_payload.view(2, -1).to(acc) / count.to(acc).clamp(min=1.0)).unbind()
     b = -scale * invstd * mean_dy_xhat
     c = -scale * mean_dy
     ndim = x.dim()
