@@ -27,7 +27,7 @@ are those of BatchNorm on the global batch.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,19 @@ Tensor = torch.Tensor
 # no spread over ranks; see _shift_differs).
 _INVALID, _FP64, _SHIFT_NORM, _SHIFT_NORM_SQ = -4, -3, -2, -1
 _FLAGS = 4
+
+
+class _GroupTotals(NamedTuple):
+    """What the host reads of the reduced forward payload, in one read."""
+
+    count: float
+    invalid_ranks: float
+    fp64_ranks: float
+    shift_norm: float
+    shift_norm_sq: float
+
+
+_HOST_READ = [0, _INVALID, _FP64, _SHIFT_NORM, _SHIFT_NORM_SQ]
 
 
 def forward_payload_numel(channels: int) -> int:
@@ -150,11 +163,12 @@ def _merge_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tenso
     moments = payload[:-_FLAGS]
     on_host = payload.device.type == "cpu"
     if on_host or debug or check_finite:  # free on CPU, a sync on GPU
-        _raise_group_errors(payload, comm, layer, shape, check_finite, finite_here)
+        totals = _GroupTotals(*payload[_HOST_READ].tolist())
+        _raise_group_errors(totals, payload, comm, layer, shape, check_finite, finite_here)
     group_count, group_mean, group_var = bnm.global_moments(moments, shift)
     # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
     if on_host and bnm.ill_conditioned(group_mean, group_var, shift,
-                                       torch.float64 if payload[_FP64] > 0 else torch.float32,
+                                       torch.float64 if totals.fp64_ranks else torch.float32,
                                        comm.size):
         # Merge again, from the data, about the global mean just found (the same on every rank).
         shift = group_mean
@@ -178,19 +192,18 @@ def _(x, mean, m2, count, shift, fp64_input, comm_key, layer, debug, check_finit
 _sync_moments.register_kernel("meta")(_merge_moments)
 
 
-def _raise_group_errors(payload: Tensor, comm: Communicator, layer: str, shape: List[int],
-                        check_finite: bool, finite_here: bool) -> None:
+def _raise_group_errors(totals: _GroupTotals, payload: Tensor, comm: Communicator, layer: str,
+                        shape: List[int], check_finite: bool, finite_here: bool) -> None:
     """Errors every rank can see in the reduced payload, so all of them raise together."""
-    invalid_ranks = int(payload[_INVALID].item())
-    if invalid_ranks:
-        raise CollectiveError(f"{layer}: {invalid_ranks} other rank(s) gave this layer invalid "
-                              "input (see their error); no statistics were updated")
-    if _shift_differs(payload, comm.size):
+    if totals.invalid_ranks:
+        raise CollectiveError(f"{layer}: {int(totals.invalid_ranks)} other rank(s) gave this layer "
+                              "invalid input (see their error); no statistics were updated")
+    if _shift_differs(totals, comm.size):
         raise ValueError(f"{layer}: running_mean differs across ranks ({comm.describe()}); it is the "
                          "shift every rank's sums are taken about, so the statistics would be wrong. "
                          "Load checkpoints on every rank, or let DistributedDataParallel broadcast "
                          "buffers (its default); no statistics were updated")
-    if int(payload[0].item()) == 1:
+    if totals.count == 1:
         raise _single_value_error(layer, comm.rank, shape)
     if check_finite and not bool(torch.isfinite(payload).all()):
         where = "not this rank's" if finite_here else "including this rank's"
@@ -204,7 +217,7 @@ def _raise_group_errors(payload: Tensor, comm: Communicator, layer: str, shape: 
 _SHIFT_TOLERANCE = 2.0 ** -20
 
 
-def _shift_differs(payload: Tensor, world_size: int) -> bool:
+def _shift_differs(totals: _GroupTotals, world_size: int) -> bool:
     """Whether the ranks' shifts (running means) disagree, read alike on every rank.
 
     The spread over ranks of |shift|^2: a norm, so no cancellation hides a difference behind a
@@ -212,8 +225,8 @@ def _shift_differs(payload: Tensor, world_size: int) -> bool:
     running mean shows). Its own fp64 rounding, about 2^-50 of the square, is far below the
     tolerance.
     """
-    mean_norm = float(payload[_SHIFT_NORM]) / world_size
-    mean_square = float(payload[_SHIFT_NORM_SQ]) / world_size
+    mean_norm = totals.shift_norm / world_size
+    mean_square = totals.shift_norm_sq / world_size
     return mean_square - mean_norm * mean_norm > _SHIFT_TOLERANCE ** 2 * mean_square
 
 
