@@ -215,14 +215,21 @@ def _grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, part_ptr, eps, P,
 
 
 @_jit
+def _group_grad_means(sums_ptr, count_ptr, c, c_mask, C):
+    """(mean dy, mean dy * xhat) over the group per channel, from the all-reduced sums."""
+    inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
+    mean_dy = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    mean_dy_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    return mean_dy, mean_dy_xhat
+
+
+@_jit
 def _input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, sums_ptr, count_ptr,
                        eps, C, S, stride_n, stride_c, stride_s, chunks, tiles,
                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     c, c_mask, n, chunk, _ = _coords(C, chunks, BLOCK_C)
     mean_hi, mean_lo, invstd, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask, eps)
-    inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-    mean_dy = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
-    mean_dy_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    mean_dy, mean_dy_xhat = _group_grad_means(sums_ptr, count_ptr, c, c_mask, C)
     for t in range(tiles):
         offsets, mask, _ = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
                                  tiles, BLOCK_S)
@@ -328,9 +335,7 @@ def _activated_input_grad_kernel(dy_ptr, y_ptr, dx_ptr, var_ptr, weight_ptr, bia
     scale = tl.rsqrt(tl.load(var_ptr + c, mask=c_mask, other=1.0).to(tl.float32) + eps)
     if weight_ptr is not None:
         scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    inv_count = 1.0 / tl.maximum(tl.load(count_ptr).to(tl.float32), 1.0)
-    mean_dz = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
-    mean_dz_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(tl.float32) * inv_count
+    mean_dz, mean_dz_xhat = _group_grad_means(sums_ptr, count_ptr, c, c_mask, C)
     for t in range(tiles):
         offsets, mask, _ = _tile(c, c_mask, n, chunk, t, S, stride_n, stride_c, stride_s,
                                  tiles, BLOCK_S)
@@ -432,17 +437,7 @@ def normalize(
 
 def backward_payload(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """[sum dy (C), sum dy * xhat (C)] of the local batch, in fp32."""
-    channels = x.shape[1]
-    if x.numel() == 0:
-        return torch.zeros(2 * channels, dtype=torch.float32, device=x.device)
-    x, memory_format = _dense(x)
-    dy = dy.contiguous(memory_format=memory_format)
-    grid = _grid(x)
-    partials = torch.empty((2, channels, grid.partials), dtype=torch.float32, device=x.device)
-    _grad_stats_kernel[grid.programs](dy, x, mean, var, partials, eps, grid.partials,
-                                      *grid.args, **grid.meta)
-    # Plain fp32 sums merge without cancellation: one torch reduction over the partials.
-    return partials.sum(dim=2).reshape(2 * channels)
+    return _gradient_sums(_grad_stats_kernel, dy, x, mean, var, eps)
 
 
 def input_grad(
@@ -450,14 +445,38 @@ def input_grad(
     global_payload: Tensor, count: Tensor,
 ) -> Tensor:
     """dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)), means over the group."""
-    x, memory_format = _dense(x)
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
+    return _input_grad(_input_grad_kernel, dy, x, mean, var, weight, global_payload, count, eps)
+
+
+def _gradient_sums(kernel, dy: Tensor, data: Tensor, first: Optional[Tensor],
+                   second: Optional[Tensor], scalar: float, **constants: int) -> Tensor:
+    """The two per-channel gradient sums (C each, fp32) from ``kernel``'s per-program partials.
+
+    ``data`` is what the kernel reads besides dy (x, or the output y); ``first``, ``second`` and
+    ``scalar`` are its per-channel inputs and scalar, in its argument order.
+    """
+    channels = data.shape[1]
+    if data.numel() == 0:
+        return torch.zeros(2 * channels, dtype=torch.float32, device=data.device)
+    data, memory_format = _dense(data)
+    dy = dy.contiguous(memory_format=memory_format)
+    grid = _grid(data)
+    partials = torch.empty((2, channels, grid.partials), dtype=torch.float32, device=data.device)
+    kernel[grid.programs](dy, data, first, second, partials, scalar, grid.partials, *grid.args,
+                          **constants, **grid.meta)
+    # Plain fp32 sums merge without cancellation: one torch reduction over the partials.
+    return partials.sum(dim=2).reshape(2 * channels)
+
+
+def _input_grad(kernel, dy: Tensor, data: Tensor, *args, **constants: int) -> Tensor:
+    """dx from ``kernel``, in the layout of ``data`` (x, or the output y); ``args`` in its order."""
+    data, memory_format = _dense(data)
+    dx = torch.empty_like(data)
+    if data.numel() == 0:
         return dx
     dy = dy.contiguous(memory_format=memory_format)
-    grid = _grid(x)
-    _input_grad_kernel[grid.programs](dy, x, dx, mean, var, weight, global_payload, count, eps,
-                                      *grid.args, **grid.meta)
+    grid = _grid(data)
+    kernel[grid.programs](dy, data, dx, *args, *grid.args, **constants, **grid.meta)
     return dx
 
 
@@ -481,17 +500,8 @@ def activated_backward_payload(
     parameter: float,
 ) -> Tensor:
     """[sum dz (C), sum dz * xhat (C)] of the local batch in fp32, read from the output y."""
-    channels = y.shape[1]
-    if y.numel() == 0:
-        return torch.zeros(2 * channels, dtype=torch.float32, device=y.device)
-    y, memory_format = _dense(y)
-    dy = dy.contiguous(memory_format=memory_format)
-    grid = _grid(y)
-    partials = torch.empty((2, channels, grid.partials), dtype=torch.float32, device=y.device)
-    _activated_grad_stats_kernel[grid.programs](dy, y, weight, bias, partials, parameter,
-                                                grid.partials, *grid.args, ACTIVATION=activation,
-                                                **grid.meta)
-    return partials.sum(dim=2).reshape(2 * channels)
+    return _gradient_sums(_activated_grad_stats_kernel, dy, y, weight, bias, parameter,
+                          ACTIVATION=activation)
 
 
 def activated_input_grad(
@@ -499,13 +509,5 @@ def activated_input_grad(
     eps: float, activation: int, parameter: float, global_payload: Tensor, count: Tensor,
 ) -> Tensor:
     """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), read from the output y."""
-    y, memory_format = _dense(y)
-    dx = torch.empty_like(y)
-    if y.numel() == 0:
-        return dx
-    dy = dy.contiguous(memory_format=memory_format)
-    grid = _grid(y)
-    _activated_input_grad_kernel[grid.programs](dy, y, dx, var, weight, bias, global_payload,
-                                                count, eps, parameter, *grid.args,
-                                                ACTIVATION=activation, **grid.meta)
-    return dx
+    return _input_grad(_activated_input_grad_kernel, dy, y, var, weight, bias, global_payload,
+                       count, eps, parameter, ACTIVATION=activation)

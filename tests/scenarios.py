@@ -94,6 +94,15 @@ def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x
 
 
+def take_parameter_grads(layer: torch.nn.Module, dweight: List[torch.Tensor],
+                         dbias: List[torch.Tensor]) -> None:
+    """Append the gradients of an affine layer's weight and bias, then clear them for the next step."""
+    if layer.affine:
+        dweight.append(layer.weight.grad.clone())
+        dbias.append(layer.bias.grad.clone())
+        layer.weight.grad = layer.bias.grad = None
+
+
 def run_steps(layer: torch.nn.Module, scenario: Scenario, rows: slice) -> StepRecord:
     """Train ``layer`` for the scenario's steps on ``rows`` of each global batch."""
     record = StepRecord()
@@ -105,10 +114,7 @@ def run_steps(layer: torch.nn.Module, scenario: Scenario, rows: slice) -> StepRe
         y.backward(dy[rows].to(y.dtype))
         record.y.append(y.detach())
         record.dx.append(x.grad)
-        if scenario.affine:
-            record.dweight.append(layer.weight.grad.clone())
-            record.dbias.append(layer.bias.grad.clone())
-            layer.weight.grad = layer.bias.grad = None
+        take_parameter_grads(layer, record.dweight, record.dbias)
     record.buffers = {name: value.clone() for name, value in layer.named_buffers()}
     return record
 

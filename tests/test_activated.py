@@ -17,7 +17,7 @@ from torch import nn
 
 import syncbn
 from conftest import BACKENDS
-from scenarios import BATCHNORM_BY_DIM, Scenario, layout
+from scenarios import BATCHNORM_BY_DIM, Scenario, layout, take_parameter_grads
 from syncbn import triton_kernels as tk
 from syncbn.activated import FusedActivation
 from syncbn.comm import SingleProcessCommunicator
@@ -70,10 +70,7 @@ def _train(forward, layer: nn.Module, scenario: Scenario, rows: slice, dtype: to
         y.backward(dy[rows].to(y.dtype))
         run.y.append(y.detach().clone())
         run.dx.append(leaf.grad)
-        if layer.affine:
-            run.dweight.append(layer.weight.grad.clone())
-            run.dbias.append(layer.bias.grad.clone())
-            layer.weight.grad = layer.bias.grad = None
+        take_parameter_grads(layer, run.dweight, run.dbias)
     run.buffers = {name: value.clone() for name, value in layer.named_buffers()}
     return run
 
