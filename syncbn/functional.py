@@ -3,8 +3,8 @@
 In a group of one it *is* torch's batch_norm (same op, same running-stat update), bitwise, and
 communicates nothing. In a larger group: one all-reduce in the forward pass (count, sums and
 squared sums about a shift every rank shares, an invalid-input flag, a count of fp64 ranks and
-two values that check the ranks share the shift: 2C+5 fp64 values) and one in the backward pass (sum dy, sum dy*xhat: 2C fp64 values), whatever
-the world size. Every rank issues them in the same order whatever its batch, an empty or invalid
+two values that check the ranks share the shift: 2C+5 fp64 values) and one in the backward pass
+(sum dy, sum dy*xhat: 2C fp64 values), whatever the world size. Every rank issues them in the same order whatever its batch, an empty or invalid
 one included, so no rank is left waiting alone. On CPU, a second forward all-reduce of 2C+1
 values follows when the first shows the merge was ill-conditioned (see
 batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
@@ -147,8 +147,8 @@ def recomputing_checkpoint() -> bool:
 
 
 def _merge_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor, fp64_input: bool,
-                  comm_key: int, layer: str, debug: bool, check_finite: bool,
-                  shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                   comm_key: int, layer: str, debug: bool, check_finite: bool,
+                   shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(count, mean, var) of the group from this rank's moments: the forward all-reduce(s).
 
     Raises on every rank together what the reduced payload shows (see _raise_group_errors).
@@ -267,7 +267,7 @@ def group_statistics(x: Tensor, running_mean: Optional[Tensor], comm_key: int, l
     # Eager calls skip the operator's dispatch (tens of µs a call on CPU): the same body.
     merge = _sync_moments if torch.compiler.is_compiling() else _merge_moments
     return merge(x, mean, m2, bnm.local_count(x), shift, x.dtype == torch.float64,
-                         comm_key, layer, debug, check_finite, list(x.shape))
+                 comm_key, layer, debug, check_finite, list(x.shape))
 
 
 def update_running_stats_once(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -329,7 +329,7 @@ def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optio
     if ctx.needs_input_grad[0]:
         # The operator reduces a copy: the gradients above may be views of local_sums.
         global_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
-                                    ctx.debug)
+                                      ctx.debug)
     return grad_weight, grad_bias, global_sums
 
 
@@ -360,7 +360,7 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     m2 = (values - bnm.channel_view(local_mean, ndim)).square().sum(dims)
     payload = bnm.forward_payload(count, local_mean.double(), m2.double(), shift)
     reduced = all_reduce_copy(payload, comm_key, layer, "forward, rebuilt for double backward",
-                            x.shape[1], debug)
+                              x.shape[1], debug)
     _, mean, var = bnm.global_moments(reduced, shift)
     invstd = torch.rsqrt(var.to(acc) + eps)
     y = (values - bnm.channel_view(mean.to(acc), ndim)) * bnm.channel_view(invstd, ndim)
