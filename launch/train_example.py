@@ -72,8 +72,8 @@ def main() -> None:
     print(f"rank {rank}/{world}: done, weights agree across ranks", flush=True)
 
     if dist.is_initialized():
-        # Always end with these two (see the README): without them gloo can abort or hang at
-        # interpreter exit, after the work is done.
+        # Always end with these two (see the README): without them torch's gloo can abort or
+        # hang at interpreter exit, after the work is done, with or without syncbn.
         dist.barrier()
         dist.destroy_process_group()
 

@@ -76,7 +76,7 @@ def main(out_dir: str) -> None:
         result["mpi_running_mean"] = mpi_synced_running_mean(info)
     torch.save(result, os.path.join(out_dir, f"rank{info.rank}.pt"))
     if dist.is_initialized():
-        dist.barrier()  # see the README: gloo's worker must not end on training's last collective
+        dist.barrier()  # see the README: without it torch's gloo can hang freeing DDP's group
         dist.destroy_process_group()
 
 
