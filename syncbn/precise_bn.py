@@ -10,8 +10,8 @@ variance of the batch means (averaging batch variances alone misses the second t
 Each layer's per-channel count, sum and sum of squares are accumulated in fp64 about a
 shift that every rank shares (the group's average running mean before the run, close to the
 mean being measured), so neither the batches nor the ranks cancel digits when merged.
-Communication: one all-reduce for all the shifts before the first batch, then one per layer
-after the last, none per batch (the model's own SyncBatchNorm layers still synchronize
+Communication: one all-reduce for all the shifts before the first batch, and one for every
+layer's sums after the last, none per batch (the model's own SyncBatchNorm layers still synchronize
 their forward passes as in training).
 """
 from __future__ import annotations
@@ -48,16 +48,18 @@ class _PopulationSums:
         self.centred_square_sum += centred.square().sum(dims)
         self.count += local_count(x)
 
-    def write_population_statistics(self, comm: Communicator, label: str) -> None:
-        """Reduce the sums over the group; set running_mean and running_var from them.
+    def payload(self) -> torch.Tensor:
+        """[count, sum (x - shift) (C), sum (x - shift)^2 (C)] of this rank, fp64."""
+        count = self.centred_sum.new_tensor([float(self.count)])
+        return torch.cat([count, self.centred_sum, self.centred_square_sum])
+
+    def write_population_statistics(self, payload: torch.Tensor) -> None:
+        """Set running_mean and running_var from the payload summed over the group.
 
         running_var gets the unbiased variance, as BatchNorm stores it: what the layer would
         hold after one batch made of every value, with momentum None.
         """
-        count = self.centred_sum.new_tensor([float(self.count)])
-        payload = torch.cat([count, self.centred_sum, self.centred_square_sum])
-        comm.label = label
-        comm.all_reduce_sum_(payload)
+        payload = payload.to(self.shift.device)
         total = payload[0].item()
         if total == 0:  # the layer saw no values on any rank: keep its statistics
             return
@@ -138,7 +140,10 @@ def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int 
         for layer, (momentum, tracked) in zip(layers, saved):
             layer.momentum = momentum
             layer.num_batches_tracked.copy_(tracked)
-    for index, accumulator in enumerate(sums):
-        accumulator.write_population_statistics(
-            comm, f"precise_bn's all-reduce of layer {index} ({type(accumulator.layer).__name__})")
+    payloads = [accumulator.payload() for accumulator in sums]
+    packed = torch.cat([payload.to(payloads[0].device) for payload in payloads])
+    comm.label = f"precise_bn's all-reduce of the population sums of {len(sums)} layers"
+    comm.all_reduce_sum_(packed)
+    for accumulator, reduced in zip(sums, packed.split([payload.numel() for payload in payloads])):
+        accumulator.write_population_statistics(reduced)
     return ran
