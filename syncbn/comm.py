@@ -226,6 +226,11 @@ def _abort_job_on_uncaught_exception() -> None:
             from mpi4py import MPI
 
             if MPI.Is_initialized() and not MPI.Is_finalized():
+                # Said by syncbn, and flushed before the pause: MPI_Abort's own message can be
+                # lost when mpiexec tears the job down.
+                print(f"syncbn: uncaught {exc_type.__name__} on MPI rank "
+                      f"{MPI.COMM_WORLD.Get_rank()}: aborting every rank of the job",
+                      file=sys.stderr)
                 _let_mpiexec_forward()
                 MPI.COMM_WORLD.Abort(1)
 

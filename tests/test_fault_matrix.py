@@ -260,7 +260,8 @@ def test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job():
     result = _job(run_command, _mpiexec(FAULT_JOB, "uncaught"))
     assert result.returncode != 0, result
     assert "ValueError: rank 1: a broken batch, uncaught" in result.stderr, result
-    assert "MPI_Abort(MPI_COMM_WORLD, 1) - process 1" in result.stdout + result.stderr, result
+    # syncbn's own line (MPICH's "MPI_Abort(...)" line can be lost in mpiexec's teardown).
+    assert "syncbn: uncaught ValueError on MPI rank 1: aborting every rank of the job" in result.stderr, result
     assert "step 2 done" not in result.stdout, result
 
 
