@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Deque, Dict, List, Optional, Sequence, Set
+from typing import IO, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _processes
 from ._processes import (BACKENDS, MPI_INSTALL_HINT, describe_exit, exit_status, find_mpiexec,
@@ -155,6 +155,132 @@ class _Output:
                 self.log = None
 
 
+class _ReaperLink:
+    """The launcher's end of the reaper process (see _processes): told each gloo/nccl rank's
+    process group, it SIGKILLs them all if the launcher dies without dismissing it."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen([sys.executable, _processes.__file__, "reap"],
+                                         stdin=subprocess.PIPE, start_new_session=True)
+        assert self._process.stdin is not None  # stdin=PIPE
+        self._pipe: IO[bytes] = self._process.stdin
+
+    def watch_group(self, pid: int) -> None:
+        self._tell(f"group {pid}")
+
+    def dismiss(self) -> None:
+        """The job is over: the reaper has nothing left to end."""
+        self._tell("done")
+        try:
+            self._pipe.close()
+        except OSError:  # it died, with our last words still buffered
+            pass
+        self._process.wait()
+
+    def _tell(self, message: str) -> None:
+        try:
+            self._pipe.write(f"{message}\n".encode())
+            self._pipe.flush()
+        except OSError:  # the reaper died: the ranks are still stopped by this launcher
+            pass
+
+
+class _WrapperServer:
+    """The socket that each MPI rank's wrapper (see _processes) connects back to: the rank's
+    stdout and stderr, pumped into its output, and a status channel that reports its process
+    group and exit status, and holds the wrapper until the launcher releases it."""
+
+    def __init__(self, outputs: Dict[int, _Output], events: "queue.Queue[tuple]",
+                 groups: Dict[int, int], pumps: List[threading.Thread]):
+        # The job's own containers: what arrives here is the job's to watch, stop and join.
+        self._outputs, self._events, self._groups, self._pumps = outputs, events, groups, pumps
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.token = secrets.token_hex(16)  # only this job's wrappers know it
+        self._channels: List[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self._server.getsockname()[1]
+
+    def release(self) -> None:
+        """Let the wrappers exit; one still holding a rank kills it on this EOF."""
+        self._server.close()
+        for channel in self._channels:
+            channel.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                channel, _ = self._server.accept()
+            except OSError:  # closed: the job is over
+                return
+            threading.Thread(target=self._serve, args=(channel,), daemon=True).start()
+
+    def _serve(self, channel: socket.socket) -> None:
+        reader = channel.makefile("rb")
+        fields = reader.readline().decode(errors="replace").split()
+        if len(fields) != 3 or fields[0] != self.token or not fields[1].isdigit():
+            channel.close()
+            return
+        rank, kind = int(fields[1]), fields[2]
+        if rank not in self._outputs:
+            channel.close()
+            return
+        if kind in ("out", "err"):
+            stream = sys.stdout.buffer if kind == "out" else sys.stderr.buffer
+            self._pumps.append(self._outputs[rank].pump(reader, stream))
+            return
+        self._channels.append(channel)  # closed at the end: a wrapper still running then ends its rank
+        with reader:
+            for line in iter(reader.readline, b""):
+                word, _, value = line.decode().partition(" ")
+                if word == "pid":
+                    self._groups[rank] = int(value)
+                elif word == "exit":
+                    self._events.put(("exit", rank, int(value)))
+                    return
+        self._events.put(("lost", rank))
+
+
+class _FailureReport:
+    """What the launcher says about a failed job once it is over: how each rank failed, the
+    first exception each raised and the last lines of those that failed on their own."""
+
+    def __init__(self, outputs: Dict[int, _Output], codes: Dict[int, Optional[int]],
+                 signaled: Set[int]):
+        self._outputs = outputs
+        self._codes = codes  # Popen-style; None: lost (no status)
+        self._signaled = signaled  # ranks the launcher stopped
+
+    def text(self, status: int, reason: str, failed_rank: Optional[int]) -> str:
+        # The first rank to exit is not always the culprit (its peers' errors can end it
+        # first), so every rank that failed on its own shows its last lines.
+        own = [rank for rank, code in self._codes.items()
+               if code != 0 and rank not in self._signaled and rank != failed_rank]
+        shown = [failed_rank] + own[:3]
+        return (f"job failed (exit status {status}): {reason}{self._others(failed_rank)}"
+                + "".join(self.exception(rank) for rank in shown)
+                + "".join(self._tail(rank) for rank in shown))
+
+    def exception(self, rank: Optional[int]) -> str:
+        if rank is None or rank == -1 or rank not in self._outputs:
+            return ""
+        exception = self._outputs[rank].first_exception()
+        return f"\nrank {rank} raised {exception}" if exception else ""
+
+    def _others(self, failed_rank: Optional[int]) -> str:
+        others = [f"rank {rank} {_describe(code)}" for rank, code in self._codes.items()
+                  if code != 0 and rank != failed_rank]
+        return "; then " + ", ".join(others) if others else ""
+
+    def _tail(self, rank: Optional[int]) -> str:
+        if rank is None or rank not in self._outputs or not self._outputs[rank].tail:
+            return ""
+        name = "mpiexec" if rank == -1 else f"rank {rank}"
+        return f"\n--- last lines of {name} ---\n" + "".join(self._outputs[rank].tail).rstrip("\n")
+
+
 class _Job:
     """The ranks of one launch: start them, watch them, stop them, report."""
 
@@ -175,10 +301,9 @@ class _Job:
         self.processes: List[subprocess.Popen] = []
         self.threads: List[threading.Thread] = []
         self.mpiexec: Optional[subprocess.Popen] = None
-        self.server: Optional[socket.socket] = None
-        self.channels: List[socket.socket] = []
+        self.wrappers: Optional[_WrapperServer] = None  # MPI ranks report through it
         self.store = None  # the rendezvous TCPStore, alive as long as the job
-        self.reaper: Optional[subprocess.Popen] = None  # ends gloo/nccl ranks if we are killed
+        self.reaper: Optional[_ReaperLink] = None  # ends gloo/nccl ranks if we are killed
         self.received_signal: Optional[int] = None
 
     def _log(self, name: str) -> Optional[str]:
@@ -223,15 +348,14 @@ class _Job:
                    TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0",
                    TORCHELASTIC_RUN_ID=f"syncbn-launch-{secrets.token_hex(4)}")
         # MPI ranks end themselves when the launcher dies (their wrappers watch it); these
-        # need the reaper (see _processes), started first so that every rank is known to it.
-        self.reaper = subprocess.Popen([sys.executable, _processes.__file__, "reap"],
-                                       stdin=subprocess.PIPE, start_new_session=True)
+        # need the reaper, started first so that every rank is known to it.
+        self.reaper = _ReaperLink()
         for rank in range(self.nprocs):
             rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
             process = self._spawn([sys.executable, "-u"] + self.script_argv, rank_env,
                                   self.outputs[rank])
             self.groups[rank] = process.pid
-            self._tell_reaper(f"group {process.pid}")
+            self.reaper.watch_group(process.pid)
             self._watch(process, ("exit", rank))
         from torch.distributed import TCPStore
 
@@ -239,26 +363,15 @@ class _Job:
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
                               master_listen_fd=listener.detach())
 
-    def _tell_reaper(self, message: str) -> None:
-        if self.reaper is None or self.reaper.stdin is None:
-            return
-        try:
-            self.reaper.stdin.write(f"{message}\n".encode())
-            self.reaper.stdin.flush()
-        except OSError:  # the reaper died: the ranks are still stopped by this launcher
-            pass
-
     # --- MPI --------------------------------------------------------------------------------
 
     def start_mpi(self, mpiexec: str) -> None:
         # Each rank runs through a wrapper that connects its stdout/stderr and exit status
         # back here (see _processes): hydra neither keeps lines whole nor reports per rank.
-        self.server = socket.create_server(("127.0.0.1", 0))
-        token = secrets.token_hex(16)
-        threading.Thread(target=self._accept, args=(token,), daemon=True).start()
+        self.wrappers = _WrapperServer(self.outputs, self.events, self.groups, self.threads)
         env = {k: v for k, v in self._base_env().items() if k not in _TORCHRUN_VARIABLES}
-        env.update(SYNCBN_LAUNCH_ADDRESS="127.0.0.1:%d" % self.server.getsockname()[1],
-                   SYNCBN_LAUNCH_TOKEN=token)
+        env.update(SYNCBN_LAUNCH_ADDRESS=self.wrappers.address,
+                   SYNCBN_LAUNCH_TOKEN=self.wrappers.token)
         helper = [sys.executable, "-u", _processes.__file__]
         rank_command = helper + ["mpi-rank"] + helper + ["run-script"] + self.script_argv
         self.outputs[-1] = _Output("mpiexec", self._log("mpiexec.log"))
@@ -266,65 +379,49 @@ class _Job:
                                    self.outputs[-1])
         self._watch(self.mpiexec, ("mpiexec",))
 
-    def _accept(self, token: str) -> None:
-        assert self.server is not None
-        while True:
-            try:
-                channel, _ = self.server.accept()
-            except OSError:  # closed: the job is over
-                return
-            threading.Thread(target=self._serve, args=(channel, token), daemon=True).start()
-
-    def _serve(self, channel: socket.socket, token: str) -> None:
-        reader = channel.makefile("rb")
-        fields = reader.readline().decode(errors="replace").split()
-        if len(fields) != 3 or fields[0] != token or not fields[1].isdigit():
-            channel.close()
-            return
-        rank, kind = int(fields[1]), fields[2]
-        if rank not in self.outputs:
-            channel.close()
-            return
-        if kind in ("out", "err"):
-            stream = sys.stdout.buffer if kind == "out" else sys.stderr.buffer
-            self.threads.append(self.outputs[rank].pump(reader, stream))
-            return
-        self.channels.append(channel)  # closed at the end: a wrapper still running then ends its rank
-        with reader:
-            for line in iter(reader.readline, b""):
-                word, _, value = line.decode().partition(" ")
-                if word == "pid":
-                    self.groups[rank] = int(value)
-                elif word == "exit":
-                    self.events.put(("exit", rank, int(value)))
-                    return
-        self.events.put(("lost", rank))
-
     # --- watching and stopping --------------------------------------------------------------
 
     def wait(self, timeout: Optional[float]) -> int:
         """Wait for every rank; on the first failure stop them all. Returns the exit status."""
+        status, reason, failed_rank = self._first_failure(timeout)
+        if status != 0:
+            self._stop(settle=failed_rank is not None)
+        self._release_wrappers()
+        self._finish_mpiexec(status == 0)
+        if status == 0 and self.mpiexec is not None and self.mpiexec.returncode:
+            status, failed_rank = _exit_status(self.mpiexec.returncode), -1
+            reason = f"every rank exited 0 but mpiexec {describe_exit(self.mpiexec.returncode)}"
+        self._close()
+        report = _FailureReport(self.outputs, self.codes, self.signaled)
+        if (failed_rank is not None and self.codes.get(failed_rank) == -signal.SIGABRT
+                and report.exception(failed_rank)):
+            # It raised, then gloo's teardown aborted it at exit (a race in torch, README):
+            # it failed with its exception, whichever way the race went.
+            status = 1
+            reason += " after raising an uncaught exception"
+        if status != 0:
+            self._say(report.text(status, reason, failed_rank))
+        return status
+
+    def _first_failure(self, timeout: Optional[float]) -> Tuple[int, str, Optional[int]]:
+        """Record exits until every rank has one or the job must stop: a rank failed, a signal
+        came, ``timeout`` passed or mpiexec ended without the ranks' statuses. Returns the exit
+        status, why, and the failing rank (-1: mpiexec; None: none)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         mpiexec_code: Optional[int] = None
         mpiexec_gone_at = 0.0
-        status, report, failed_rank = 0, "", None
         while len(self.codes) < self.nprocs:
             if self.received_signal is not None:
-                status = 128 + self.received_signal
-                report = (f"received {signal_name(self.received_signal)}; stopping rank(s) "
-                          f"{self._running()}")
-                break
+                return (128 + self.received_signal,
+                        f"received {signal_name(self.received_signal)}; stopping rank(s) "
+                        f"{self._running()}", None)
             if deadline is not None and time.monotonic() > deadline:
-                status = EXIT_TIMEOUT
-                report = (f"timed out after {timeout:g} s (--timeout); rank(s) {self._running()} "
-                          "still running were stopped")
-                break
+                return (EXIT_TIMEOUT, f"timed out after {timeout:g} s (--timeout); rank(s) "
+                        f"{self._running()} still running were stopped", None)
             if mpiexec_code is not None and time.monotonic() - mpiexec_gone_at > 5.0:
-                status = _exit_status(mpiexec_code) or 1
-                report = (f"mpiexec {describe_exit(mpiexec_code)} but rank(s) {self._running()} "
-                          "never reported an exit status (did they start?)")
-                failed_rank = -1
-                break
+                return (_exit_status(mpiexec_code) or 1,
+                        f"mpiexec {describe_exit(mpiexec_code)} but rank(s) {self._running()} "
+                        "never reported an exit status (did they start?)", -1)
             try:
                 event = self.events.get(timeout=0.2)
             except queue.Empty:
@@ -336,40 +433,10 @@ class _Job:
             code = event[2] if event[0] == "exit" else None
             self.codes[rank] = code
             if code != 0:
-                failed_rank = rank
-                status = _exit_status(code)
-                report = f"rank {rank} {_describe(code)}"
-                self._say(f"{report}; stopping rank(s) {self._running()}")
-                break
-        if status != 0:
-            self._stop(settle=failed_rank is not None)
-        self._release_wrappers()
-        self._finish_mpiexec(status == 0)
-        if status == 0 and self.mpiexec is not None and self.mpiexec.returncode:
-            status, failed_rank = _exit_status(self.mpiexec.returncode), -1
-            report = f"every rank exited 0 but mpiexec {describe_exit(self.mpiexec.returncode)}"
-        self._close()
-        if (failed_rank is not None and self.codes.get(failed_rank) == -signal.SIGABRT
-                and self._exception(failed_rank)):
-            # It raised, then gloo's teardown aborted it at exit (a race in torch, README):
-            # it failed with its exception, whichever way the race went.
-            status = 1
-            report += " after raising an uncaught exception"
-        if status != 0:
-            # The first rank to exit is not always the culprit (its peers' errors can end it
-            # first), so every rank that failed on its own shows its last lines.
-            own = [rank for rank, code in self.codes.items()
-                   if code != 0 and rank not in self.signaled and rank != failed_rank]
-            shown = [failed_rank] + own[:3]
-            self._say(f"job failed (exit status {status}): {report}{self._others(failed_rank)}"
-                      + "".join(self._exception(rank) for rank in shown)
-                      + "".join(self._tail(rank) for rank in shown))
-        return status
-
-    def _others(self, failed_rank: Optional[int]) -> str:
-        others = [f"rank {rank} {_describe(code)}" for rank, code in self.codes.items()
-                  if code != 0 and rank != failed_rank]
-        return "; then " + ", ".join(others) if others else ""
+                reason = f"rank {rank} {_describe(code)}"
+                self._say(f"{reason}; stopping rank(s) {self._running()}")
+                return _exit_status(code), reason, rank
+        return 0, "", None
 
     def _running(self) -> List[int]:
         return [rank for rank in range(self.nprocs) if rank not in self.codes]
@@ -407,11 +474,8 @@ class _Job:
             self.mpiexec.wait()
 
     def _release_wrappers(self) -> None:
-        """Let the MPI wrappers exit; one still holding a rank kills it on this EOF."""
-        if self.server is not None:
-            self.server.close()
-        for channel in self.channels:
-            channel.close()
+        if self.wrappers is not None:
+            self.wrappers.release()
 
     def _close(self) -> None:
         for process in self.processes:  # a rank that outlived SIGKILL (uninterruptible I/O)
@@ -425,31 +489,9 @@ class _Job:
             thread.join(max(0.0, deadline - time.monotonic()))
         for output in self.outputs.values():
             output.close()
-        self._dismiss_reaper()
-
-    def _dismiss_reaper(self) -> None:
-        """The job is over: the reaper has nothing left to end."""
-        if self.reaper is None:
-            return
-        self._tell_reaper("done")
-        try:
-            self.reaper.stdin.close()
-        except OSError:  # it died, with our last words still buffered
-            pass
-        self.reaper.wait()
-        self.reaper = None
-
-    def _exception(self, rank: Optional[int]) -> str:
-        if rank is None or rank == -1 or rank not in self.outputs:
-            return ""
-        exception = self.outputs[rank].first_exception()
-        return f"\nrank {rank} raised {exception}" if exception else ""
-
-    def _tail(self, rank: Optional[int]) -> str:
-        if rank is None or rank not in self.outputs or not self.outputs[rank].tail:
-            return ""
-        name = "mpiexec" if rank == -1 else f"rank {rank}"
-        return f"\n--- last lines of {name} ---\n" + "".join(self.outputs[rank].tail).rstrip("\n")
+        if self.reaper is not None:
+            self.reaper.dismiss()
+            self.reaper = None
 
     @staticmethod
     def _say(message: str) -> None:
