@@ -11,8 +11,8 @@ Each layer's per-channel count, sum and sum of squares are accumulated in fp64 a
 shift that every rank shares (the group's average running mean before the run, close to the
 mean being measured), so neither the batches nor the ranks cancel digits when merged.
 Communication: one all-reduce for all the shifts before the first batch, and one for every
-layer's sums after the last, none per batch (the model's own SyncBatchNorm layers still synchronize
-their forward passes as in training).
+layer's sums after the last, none per batch (the model's own SyncBatchNorm layers still
+synchronize their forward passes as in training).
 """
 from __future__ import annotations
 

@@ -414,9 +414,10 @@ def _grid(x: Tensor) -> _Grid:
 def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """(mean, M2 = sum (x - mean)^2) per channel of the local batch in fp64, zeros if empty."""
     channels = x.shape[1]
-    moments = torch.zeros((2, channels), dtype=torch.float64, device=x.device)
     if x.numel() == 0:
-        return moments[0], moments[1]
+        zeros = torch.zeros((2, channels), dtype=torch.float64, device=x.device)
+        return zeros[0], zeros[1]
+    moments = torch.empty((2, channels), dtype=torch.float64, device=x.device)  # the merge writes all
     x, _ = _dense(x)
     grid = _grid(x)
     partials = torch.empty((4, channels, grid.partials), dtype=torch.float32, device=x.device)
