@@ -66,8 +66,8 @@ def _count_guarded_collectives() -> list:
 
 def test_debug_guard_adds_one_small_cross_check_before_each_collective(rank_pool):
     for calls in rank_pool(2, "gloo").run(_count_guarded_collectives):
-        # a (world size x 5) fingerprint table before the 2C+5 forward and 2C backward payloads
-        assert calls == [(10, torch.float64), (11, torch.float64), (10, torch.float64), (6, torch.float64)]
+        # a (world size x 5) fingerprint table before the 4C+3 forward and 2C backward payloads
+        assert calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
 
 
 def _rank_one_gives_bad_input() -> dict:
@@ -82,8 +82,9 @@ def _rank_one_gives_bad_input() -> dict:
 def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank_pool, backend):
     results = rank_pool(3, backend).run(_rank_one_gives_bad_input, timeout=60)
     assert results[1]["error"].startswith("ValueError: SyncBatchNorm(3) 'head.bn': expected 3 channels")
-    for rank in (0, 2):
-        assert results[rank]["error"].startswith("CollectiveError: SyncBatchNorm(3) 'head.bn': 1 other rank(s) gave")
+    for rank in (0, 2):  # the healthy ranks are told which rank's input was bad
+        assert results[rank]["error"].startswith(
+            "CollectiveError: SyncBatchNorm(3) 'head.bn': rank 1 (1 of 3) gave this layer invalid input")
     assert all(torch.equal(r["mean"], torch.zeros(3)) and r["tracked"] == 0 for r in results)
 
 
