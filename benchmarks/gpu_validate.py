@@ -158,9 +158,11 @@ def layer_steps(case: LayerCase, device: str, comm: Communicator) -> Dict[str, C
     payloads = (torch.zeros(forward_payload_numel(channels), dtype=torch.float64, device=device),
                 torch.zeros(2 * channels, dtype=torch.float64, device=device))
 
-    def step(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            x.grad = None
+    def step(forward: Callable[[torch.Tensor], torch.Tensor],
+             module: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:  # gradients cleared as a training loop does: no accumulation
+            for tensor in [x, *module.parameters()]:
+                tensor.grad = None
             forward(x).backward(dy)
         return run
 
@@ -168,15 +170,15 @@ def layer_steps(case: LayerCase, device: str, comm: Communicator) -> Dict[str, C
         for payload in payloads:
             comm.all_reduce_sum_(payload)
 
-    steps = {"syncbn": step(ours)}
+    steps = {"syncbn": step(ours, ours)}
     if device == "cuda":
         from torch.nn.modules._functions import SyncBatchNorm as TorchSyncFunction
 
         theirs = torch.nn.SyncBatchNorm(channels).to(device)
         steps["torch_syncbn"] = step(lambda t: TorchSyncFunction.apply(
             t, theirs.weight, theirs.bias, theirs.running_mean, theirs.running_var, theirs.eps,
-            theirs.momentum, dist.group.WORLD, dist.get_world_size()))
-    steps["cudnn_bn"] = step(plain)
+            theirs.momentum, dist.group.WORLD, dist.get_world_size()), theirs)
+    steps["cudnn_bn"] = step(plain, plain)
     steps["collectives"] = collectives
     return steps
 
@@ -283,6 +285,9 @@ def _measure_case(case: LayerCase, comm: Communicator, peak_gbps: float, warmup:
         row["vs_cudnn_plus_collectives"] = ms["syncbn"] / (ms["cudnn_bn"] + ms["collectives"])
     ours = profiled_kernels(steps["syncbn"])
     row["kernels"] = kernel_bandwidth(case, ours, peak_gbps)
+    # Whatever else the step ran (torch ops; a syncbn kernel whose device name differs from its
+    # Python name would show here, and be missing above).
+    row["other_kernels"] = sorted(set(ours) - set(kernel_traffic()))
     row["launches"] = {"syncbn": launches_per_step(ours)}
     if "torch_syncbn" in ms:
         row["launches"]["torch_syncbn"] = launches_per_step(profiled_kernels(steps["torch_syncbn"]))
