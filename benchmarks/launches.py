@@ -38,7 +38,7 @@ from syncbn.comm import Communicator
 from syncbn.kernels import triton as triton_backend
 
 __all__ = ["Launches", "kernel_name", "TwoRanksNoTraffic", "layer_step", "syncbn_launches_on_meta",
-           "torch_syncbn_launches_on_meta", "on_meta", "LAUNCH_BUDGET"]
+           "torch_syncbn_launches_on_meta", "on_meta", "compile_for_gpu", "LAUNCH_BUDGET"]
 
 # Issue 21's goal for one layer step on the CUDA path, forward + backward, all-reduces excluded.
 LAUNCH_BUDGET = 12
@@ -69,6 +69,7 @@ class Launches(TorchDispatchMode):
         self.ops: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.host_reads: List[str] = []
         self.host_to_device: List[str] = []
+        self.calls: List[Tuple[Any, Any, tuple, dict]] = []  # (kernel, grid, args, kwargs)
         self._paused = False
 
     # -- what was seen -------------------------------------------------------------------
@@ -129,6 +130,7 @@ class Launches(TorchDispatchMode):
 
     def _launch(self, kernel: Any, grid: Any, args: tuple, kwargs: dict) -> Any:
         self.triton[self.current].append(kernel_name(kernel))
+        self.calls.append((kernel, grid, args, kwargs))
         if not self.run_kernels:
             return None
         self._paused = True
@@ -278,6 +280,33 @@ def syncbn_launches_on_meta(shape: Tuple[int, ...] = (4, 8, 5, 5), dtype=torch.f
         layer = layer_type(shape[1], process_group=TwoRanksNoTraffic(), **layer_kwargs).to("meta")
         x = _input(shape, dtype, channels_last, "meta")
         return layer_step(layer, list(layer.parameters()), x, Launches(run_kernels=False))
+
+
+def compile_for_gpu(kernel: Any, args: tuple, kwargs: dict, capability: int) -> Any:
+    """Compile one recorded launch for an NVIDIA GPU of compute ``capability`` (80, 90, ...)
+    down to its cubin, without a GPU: Triton's own binder specializes the arguments (stood in
+    by host tensors of the same dtype, shape and strides), then its compiler runs (ptxas ships
+    with Triton). What Triton's interpreter cannot show shows here: a kernel that does not
+    type-check or lower for the device. Uses Triton's internals (3.x)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    def on_host(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+        return value
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    args = [on_host(a) for a in args]
+    kwargs = {k: on_host(v) for k, v in kwargs.items()}
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization,
+                                                              options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                   options=options.__dict__)
 
 
 # ----- torch.nn.SyncBatchNorm on meta --------------------------------------------------------

@@ -27,6 +27,7 @@ from triton_interpreter import ROOT, run_in_interpreter
 import torch
 
 import syncbn
+from benchmarks import launches
 from benchmarks.adversarial import Case, global_batch
 from syncbn import batchnorm_math as bnm, kernels
 from syncbn.kernels import reference
@@ -374,6 +375,53 @@ def test_a_tensor_above_2_31_elements() -> None:
     sums = tk.backward_sums(x, x, torch.zeros_like(var), var, 0.0)
     torch.testing.assert_close(sums[channels - 1], x[0, -1].float().sum(dtype=torch.float64),
                                rtol=1e-6, atol=1e-3)
+
+
+# ----- compiled for the GPU, without one -------------------------------------------------------
+
+def _every_kernel_launch() -> list:
+    """(kernel, grid, args, kwargs) of the launches a layer step makes on the CUDA path, for the
+    specializations that matter (fp32/bf16/fp16, both layouts, spanning and per-sample tiles,
+    one value per channel, momentum None), of the activated kernels (leaky_relu, elu), and of
+    a tensor above 2^31 elements (64-bit offsets): recorded on meta, nothing run."""
+    recorded = []
+    for shape, dtype, channels_last in [((1, 8), torch.float32, False),
+                                        ((4, 8, 5, 5), torch.bfloat16, True),
+                                        ((3, 8, 3, 3), torch.float32, False),
+                                        ((2, 8, 30, 30), torch.float16, False)]:
+        recorded += launches.syncbn_launches_on_meta(shape, dtype, channels_last, momentum=None).calls
+    channels = 8
+    stats = [torch.empty(channels, dtype=torch.float64, device="meta") for _ in range(2)]
+    affine = [torch.empty(channels, device="meta") for _ in range(2)]
+    sums, count = torch.empty(2 * channels, dtype=torch.float64, device="meta"), stats[0][0]
+    with launches.Launches(run_kernels=False) as counted:
+        x = torch.empty(4, channels, 5, 5, device="meta")
+        for code, parameter in [(1, 0.01), (2, 1.0)]:
+            y = tk.normalize_activate(x, *stats, *affine, EPS, code, parameter, True)
+            tk.activated_backward_payload(x, y, *affine, code, parameter)
+            tk.activated_input_grad(x, y, stats[1], *affine, EPS, code, parameter, sums, count)
+        big = torch.empty(1, 2, 2**30 + 8, dtype=torch.float16, device="meta")
+        tk.forward_payload(big, None)
+        tk.normalize(big, *stats, None, None, EPS)
+        tk.backward_sums(big, big, *stats, EPS)
+        tk.input_grad(big, big, *stats, None, EPS, sums, count)
+    return recorded + counted.calls
+
+
+@pytest.mark.skipif(tk.INTERPRETED or not tk.TRITON_AVAILABLE,
+                    reason="compiles the JIT kernels (not the interpreter's), with triton installed")
+@pytest.mark.parametrize("capability", [90, pytest.param(80, marks=pytest.mark.slow)])
+def test_kernels_compile_for_nvidia_gpus_without_one(capability) -> None:
+    # Triton's interpreter runs any Python; the GPU compiler does not (a name reused with two
+    # types, a tensor method on an argument Triton made a constant): every kernel, in every
+    # specialization a layer step launches, compiled down to the GPU's binary.
+    calls = _every_kernel_launch()
+    compiled = {}
+    for kernel, grid, args, kwargs in calls:
+        binary = launches.compile_for_gpu(kernel, args, kwargs, capability)
+        compiled[binary.metadata.name] = binary
+    names = {launches.kernel_name(kernel) for kernel, *_ in calls}
+    assert set(compiled) == names and len(names) == 9, sorted(names)
 
 
 # ----- the way out: Triton never takes the job down ---------------------------------------------

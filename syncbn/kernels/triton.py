@@ -119,6 +119,20 @@ _FOLD_BLOCK_P = 128
 _FINALIZE_BLOCK_C = 256
 _INT32_LIMIT = 2**31
 
+def _compile_options() -> Dict[str, Any]:
+    """Options every launch passes: fp32 multiply-adds fused into FMAs, said explicitly (Triton
+    3.9 warns that its default turns to unfused in 3.10; the bounds of the tests hold with
+    fusion), where this Triton knows the option."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return {"enable_fp_fusion": True} if "enable_fp_fusion" in CUDAOptions.__dataclass_fields__ else {}
+    except Exception:  # no NVIDIA backend, or a Triton without the option
+        return {}
+
+
+_OPTIONS: Dict[str, Any] = _compile_options() if TRITON_AVAILABLE else {}
+
 # Kernels whose decoration failed (a Triton too old or too new for them): none may run then.
 _undecorated: List[str] = []
 
@@ -142,6 +156,7 @@ def _div_rn(a, b):
     else:
         return a / b
 
+
 @_jit
 def _expm1(z):
     """exp(z) - 1 without the cancellation near 0."""
@@ -154,6 +169,7 @@ def _expm1(z):
         shrink = _div_rn(u - 1.0, log_u)
         return tl.where(u == 1.0, z, tl.where(u == 0.0, -1.0, shrink * z))
 
+
 @_jit
 def _log1p(w):
     """log(1 + w) without the rounding of 1 + w."""
@@ -165,6 +181,7 @@ def _log1p(w):
         ratio = _div_rn(tl.log(u), step)
         return tl.where(u == 1.0, w, w * ratio)
 
+
 @_jit
 def _coords(C, BLOCK_C: tl.constexpr):
     """This program's channels, their mask, and its chunk (the index of its partial)."""
@@ -173,11 +190,15 @@ def _coords(C, BLOCK_C: tl.constexpr):
     c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     return c, c < C, pid // c_blocks
 
+
 @_jit
 def _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s, chunks, tiles,
           BLOCK_S: tl.constexpr, LAYOUT: tl.constexpr, INDEX_64: tl.constexpr):
     """Offsets and mask of tile ``t`` of ``chunk`` (see _Grid for the LAYOUT codes), and the
-    mask of its rows. 64-bit offsets only where the tensor passes 2^31 elements."""
+    mask of its rows. 64-bit offsets only where the tensor passes 2^31 elements.
+
+    (Callers name every value they get, used or not: Triton types each name of a kernel, so a
+    ``_`` taking an fp32 vector and then a mask would not compile.)"""
     if INDEX_64:
         chunk = chunk.to(tl.int64)
         cc = c.to(tl.int64)
@@ -198,6 +219,7 @@ def _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s, chunks, tiles
     offsets = cc[:, None] * stride_c + rows[None, :]
     return offsets, c_mask[:, None] & r_mask[None, :], r_mask
 
+
 @_jit
 def _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask, eps):
     """Per channel, in fp32: the mean as hi + lo, invstd and invstd * weight (or invstd),
@@ -212,9 +234,11 @@ def _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask, eps):
         scale = invstd * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float64)
     return mean_hi, mean_lo, invstd.to(tl.float32), scale.to(tl.float32)
 
+
 @_jit
 def _centered(x, mean_hi, mean_lo):
     return (x - mean_hi[:, None]) - mean_lo[:, None]
+
 
 @_jit
 def _tile_moments(x, mask, tile_count, pivot):
@@ -223,6 +247,7 @@ def _tile_moments(x, mask, tile_count, pivot):
     mean = _div_rn(tl.sum(x, axis=1), tl.maximum(tile_count, 1.0))
     centered = tl.where(mask, x - mean[:, None], 0.0)
     return mean, tl.sum(centered * centered, axis=1)
+
 
 @_jit
 def _stats_kernel(x_ptr, part_ptr, P, C, R, S, stride_n, stride_c, stride_s, chunks, tiles,
@@ -262,6 +287,7 @@ def _stats_kernel(x_ptr, part_ptr, P, C, R, S, stride_n, stride_c, stride_s, chu
     tl.store(out + 2 * C * P, mean, mask=c_mask)
     tl.store(out + 3 * C * P, m2, mask=c_mask)
 
+
 @_jit
 def _partials(part_ptr, c, p0, C, P, BLOCK_P: tl.constexpr):
     """(count, mean, M2) in fp64 of partials p0 .. p0 + BLOCK_P of channels c; zeros past
@@ -275,6 +301,7 @@ def _partials(part_ptr, c, p0, C, P, BLOCK_P: tl.constexpr):
     offset = tl.load(ptr + 2 * C * P, mask=mask, other=0.0).to(tl.float64)
     m2 = tl.load(ptr + 3 * C * P, mask=mask, other=0.0).to(tl.float64)
     return n, pivot + offset, m2
+
 
 @_jit
 def _payload_kernel(part_ptr, shift_ptr, payload_ptr, C, P, count,
@@ -291,7 +318,7 @@ def _payload_kernel(part_ptr, shift_ptr, payload_ptr, C, P, count,
     weight = tl.zeros([BLOCK_C], dtype=tl.float64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        n, part_mean, _ = _partials(part_ptr, c, p0, C, P, BLOCK_P)
+        n, part_mean, m2_unused = _partials(part_ptr, c, p0, C, P, BLOCK_P)
         weight += tl.sum(n, axis=1)
         total += tl.sum(n * part_mean, axis=1)
     mean = total / tl.maximum(weight, 1.0)
@@ -303,16 +330,20 @@ def _payload_kernel(part_ptr, shift_ptr, payload_ptr, C, P, count,
     shift = tl.zeros([BLOCK_C], dtype=tl.float64)
     if shift_ptr is not None:
         shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(tl.float64)
-    n_local = count.to(tl.float64)
+    # Broadcast, not count.to(): Triton passes an int argument equal to 1 as a constexpr.
+    n_local = tl.zeros([BLOCK_C], dtype=tl.float64) + count
     offset = tl.where(n_local > 0, mean - shift, 0.0)
     tl.store(payload_ptr + 1 + c, n_local * offset, mask=c_mask)
     tl.store(payload_ptr + 1 + C + c, m2 + n_local * offset * offset, mask=c_mask)
     tl.store(payload_ptr + 1 + 2 * C + c, shift, mask=c_mask)
     tl.store(payload_ptr + 1 + 3 * C + c, shift * shift, mask=c_mask)
-    if tl.program_id(0) == 0:
-        tl.store(payload_ptr, n_local)
-        tl.store(payload_ptr + 1 + 4 * C, 0.0)  # no invalid input here
-        tl.store(payload_ptr + 2 + 4 * C, 0.0)  # not fp64 input (the reference serves it)
+    # The scalars, by the lane of channel 0 (program 0): n, then the two flags, 0 here (no
+    # invalid input; fp64 input takes the reference kernels).
+    first = c == 0
+    tl.store(payload_ptr + c, n_local, mask=first)
+    tl.store(payload_ptr + 1 + 4 * C + c, tl.zeros([BLOCK_C], dtype=tl.float64), mask=first)
+    tl.store(payload_ptr + 2 + 4 * C + c, tl.zeros([BLOCK_C], dtype=tl.float64), mask=first)
+
 
 @_jit
 def _finalize_kernel(moments_ptr, shift_ptr, count_ptr, mean_ptr, var_ptr, running_mean_ptr,
@@ -355,6 +386,7 @@ def _finalize_kernel(moments_ptr, shift_ptr, count_ptr, mean_ptr, var_ptr, runni
             new = old.to(tl.float64) + factor * (var * bessel - old.to(tl.float64))
             tl.store(running_var_ptr + c, new.to(old.dtype), mask=c_mask)
 
+
 @_jit
 def _grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, part_ptr, eps, P,
                        C, R, S, stride_n, stride_c, stride_s, chunks, tiles,
@@ -362,11 +394,11 @@ def _grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, part_ptr, eps, P,
                        LAYOUT: tl.constexpr, INDEX_64: tl.constexpr):
     """Partials [2, C, P]: sum dy and sum dy * xhat of each program's chunk."""
     c, c_mask, chunk = _coords(C, BLOCK_C)
-    mean_hi, mean_lo, invstd, _ = _channel_scale(mean_ptr, var_ptr, None, c, c_mask, eps)
+    mean_hi, mean_lo, invstd, scale_unused = _channel_scale(mean_ptr, var_ptr, None, c, c_mask, eps)
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(tiles):
-        offsets, mask, _ = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
+        offsets, mask, rows_in = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
                                  chunks, tiles, BLOCK_S, LAYOUT, INDEX_64)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -375,6 +407,7 @@ def _grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, var_ptr, part_ptr, eps, P,
     out = part_ptr + c * P + chunk
     tl.store(out, sum_dy, mask=c_mask)
     tl.store(out + C * P, sum_dy_xmu * invstd, mask=c_mask)
+
 
 @_jit
 def _grad_fold_kernel(part_ptr, out_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -392,6 +425,7 @@ def _grad_fold_kernel(part_ptr, out_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: t
     tl.store(out_ptr + c, first, mask=c_mask)
     tl.store(out_ptr + C + c, second, mask=c_mask)
 
+
 @_jit
 def _group_grad_means(sums_ptr, count_ptr, c, c_mask, C):
     """(mean dy, mean dy * xhat) over the group per channel, from the all-reduced sums,
@@ -400,6 +434,7 @@ def _group_grad_means(sums_ptr, count_ptr, c, c_mask, C):
     mean_dy = tl.load(sums_ptr + c, mask=c_mask, other=0.0).to(tl.float64) / count
     mean_dy_xhat = tl.load(sums_ptr + C + c, mask=c_mask, other=0.0).to(tl.float64) / count
     return mean_dy.to(tl.float32), mean_dy_xhat.to(tl.float32)
+
 
 @_jit
 def _input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, sums_ptr,
@@ -411,7 +446,7 @@ def _input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, sum
                                                      c_mask, eps)
     mean_dy, mean_dy_xhat = _group_grad_means(sums_ptr, count_ptr, c, c_mask, C)
     for t in range(tiles):
-        offsets, mask, _ = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
+        offsets, mask, rows_in = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
                                  chunks, tiles, BLOCK_S, LAYOUT, INDEX_64)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -419,8 +454,10 @@ def _input_grad_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, weight_ptr, sum
         dx = scale[:, None] * (dy - mean_dy[:, None] - xhat * mean_dy_xhat[:, None])
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
+
 # ----- In-place activated BatchNorm (syncbn.activated): ACTIVATION 0 identity, 1 leaky_relu
 # (PARAMETER: slope), 2 elu (PARAMETER: alpha). The backward reads the output y, not x.
+
 
 @_jit
 def _activate(z, parameter, ACTIVATION: tl.constexpr):
@@ -429,6 +466,7 @@ def _activate(z, parameter, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         z = tl.where(z < 0, parameter * _expm1(tl.minimum(z, 0.0)), z)
     return z
+
 
 @_jit
 def _preactivation(y, dy, parameter, ACTIVATION: tl.constexpr):
@@ -447,6 +485,7 @@ def _preactivation(y, dy, parameter, ACTIVATION: tl.constexpr):
         dz = tl.where(y < 0, dy * (y + parameter), dy)
     return z, dz
 
+
 @_jit
 def _affine_inverse(weight_ptr, bias_ptr, c, c_mask):
     """Per channel 1 / weight (in fp64) and bias (1 and 0 without affine), for
@@ -459,6 +498,7 @@ def _affine_inverse(weight_ptr, bias_ptr, c, c_mask):
         shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     return inv_weight, shift
 
+
 @_jit
 def _normalize_activate_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps,
                                parameter, C, R, S, stride_n, stride_c, stride_s, chunks, tiles,
@@ -468,19 +508,20 @@ def _normalize_activate_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, weight_ptr, bias
     """y = act((x - mean) * invstd * weight + bias); y_ptr may be x_ptr (each value is read
     and written by the same program, read first)."""
     c, c_mask, chunk = _coords(C, BLOCK_C)
-    mean_hi, mean_lo, _, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask,
+    mean_hi, mean_lo, invstd_unused, scale = _channel_scale(mean_ptr, var_ptr, weight_ptr, c, c_mask,
                                                 eps)
     shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     if bias_ptr is not None:
         shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     for t in range(tiles):
-        offsets, mask, _ = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
+        offsets, mask, rows_in = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
                                  chunks, tiles, BLOCK_S, LAYOUT, INDEX_64)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         # (x - mean) first: x * scale + (bias - mean * scale) would cancel for large means.
         z = _centered(x, mean_hi, mean_lo) * scale[:, None] + shift[:, None]
         y = _activate(z, parameter, ACTIVATION)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 @_jit
 def _activated_grad_stats_kernel(dy_ptr, y_ptr, weight_ptr, bias_ptr, part_ptr, parameter,
@@ -494,7 +535,7 @@ def _activated_grad_stats_kernel(dy_ptr, y_ptr, weight_ptr, bias_ptr, part_ptr, 
     sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
     for t in range(tiles):
-        offsets, mask, _ = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
+        offsets, mask, rows_in = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
                                  chunks, tiles, BLOCK_S, LAYOUT, INDEX_64)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -505,6 +546,7 @@ def _activated_grad_stats_kernel(dy_ptr, y_ptr, weight_ptr, bias_ptr, part_ptr, 
     out = part_ptr + c * P + chunk
     tl.store(out, sum_dz, mask=c_mask)
     tl.store(out + C * P, sum_dz_xhat, mask=c_mask)
+
 
 @_jit
 def _activated_input_grad_kernel(dy_ptr, y_ptr, dx_ptr, var_ptr, weight_ptr, bias_ptr,
@@ -522,7 +564,7 @@ def _activated_input_grad_kernel(dy_ptr, y_ptr, dx_ptr, var_ptr, weight_ptr, bia
     scale = scale.to(tl.float32)
     mean_dz, mean_dz_xhat = _group_grad_means(sums_ptr, count_ptr, c, c_mask, C)
     for t in range(tiles):
-        offsets, mask, _ = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
+        offsets, mask, rows_in = _tile(c, c_mask, chunk, t, R, S, stride_n, stride_c, stride_s,
                                  chunks, tiles, BLOCK_S, LAYOUT, INDEX_64)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -576,7 +618,7 @@ class _Grid:
     @property
     def meta(self) -> Dict[str, Any]:
         return {"BLOCK_C": self.block_c, "BLOCK_S": self.block_s, "LAYOUT": self.layout,
-                "INDEX_64": self.index_64, "num_warps": self.num_warps}
+                "INDEX_64": self.index_64, "num_warps": self.num_warps, **_OPTIONS}
 
 
 _sm_counts: Dict[int, int] = {}
@@ -679,7 +721,7 @@ def _forward_payload(x: Tensor, shift: Optional[Tensor]) -> Tensor:
             _stats_kernel[grid.programs](x, partials, num_partials, *grid.args, **grid.meta)
         programs, blocks = _fold_geometry(channels, num_partials)
         _payload_kernel[programs](partials, _per_channel(shift), payload, channels, num_partials,
-                                  count, **blocks)
+                                  count, **blocks, **_OPTIONS)
     return payload
 
 
@@ -700,7 +742,8 @@ def _finalize(moments: Tensor, shift: Optional[Tensor], running_mean: Optional[T
                                running_mean, running_var, tracked,
                                0.0 if momentum is None else float(momentum), channels,
                                CUMULATIVE=momentum is None,
-                               BLOCK_C=min(triton.next_power_of_2(max(channels, 1)), _FINALIZE_BLOCK_C))
+                               BLOCK_C=min(triton.next_power_of_2(max(channels, 1)), _FINALIZE_BLOCK_C),
+                               **_OPTIONS)
     return count, mean, var
 
 
@@ -770,7 +813,7 @@ def _gradient_sums(kernel, dy: Tensor, data: Tensor, first: Optional[Tensor],
             kernel[grid.programs](dy, data, first, second, partials, scalar, num_partials,
                                   *grid.args, **constants, **grid.meta)
         programs, blocks = _fold_geometry(channels, num_partials)
-        _grad_fold_kernel[programs](partials, sums, channels, num_partials, **blocks)
+        _grad_fold_kernel[programs](partials, sums, channels, num_partials, **blocks, **_OPTIONS)
     return sums
 
 
