@@ -102,15 +102,27 @@ def eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
     return None
 
 
-_REENTRANT_RECOMPUTE = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+def _nested_code(function: Any, name: str) -> Any:
+    """The code object of the function ``name`` defined inside ``function``, or None."""
+    return next((const for const in function.__code__.co_consts
+                 if getattr(const, "co_name", None) == name), None)
+
+
+# The frames in which torch.utils.checkpoint re-runs a segment's forward: reentrant checkpointing
+# inside CheckpointFunction.backward, non-reentrant inside the recompute_fn its generator defines.
+_RECOMPUTE_CODES = frozenset(code for code in (
+    torch.utils.checkpoint.CheckpointFunction.backward.__code__,
+    _nested_code(torch.utils.checkpoint._checkpoint_without_reentrant_generator, "recompute_fn"),
+) if code is not None)
 
 
 def recomputing_checkpoint() -> bool:
     """Whether this forward is torch.utils.checkpoint re-running a segment during backward.
 
     Non-reentrant checkpointing recomputes under its ``_recomputation_hook`` saved-tensor hook;
-    reentrant checkpointing recomputes inside ``CheckpointFunction.backward``. Any other forward
-    run inside a backward pass (a backward hook, a double-backward rebuild) is a real forward.
+    but a checkpoint nested in the segment installs its own hook over it, so the frames are
+    searched too, for either mode's recompute function. Any other forward run inside a
+    backward pass (a backward hook, a double-backward rebuild) is a real forward.
     """
     if torch._C._current_graph_task_id() == -1:
         return False  # not inside a backward pass
@@ -119,7 +131,7 @@ def recomputing_checkpoint() -> bool:
         return True
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _REENTRANT_RECOMPUTE:
+        if frame.f_code in _RECOMPUTE_CODES:
             return True
         frame = frame.f_back
     return False
