@@ -207,9 +207,12 @@ def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str,
     if totals.count == 1:
         raise _single_value_error(layer, comm.rank, shape)
     if check_finite and not totals.finite:
-        where = "not this rank's" if finite_here else "including this rank's"
-        raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
-                                 "statistics were left untouched")
+        raise _non_finite_error(layer, "not this rank's" if finite_here else "including this rank's")
+
+
+def _non_finite_error(layer: str, where: str) -> FloatingPointError:
+    return FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
+                              "statistics were left untouched")
 
 
 def _list_text(items: Sequence[int], shown: int = 8) -> str:
@@ -377,12 +380,16 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
 
 def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
-                      eps: float, num_batches_tracked: Optional[Tensor]) -> Tensor:
+                      eps: float, num_batches_tracked: Optional[Tensor], layer: str,
+                      check_finite: bool) -> Tensor:
     """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
 
     Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
-    it), as in a larger group that saw no value; a checkpoint recompute updates nothing.
+    it), as in a larger group that saw no value; a checkpoint recompute updates nothing. And
+    with ``check_finite``, a batch with NaN or Inf raises before the statistics change.
     """
+    if check_finite and not bool(torch.isfinite(input).all()):
+        raise _non_finite_error(layer, "the only rank's")
     if running_mean is not None and not torch.compiler.is_compiling() and recomputing_checkpoint():
         # The first run of this step already updated the running statistics: update copies, so
         # the recompute saves the same tensors as the first run (checkpoint checks that).
@@ -450,7 +457,7 @@ def sync_batch_norm(
         if bnm.local_count(input) == 1:
             raise _single_value_error(layer, 0, list(input.shape))
         return _batch_norm_alone(input, running_mean, running_var, weight, bias, momentum, eps,
-                                 num_batches_tracked)
+                                 num_batches_tracked, layer, check_finite)
     debug = debug_enabled(debug)
     if problem is not None:
         if channels is None:

@@ -108,6 +108,21 @@ def test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats(
     assert all(torch.equal(r["var"], torch.ones(2)) and r["tracked"] == 0 for r in results)
 
 
+@pytest.mark.parametrize("group", ["plain_process", "single_process_communicator"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats(group, bad):
+    process_group = syncbn.SingleProcessCommunicator() if group == "single_process_communicator" else None
+    layer = syncbn.SyncBatchNorm(2, name="bn", check_finite=True, process_group=process_group)
+    x = torch.randn(3, 2, 4)
+    x[2, 0, 3] = bad
+    with pytest.raises(FloatingPointError, match="'bn': the batch has NaN or Inf values"):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(2)) and torch.equal(layer.running_var, torch.ones(2))
+    assert layer.num_batches_tracked.item() == 0
+    layer(torch.randn(3, 2, 4))  # a finite batch trains on
+    assert layer.num_batches_tracked.item() == 1
+
+
 def test_by_default_nan_propagates_like_batchnorm():
     x = torch.randn(4, 2, 3)
     x[0, 1, 0] = float("nan")
