@@ -9,7 +9,7 @@ sum dy*xhat: 2C fp64 values), whatever the world size. The arithmetic runs in th
 :mod:`syncbn.kernels`. Every rank issues the collectives in the same order whatever its batch,
 an empty or invalid one included, so no rank is left waiting alone. On CPU, a second forward
 all-reduce of 2C+1 values follows when the first shows the merge was ill-conditioned (see
-batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
+batchnorm_math.group_totals), decided on every rank from the same reduced payload.
 
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
 running means that differ across ranks, non-finite statistics with ``check_finite``) are read
@@ -162,7 +162,7 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
                             payload.device, debug)
         # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-        if on_host and bnm.ill_conditioned(reduced, channels, totals.fp64_ranks > 0, comm.size):
+        if on_host and totals.ill_conditioned:
             # Merge again, from the data, about the global mean just found (the same on every rank).
             _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
             moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
