@@ -248,6 +248,12 @@ def test_readme_prints_signatures_as_the_code_has_them(name):
             assert ast.literal_eval(default) == real[parameter].default, parameter
 
 
+def test_project_layout_names_paths_that_exist():
+    table = section(README.read_text(), "## Project layout")
+    paths = [p for row in re.findall(r"^\| (`.*?) \|", table, re.M) for p in re.findall(r"`([^`]+)`", row)]
+    assert len(paths) >= 10 and [p for p in paths if not (ROOT / p).exists()] == []
+
+
 def test_tests_the_docs_name_exist():
     """Every test file and test function README or launch/README.md names in backticks."""
     tests = ROOT / "tests"
