@@ -408,6 +408,10 @@ CLAIMS: List[Claim] = [
           ACCURACY + "test_files_and_machine_stamp", BENCH_NUMERICS + "test_markdown_has_one_row_per_distribution_with_a_cell_per_quantity",
           BENCH + "test_scaling_projection_says_it_is_a_model_and_shows_sourced_inputs",
           BENCH + "test_scaling_validation_sets_measured_beside_projected_for_each_world_size"),
+    claim("(mean ± std over 3 seeds; `--quick` runs one seed, only indicative)",
+          ACCURACY + "test_the_full_plan_repeats_full_batch_bn_at_syncbn_s_setting_for_every_other_seed",
+          ACCURACY + "test_a_one_seed_run_says_it_is_only_indicative_and_cannot_be_published",
+          ACCURACY + "test_targets_are_judged_on_the_mean_over_seeds_paired_at_syncbn_s_learning_rate"),
     claim("| `syncbn/batchnorm_math.py` |", DOCS + "test_project_layout_names_paths_that_exist"),
     # --- launch/README.md (section of the "multihost" developer) --------------------------------
     claim("`train_example.py`, a small conv net that runs unchanged under all of them", *RECIPES,

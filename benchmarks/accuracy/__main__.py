@@ -43,9 +43,8 @@ and each arm is reported at its best, with the grid. (Earlier runs trained every
 learning rate chosen for BN and GroupNorm with 4 channels per group only, which predicted
 background everywhere on the segmentation task, 0.072 mean IoU, at every batch size and seed;
 the grid tells the learning rate's share from the group size's, see the GroupNorm lines under
-the findings.) Training uses 4 ranks on this 2-core
-machine: 8 oversubscribed gloo ranks cost about 0.5 s per SyncBN training step here (about
-0.15 s with 4), too slow for the grid, so 8 ranks appear in experiment 1 only.
+the findings.) Training uses 4 ranks on this 2-core machine: 8 oversubscribed gloo ranks are
+too slow here for the grid, so 8 ranks appear in experiment 1 only.
 The numbers below are the full run's (`python -m benchmarks.accuracy`): each arm's scores are
 the mean ± std over 3 seeds at its selected setting, and the targets are judged on those means.
 `python -m benchmarks.accuracy --quick` is a one-seed version on fewer batch sizes, only
