@@ -81,6 +81,7 @@ SAME_FUNCTION = MODELS + "test_converted_model_computes_the_same_function_in_tra
 SKIPPED_LAYER = (GUARD + "test_debug_guard_turns_a_skipped_layer_into_an_error_on_every_rank",
                  FAULTS + "test_a_skipped_layer_raises_the_guard_error_on_every_rank")
 CHECKPOINTING = (GUARD + "test_activation_checkpointing_updates_running_stats_once_per_step",
+                 GUARD + "test_nested_checkpoints_update_running_stats_once_per_step",
                  MATRIX + "test_row7_running_stats_update_once_per_step_also_when_the_forward_runs_in_backward")
 BAD_INPUT = (MODULE + "test_bad_input_raises_clear_error_naming_the_layer",
              GUARD + "test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging",
@@ -203,7 +204,7 @@ CLAIMS: List[Claim] = [
     claim("with a group initialized, CPU training raises `ValueError` (checked on torch 2.13) | CPU and CUDA",
           TORCH_REFUSES_CPU, *GLOBAL_BATCH, GPU + "test_gpu_parity_with_float64_batchnorm"),
     claim("| Backends | torch.distributed | torch.distributed (gloo, NCCL, any group) and mpi4py", *GLOBAL_BATCH),
-    claim("one all-reduce of 2C+5 fp64 values (independent of W); on CPU a second one when the first "
+    claim("one all-reduce of 4C+3 fp64 values (independent of W); on CPU a second one when the first "
           "shows the merge lost precision", COLLECTIVES,
           NUMERICS + "test_named_case_on_two_uneven_ranks_is_within_twice_torch_error_plus_floor"),
     claim("one all-reduce of 2C fp64 values (so ranks with different input dtypes still agree)",
@@ -242,10 +243,11 @@ CLAIMS: List[Claim] = [
           "debug guard or `check_finite`, else no rank raises",
           DIST + "test_global_count_one_raises_on_every_rank", GPU + "test_training_step_reads_no_device_value",
           GPU + "test_meta_device_catches_a_host_read"),
-    claim("every rank raises, naming the layer, before running stats change",
+    claim("every rank raises, naming the layer and the channel(s), before running stats change",
           FUNCTIONAL + "test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change",
           FUNCTIONAL + "test_running_means_that_differ_only_by_their_dtype_rounding_train_on"),
-    claim("that rank raises naming the layer, and on CPU every other rank too; on GPU the others raise "
+    claim("that rank raises naming the layer, and on CPU every other rank too, naming the bad rank(s); "
+          "on GPU the others raise "
           "only with the debug guard or `check_finite`", *BAD_INPUT),
     claim("with the debug guard: an error on every rank naming the layer and ranks", *SKIPPED_LAYER),
     claim("| Activation checkpointing | running stats updated twice | once per logical step", *CHECKPOINTING),
@@ -294,7 +296,8 @@ CLAIMS: List[Claim] = [
           "another device than the parameters) raises a clear error naming the layer", *BAD_INPUT),
     claim("**NaN / Inf** propagate as in torch BatchNorm",
           GUARD + "test_by_default_nan_propagates_like_batchnorm",
-          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats"),
+          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats",
+          GUARD + "test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats"),
     claim("**Debug guard**: `SYNCBN_DEBUG=1` (or `debug=True`) makes ranks cross-check",
           GUARD + "test_debug_guard_names_different_channel_counts_across_ranks",
           GUARD + "test_debug_guard_adds_one_small_cross_check_before_each_collective",
@@ -307,8 +310,16 @@ CLAIMS: List[Claim] = [
     claim("a watchdog aborts the job after `SYNCBN_TIMEOUT` seconds (default 1800)",
           GUARD + "test_the_mpi_watchdog_aborts_a_stuck_collective_naming_the_layer",
           COMM + "test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice"),
-    claim("**Activation checkpointing** (`torch.utils.checkpoint`, both modes) updates running "
-          "statistics once per logical step", *CHECKPOINTING),
+    claim("**Activation checkpointing** (`torch.utils.checkpoint`, both modes, nested checkpoints "
+          "included) updates running statistics once per logical step", *CHECKPOINTING),
+    claim("a non-finite batch raises `FloatingPointError` on every rank before the running statistics "
+          "change (in a group of one too)",
+          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats",
+          GUARD + "test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats"),
+    claim("Checked per channel, so a permutation, a sign flip or one channel among large ones is caught",
+          FUNCTIONAL + "test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change"),
+    claim("every other rank too, naming the bad rank(s)",
+          GUARD + "test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging"),
     claim("when one worker dies, the others are stopped within seconds and the launcher prints which "
           "rank failed", *FAIL_FAST,
           MATRIX + "test_row6_the_summary_shows_each_ranks_own_exception_and_prefixes_are_not_doubled"),
