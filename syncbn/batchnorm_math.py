@@ -10,7 +10,7 @@ running-stat update, and the checks every rank reads from the reduced payload.
 Precision: each rank's mean and M2 = sum (x - mean)^2 are centred on its own mean. The payload
 carries [count, sum (x - K), sum (x - K)^2] in fp64 about a per-channel shift K that every rank
 shares, so it adds up over ranks, and the merge cancels only to 2^-52 * (1 + (mean - K)^2 / var)
-relative (see ill_conditioned); counts stay exact. K is the running mean, which tracks the mean.
+relative (see group_totals); counts stay exact. K is the running mean, which tracks the mean.
 The payload also carries K and K^2 per channel, so every rank can see, per channel, whether the
 ranks really shared K (a checkpoint loaded on one rank only would otherwise make every rank's
 statistics silently wrong).
@@ -79,7 +79,7 @@ def global_moments(moments: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tens
 
     var = S2/M - (S1/M)^2 about the shared shift: in fp64 its relative error is about
     2^-52 * (W + 1) * (1 + condition), condition = (mean - shift)^2 / var (see
-    ill_conditioned). The count stays a 0-dim device tensor so no host sync is needed; an
+    group_totals). The count stays a 0-dim device tensor so no host sync is needed; an
     empty group gives mean = shift and var 0 (callers keep running stats unchanged then).
     """
     count = moments[0]
@@ -137,45 +137,41 @@ class GroupTotals(NamedTuple):
     fp64_ranks: int
     differing_channels: Tuple[int, ...]  # whose shift differs across ranks by more than rounding
     finite: bool
+    ill_conditioned: bool  # the merge may have lost precision the statistics' dtype would show
 
 
 def group_totals(payload: np.ndarray, channels: int, world_size: int) -> GroupTotals:
     """Read the reduced forward payload (a host copy).
 
-    A channel's shifts disagree when their spread over ranks, sum K^2 / W - (sum K / W)^2,
+    Shifts: a channel's shifts disagree when their spread over ranks, sum K^2 / W - (sum K / W)^2,
     exceeds the tolerance squared times the channel's scale, mean K^2 + var: per channel, so
     neither a permutation or a sign flip of the running means, nor one channel among large ones,
     hides. Its fp64 rounding, about 2^-50 of the scale, is far below the tolerance.
+
+    Conditioning: the fp64 merge error of var, relative, is about 2^-52 * (W + 1) *
+    (1 + condition), where condition = (mean - shift)^2 / var. fp32 statistics (fp32/fp16/bf16
+    input) carry 2^-24 of their own: the merge may cost up to a quarter of that, condition up to
+    2^26 / (W + 1) (|mean - shift| up to about 4700 std at W = 2, 250 std at W = 1024). fp64
+    statistics carry 2^-53: any condition above 1 may already cost them a few ulps.
     """
+    finite = bool(np.isfinite(payload).all())
+    if not finite:  # NaN and Inf compare False below: no channel is flagged by them
+        with np.errstate(invalid="ignore", over="ignore"):
+            return _group_totals(payload, channels, world_size, finite)
+    return _group_totals(payload, channels, world_size, finite)
+
+
+def _group_totals(payload: np.ndarray, channels: int, world_size: int, finite: bool) -> GroupTotals:
+    c = channels
     count = float(payload[0])
     fp64_ranks = int(payload[FP64_INPUT])
-    tolerance = SHIFT_TOLERANCE if fp64_ranks in (0, world_size) else MIXED_DTYPE_SHIFT_TOLERANCE
-    c = channels
-    s1, s2 = payload[1:1 + c], payload[1 + c:1 + 2 * c]
+    offset = payload[1:1 + c] / max(count, 1.0)
+    var = np.maximum(payload[1 + c:1 + 2 * c] / max(count, 1.0) - offset * offset, 0.0)
     k_mean = payload[1 + 2 * c:1 + 3 * c] / world_size
     k2_mean = payload[1 + 3 * c:1 + 4 * c] / world_size
-    with np.errstate(invalid="ignore", over="ignore"):
-        finite = bool(np.isfinite(payload).all())
-        offset = s1 / max(count, 1.0)
-        var = np.maximum(s2 / max(count, 1.0) - offset * offset, 0.0)
-        spread = k2_mean - k_mean * k_mean
-        differing = np.flatnonzero(spread > tolerance ** 2 * (k2_mean + var))
+    tolerance = SHIFT_TOLERANCE if fp64_ranks in (0, world_size) else MIXED_DTYPE_SHIFT_TOLERANCE
+    differing = np.flatnonzero(k2_mean - k_mean * k_mean > tolerance ** 2 * (k2_mean + var))
+    limit = 1.0 if fp64_ranks else float(1 << 26) / (world_size + 1)
+    ill_conditioned = bool((offset * offset > limit * var).any())
     return GroupTotals(count, int(payload[INVALID_INPUT]), fp64_ranks,
-                       tuple(int(c) for c in differing), finite)
-
-
-def ill_conditioned(payload: np.ndarray, channels: int, fp64: bool, world_size: int) -> bool:
-    """Whether the group statistics merged from the reduced payload (a host copy) may have lost
-    precision that the statistics' dtype would show.
-
-    The fp64 merge error of var, relative, is about 2^-52 * (W + 1) * (1 + condition), where
-    condition = (mean - shift)^2 / var. fp32 statistics (fp32/fp16/bf16 input) carry 2^-24 of
-    their own: the merge may cost up to a quarter of that, condition up to 2^26 / (W + 1)
-    (|mean - shift| up to about 4700 std at W = 2, 250 std at W = 1024). fp64 statistics carry
-    2^-53: any condition above 1 may already cost them a few ulps.
-    """
-    limit = 1.0 if fp64 else float(1 << 26) / (world_size + 1)
-    count = max(float(payload[0]), 1.0)
-    offset = payload[1:1 + channels] / count
-    var = payload[1 + channels:1 + 2 * channels] / count - offset * offset
-    return bool((offset * offset > limit * np.maximum(var, 0.0)).any())
+                       tuple(int(channel) for channel in differing), finite, ill_conditioned)

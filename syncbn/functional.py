@@ -9,7 +9,7 @@ sum dy*xhat: 2C fp64 values), whatever the world size. The arithmetic runs in th
 :mod:`syncbn.kernels`. Every rank issues the collectives in the same order whatever its batch,
 an empty or invalid one included, so no rank is left waiting alone. On CPU, a second forward
 all-reduce of 2C+1 values follows when the first shows the merge was ill-conditioned (see
-batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
+batchnorm_math.group_totals), decided on every rank from the same reduced payload.
 
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
 running means that differ across ranks, non-finite statistics with ``check_finite``) are read
@@ -102,15 +102,27 @@ def eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
     return None
 
 
-_REENTRANT_RECOMPUTE = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+def _nested_code(function: Any, name: str) -> Any:
+    """The code object of the function ``name`` defined inside ``function``, or None."""
+    return next((const for const in function.__code__.co_consts
+                 if getattr(const, "co_name", None) == name), None)
+
+
+# The frames in which torch.utils.checkpoint re-runs a segment's forward: reentrant checkpointing
+# inside CheckpointFunction.backward, non-reentrant inside the recompute_fn its generator defines.
+_RECOMPUTE_CODES = frozenset(code for code in (
+    torch.utils.checkpoint.CheckpointFunction.backward.__code__,
+    _nested_code(torch.utils.checkpoint._checkpoint_without_reentrant_generator, "recompute_fn"),
+) if code is not None)
 
 
 def recomputing_checkpoint() -> bool:
     """Whether this forward is torch.utils.checkpoint re-running a segment during backward.
 
     Non-reentrant checkpointing recomputes under its ``_recomputation_hook`` saved-tensor hook;
-    reentrant checkpointing recomputes inside ``CheckpointFunction.backward``. Any other forward
-    run inside a backward pass (a backward hook, a double-backward rebuild) is a real forward.
+    but a checkpoint nested in the segment installs its own hook over it, so the frames are
+    searched too, for either mode's recompute function. Any other forward run inside a
+    backward pass (a backward hook, a double-backward rebuild) is a real forward.
     """
     if torch._C._current_graph_task_id() == -1:
         return False  # not inside a backward pass
@@ -119,7 +131,7 @@ def recomputing_checkpoint() -> bool:
         return True
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _REENTRANT_RECOMPUTE:
+        if frame.f_code in _RECOMPUTE_CODES:
             return True
         frame = frame.f_back
     return False
@@ -150,7 +162,7 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
                             payload.device, debug)
         # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-        if on_host and bnm.ill_conditioned(reduced, channels, totals.fp64_ranks > 0, comm.size):
+        if on_host and totals.ill_conditioned:
             # Merge again, from the data, about the global mean just found (the same on every rank).
             _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
             moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
@@ -195,9 +207,12 @@ def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str,
     if totals.count == 1:
         raise _single_value_error(layer, comm.rank, shape)
     if check_finite and not totals.finite:
-        where = "not this rank's" if finite_here else "including this rank's"
-        raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
-                                 "statistics were left untouched")
+        raise _non_finite_error(layer, "not this rank's" if finite_here else "including this rank's")
+
+
+def _non_finite_error(layer: str, where: str) -> FloatingPointError:
+    return FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
+                              "statistics were left untouched")
 
 
 def _list_text(items: Sequence[int], shown: int = 8) -> str:
@@ -365,12 +380,16 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
 
 def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
-                      eps: float, num_batches_tracked: Optional[Tensor]) -> Tensor:
+                      eps: float, num_batches_tracked: Optional[Tensor], layer: str,
+                      check_finite: bool) -> Tensor:
     """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
 
     Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
-    it), as in a larger group that saw no value; a checkpoint recompute updates nothing.
+    it), as in a larger group that saw no value; a checkpoint recompute updates nothing. And
+    with ``check_finite``, a batch with NaN or Inf raises before the statistics change.
     """
+    if check_finite and not bool(torch.isfinite(input).all()):
+        raise _non_finite_error(layer, "the only rank's")
     if running_mean is not None and not torch.compiler.is_compiling() and recomputing_checkpoint():
         # The first run of this step already updated the running statistics: update copies, so
         # the recompute saves the same tensors as the first run (checkpoint checks that).
@@ -438,7 +457,7 @@ def sync_batch_norm(
         if bnm.local_count(input) == 1:
             raise _single_value_error(layer, 0, list(input.shape))
         return _batch_norm_alone(input, running_mean, running_var, weight, bias, momentum, eps,
-                                 num_batches_tracked)
+                                 num_batches_tracked, layer, check_finite)
     debug = debug_enabled(debug)
     if problem is not None:
         if channels is None:
