@@ -130,7 +130,13 @@ class Launches(TorchDispatchMode):
 
     def _launch(self, kernel: Any, grid: Any, args: tuple, kwargs: dict) -> Any:
         self.triton[self.current].append(kernel_name(kernel))
-        self.calls.append((kernel, grid, args, kwargs))
+        # Shapes, strides and dtypes only: holding the tensors themselves would keep autograd
+        # from taking a gradient as it is (it would copy it), adding a launch to the count.
+        self._paused = True
+        try:
+            self.calls.append((kernel, grid, _described(args), _described(kwargs)))
+        finally:
+            self._paused = False
         if not self.run_kernels:
             return None
         self._paused = True
@@ -138,6 +144,18 @@ class Launches(TorchDispatchMode):
             return kernel.run(*args, grid=grid, warmup=False, **kwargs)
         finally:
             self._paused = False
+
+
+def _described(values: Any) -> Any:
+    """``values`` (a tuple or a dict) with each tensor replaced by a meta tensor of its shape,
+    strides and dtype."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return value
+    if isinstance(values, dict):
+        return {key: describe(value) for key, value in values.items()}
+    return tuple(describe(value) for value in values)
 
 
 def _from_host_to_device(func, args, kwargs) -> bool:
