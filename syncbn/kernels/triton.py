@@ -948,20 +948,22 @@ def _agrees_with_reference(device: torch.device, dtype: torch.dtype,
     def made(*shape: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
         return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset)
 
-    x = made(3, channels, 6, 7, scale=2.0, offset=3.0).to(device, dtype).contiguous(memory_format=memory_format)
-    dy = made(3, channels, 6, 7).to(device, dtype).contiguous(memory_format=memory_format)
+    x, dy = (made(3, channels, 6, 7, scale=scale, offset=offset).to(device, dtype)
+             .contiguous(memory_format=memory_format) for scale, offset in [(2.0, 3.0), (1.0, 0.0)])
     weight, bias = made(channels, offset=1.0).to(device), made(channels).to(device)
     shift = torch.full((channels,), 2.5, device=device)
-    group_sums, count = made(2 * channels).to(device), torch.tensor(300.0, dtype=torch.float64).to(device)
+    group_sums = made(2 * channels).to(device)
+    count = torch.full((), 300.0, dtype=torch.float64, device=device)
     state = [torch.zeros(channels, device=device), torch.ones(channels, device=device),
              torch.zeros((), dtype=torch.long, device=device)]
     state_ref = [t.clone() for t in state]
     ours = {"forward_payload": _forward_payload(x, shift)}
     theirs = {"forward_payload": reference.forward_payload(x, shift)}
     moments = theirs["forward_payload"][:2 * channels + 1]
-    ours["finalize"] = torch.cat([t.reshape(-1) for t in _finalize(moments, shift, *state, 0.1)] + state[:2])
-    theirs["finalize"] = torch.cat([t.reshape(-1) for t in reference.finalize(moments, shift, *state_ref, 0.1)]
-                                   + state_ref[:2])
+    found = _finalize(moments, shift, *state, 0.1)
+    expected = reference.finalize(moments, shift, *state_ref, 0.1)
+    ours["finalize"] = torch.cat([t.reshape(-1) for t in (*found, *state[:2])])
+    theirs["finalize"] = torch.cat([t.reshape(-1) for t in (*expected, *state_ref[:2])])
     _, mean, var = reference.finalize(moments, shift, None, None, None, 0.1)
     ours["normalize"] = _normalize(x, mean, var, weight, bias, 1e-5)
     theirs["normalize"] = reference.normalize(x, mean, var, weight, bias, 1e-5)
