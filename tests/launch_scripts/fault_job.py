@@ -58,22 +58,16 @@ def running_stats() -> list:
     return [layer.running_mean.clone(), layer.running_var.clone()]
 
 
-if mode == "uncaught":
+if mode in ("uncaught", "uncaught-after-init"):
     layer(batches[rank])
     print(f"rank {rank}: step 1 done", flush=True)
     if rank == 1:
         print(f"FAULT_AT {time.time()}", flush=True)
         raise ValueError("rank 1: a broken batch, uncaught")
-    layer(batches[rank])  # waits for rank 1, which will never arrive
-    print(f"rank {rank}: step 2 done", flush=True)
-
-elif mode == "uncaught-after-init":
-    layer(batches[rank])
-    print(f"rank {rank}: step 1 done", flush=True)
-    if rank == 1:
-        print(f"FAULT_AT {time.time()}", flush=True)
-        raise ValueError("rank 1: a broken batch, uncaught")
-    time.sleep(600)  # only the job's end can stop this rank
+    if mode == "uncaught":
+        layer(batches[rank])  # waits for rank 1, which will never arrive
+    else:
+        time.sleep(600)  # only the job's end can stop this rank
     print(f"rank {rank}: step 2 done", flush=True)
 
 elif mode in ("return-early", "finish-apart"):
