@@ -83,8 +83,9 @@ def describe_exit(returncode: int) -> str:
 # Why a wrapper: mpich's hydra labels output per write(), not per line, and puts every rank in
 # its own session, out of the launcher's reach. The wrapper runs the rank's command with its
 # stdout and stderr connected straight to the launcher (sockets, so lines arrive whole through
-# the launcher's own line reader), reports its process group and exit status, and ends the
-# rank when the launcher goes away.
+# the launcher's own line reader), reports its process group and exit status, SIGKILLs the
+# rank when the launcher asks (so that the status it reports is the signal the rank got), and
+# ends the rank when the launcher goes away.
 
 def _mpi_rank() -> int:
     for variable in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
@@ -189,7 +190,7 @@ def _announce_finished() -> None:
     finished, and the launcher's --exit-grace applies (the process itself is still alive)."""
     try:
         _connect_to_launcher("finished").close()
-    except OSError:  # no launcher to tell: it is going away, and ends this rank anyway
+    except (OSError, KeyError):  # no launcher to tell (gone, or none): nothing to wait for
         pass
 
 
