@@ -10,6 +10,10 @@ import pytest
 import torchvision_shim  # noqa: F401
 from syncbn.testing import RankPool, find_mpiexec
 
+# The @pytest.mark.ranks plugin, also where syncbn is not (re)installed with its entry point;
+# where it is, the plugin sees to being registered once.
+pytest_plugins = ("syncbn.pytest_plugin",)
+
 MPI_AVAILABLE = importlib.util.find_spec("mpi4py") is not None and find_mpiexec() is not None
 requires_mpi = pytest.mark.skipif(not MPI_AVAILABLE, reason="needs mpi4py and mpiexec")
 # Distributed tests run over both CPU backends; MPI cases skip cleanly where MPI is missing.
