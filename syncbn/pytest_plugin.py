@@ -62,6 +62,8 @@ _PLUGIN_NAMES = ("syncbn", __name__)
 SESSION_PLUGIN_NAME = "syncbn-ranks"
 # Fixtures whose values are set on each rank rather than sent from here.
 _RANK_FIXTURES = ("rank", "world_size")
+# What a marked item's ranks get, built at its setup.
+_RANK_TEST = pytest.StashKey[RankTest]()
 # How long the group of a pool gets to answer a probe after a failed test before it is replaced.
 _PROBE_TIMEOUT_S = 10.0
 
@@ -204,9 +206,11 @@ class _RanksSession:
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        """Start the test's ranks once its fixtures are set up: their start-up is not the test's."""
+        """Once the fixtures are set up: what the ranks get (its values must pickle), then the
+        ranks themselves, so that their start-up is not counted as the test's."""
         spec = RanksSpec.of(item)
         if spec is not None:
+            item.stash[_RANK_TEST] = self._rank_test(item, spec)
             self.pool(spec.world_size, spec.backend, spec.timeout)
 
     @pytest.hookimpl(tryfirst=True)
@@ -234,9 +238,8 @@ class _RanksSession:
     # -- running one test
 
     def _run(self, item: pytest.Function, spec: RanksSpec) -> None:
-        test = self._rank_test(item, spec)
         pool = self.pool(spec.world_size, spec.backend, spec.timeout)
-        outcomes = pool.gather(run_test, test, timeout=spec.timeout)
+        outcomes = pool.gather(run_test, item.stash[_RANK_TEST], timeout=spec.timeout)
         self._report_output(item, outcomes)
         statuses = {self._status(o) for o in outcomes}
         if statuses == {"passed"}:

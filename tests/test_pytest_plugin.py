@@ -1,8 +1,9 @@
 """syncbn.pytest_plugin, tested with pytest's own pytester: inner sessions run marked tests.
 
 Each inner session starts its own rank pools, so the scenarios are grouped: one session for
-results and formatting, one for hangs and exits, one over MPI, one for selection options.
-Inner tests write "name rank pid" lines to pids.txt, which tells which ranks ran each test.
+results and formatting (a pytest subprocess, as a user runs it), one for hangs and exits, one
+over MPI, one for selection options. Inner tests write "name rank pid" lines to pids.txt,
+which tells which ranks ran each test.
 """
 from __future__ import annotations
 
@@ -19,10 +20,14 @@ from typing import Dict, Set, Tuple
 import pytest
 
 from conftest import requires_mpi
+from syncbn.pytest_plugin import SESSION_PLUGIN_NAME
 
 pytest_plugins = "pytester"
 
 PLUGIN = ("-p", "syncbn.pytest_plugin")
+# Inner sessions in this process re-import (and assertion-rewrite) hypothesis's plugin package
+# each time: seconds each, for nothing here (and in a subprocess, the import alone).
+WITHOUT_HYPOTHESIS = ("-p", "no:hypothesispytest")
 REPO = Path(__file__).resolve().parents[1]
 
 # Shared by the inner test files: where each rank ran, and whether a process is still alive.
@@ -147,8 +152,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, str]:
     """One pytest run, in a subprocess as a user runs it, shared by the tests that read it."""
     folder = tmp_path_factory.mktemp("outcomes")
     (folder / "test_outcomes.py").write_text(OUTCOMES)
-    result = subprocess.run([sys.executable, "-m", "pytest", *PLUGIN, "-ra", "-p", "no:cacheprovider",
-                             "--basetemp", str(folder / "tmp"), "test_outcomes.py"],
+    result = subprocess.run([sys.executable, "-m", "pytest", *PLUGIN, *WITHOUT_HYPOTHESIS, "-ra",
+                             "-p", "no:cacheprovider", "--basetemp", str(folder / "tmp"), "test_outcomes.py"],
                             cwd=folder, env=_subprocess_env(COLUMNS="200"), capture_output=True, text=True,
                             timeout=600)
     return folder, result.stdout + result.stderr
@@ -235,7 +240,7 @@ def test_next_test_runs_normally_on_fresh_ranks(rank, world_size):
 
 def test_a_hang_or_early_exit_fails_within_the_timeout_naming_the_stalled_rank(pytester):
     pytester.makepyfile(test_stalls=STALLS)
-    result = pytester.runpytest(*PLUGIN, "-ra")
+    result = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "-ra")
     result.assert_outcomes(passed=1, failed=3)
     failures = _failures(result.stdout.str())
     reports = _call_reports(result)
@@ -302,7 +307,7 @@ def test_runs_normally_after_a_hang_over_mpi(rank, world_size):
 @pytest.mark.mpi
 def test_mpi_ranks_have_a_torch_group_and_mpi_and_fail_hang_and_recover_like_gloo(pytester):
     pytester.makepyfile(test_over_mpi=OVER_MPI)
-    result = pytester.runpytest(*PLUGIN, "-ra")
+    result = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "-ra")
     result.assert_outcomes(passed=2, failed=2)
     failures = _failures(result.stdout.str())
     assert failures["test_fails_on_rank_one_over_mpi"].startswith("on 2 mpi ranks: rank 1 failed, rank 0 passed")
@@ -337,17 +342,17 @@ def test_many(rank, world_size, i):
 
 def test_options_select_stop_and_format_as_usual_and_fifty_tests_share_one_pool(pytester):
     pytester.makepyfile(test_selection=SELECTION)
-    selected = pytester.runpytest(*PLUGIN, "-k", "b_passes or many", "-s")
+    selected = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "-k", "b_passes or many", "-s")
     selected.assert_outcomes(passed=51, deselected=1)
     assert len(_pids(pytester.path)["many"]) == 2  # 50 tests, the same two ranks
     assert "[rank0] hello from 0" in selected.stdout.str() and "[rank1] hello from 1" in selected.stdout.str()
 
-    stopped = pytester.runpytest(*PLUGIN, "-x", "-l")
+    stopped = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "-x", "-l")
     stopped.assert_outcomes(failed=1)
     assert "stopping after 1 failures" in stopped.stdout.str()
     assert re.search(r"^expected\s+= 0$", stopped.stdout.str(), re.MULTILINE)  # -l: the rank's locals
 
-    last_failed = pytester.runpytest(*PLUGIN, "--lf", "--tb=short")
+    last_failed = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "--lf", "--tb=short")
     last_failed.assert_outcomes(failed=1)
     out = last_failed.stdout.str()
     assert "run-last-failure: rerun previous 1 failure" in out
@@ -381,8 +386,15 @@ def test_misuse_is_reported_without_starting_ranks(pytester):
         def test_unpicklable_fixture(rank, lock):
             pass
     ''')
-    result = pytester.runpytest(*PLUGIN, "-ra")
-    result.assert_outcomes(failed=1, errors=3)
+    class PoolsAtTheEnd:
+        @pytest.hookimpl(tryfirst=True)  # before the plugin closes its pools
+        def pytest_unconfigure(self, config):
+            self.pools = dict(config.pluginmanager.get_plugin(SESSION_PLUGIN_NAME).pools)
+
+    seen = PoolsAtTheEnd()
+    result = pytester.runpytest(*PLUGIN, *WITHOUT_HYPOTHESIS, "-ra", plugins=[seen])
+    result.assert_outcomes(errors=4)
+    assert seen.pools == {}
     out = result.stdout.str()
     assert "the 'rank' fixture needs @pytest.mark.ranks(world_size) on the test" in out
     assert "@pytest.mark.ranks needs a world size >= 1, got 0" in out
@@ -438,7 +450,7 @@ def test_the_entry_point_and_an_explicit_load_register_the_plugin_once(pytester,
         pytester.makeconftest('pytest_plugins = ["syncbn.pytest_plugin"]')
         how = ()
     pytester.makepyfile(test_registration=REGISTRATION)
-    result = pytester.runpytest(*how, "-s")
+    result = pytester.runpytest(*how, *WITHOUT_HYPOTHESIS, "-s")
     result.assert_outcomes(passed=1)
     assert f"REGISTERED {expected}" in result.stdout.str()
 
