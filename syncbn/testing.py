@@ -10,7 +10,10 @@ calls, so a test suite pays the start-up (importing torch, the rendezvous) once.
   syncbn's default group is ``MPI.COMM_WORLD``.
 
 A rank's exception is re-raised in the caller with the rank's traceback. A rank that does not
-answer within the timeout, or dies, fails the call with the rank named; every rank is killed.
+answer within the timeout, or dies, fails the call with the rank named (a stalled rank with its
+Python stack); every rank is killed. :meth:`RankPool.gather` says how each rank ended instead
+of raising (what the pytest plugin, :mod:`syncbn.pytest_plugin`, reports). Ranks whose pool
+process dies end too.
 """
 from __future__ import annotations
 
@@ -222,8 +225,7 @@ class RankPool:
                  for status in ("raised", "exited", "stalled")}
         if ranks["exited"]:
             first = outcomes[ranks["exited"][0]]
-            who = (self._mpiexec_exit or f"rank {first.rank} {first.detail}") if self.backend == "mpi" \
-                else f"rank {first.rank} {first.detail}"
+            who = self._mpiexec_exit or f"rank {first.rank} {first.detail}"
             raise RankFailure(f"{who} while running {_name(fn)}{_killed(ranks['stalled'])}"
                               f"{self.last_output}")
         if ranks["raised"]:
