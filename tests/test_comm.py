@@ -74,19 +74,15 @@ class _BufferSpy:
         return self.comm.Allreduce(send, receive)
 
 
-def _mpi_reduces_cpu_tensors_in_place() -> tuple:
+@requires_mpi
+@pytest.mark.ranks(2, backend="mpi")
+def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies():
     from mpi4py import MPI
 
     spy = _BufferSpy(MPI.COMM_WORLD)
     tensor = torch.arange(5, dtype=torch.float64)
-    result = MPICommunicator(spy).all_reduce_sum_(tensor)
-    return result is tensor, spy.addresses == [tensor.data_ptr()], tensor.tolist()
-
-
-@requires_mpi
-def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies(rank_pool):
-    for same_object, same_memory, values in rank_pool(2, "mpi").run(_mpi_reduces_cpu_tensors_in_place):
-        assert same_object and same_memory and values == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert MPICommunicator(spy).all_reduce_sum_(tensor) is tensor
+    assert spy.addresses == [tensor.data_ptr()] and tensor.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
 
 
 def _without_any_group(monkeypatch) -> None:
@@ -159,9 +155,10 @@ def _watchdog_outcome(completes: bool) -> tuple:
 
 
 @requires_mpi
+@pytest.mark.ranks(2, backend="mpi")
 @pytest.mark.parametrize("completes", [True, False])
-def test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice(rank_pool, completes):
-    for noticed, aborted, err in rank_pool(2, "mpi").run(_watchdog_outcome, completes):
-        assert noticed and aborted != completes
-        assert "watched test communicator (rank=0, size=1) waited longer than 0.1 s" in err
-        assert ("completed after all; not aborting" in err) == completes
+def test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice(completes):
+    noticed, aborted, err = _watchdog_outcome(completes)
+    assert noticed and aborted != completes
+    assert "watched test communicator (rank=0, size=1) waited longer than 0.1 s" in err
+    assert ("completed after all; not aborting" in err) == completes
