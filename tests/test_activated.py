@@ -18,7 +18,8 @@ from torch import nn
 
 import syncbn
 from conftest import BACKENDS
-from scenarios import BATCHNORM_BY_DIM, IdenticalPeers, Scenario, layout, take_parameter_grads
+from scenarios import (BATCHNORM_BY_DIM, IdenticalPeers, Scenario, layout, take_parameter_grads,
+                       training_step)
 from test_gpu import meta_kernels  # noqa: F401  (a fixture)
 from syncbn import triton_kernels as tk
 from syncbn.activated import FusedActivation
@@ -436,7 +437,7 @@ def test_half_precision_gradients_are_those_of_syncbatchnorm_then_the_activation
         with torch.no_grad():
             norm.weight.fill_(weight)
             norm.bias.fill_(bias)
-        results.append(_step(model, leaf.to(dtype)))
+        results.append(training_step(model, leaf.to(dtype)))
     # Within 4x of the unfused layer's error against fp64, for every weight and bias: equal.
     for got, want in zip(*results):
         assert torch.equal(got, want)
@@ -470,7 +471,7 @@ def _assert_bias_false_trains_like_batchnorm(inplace: bool, dtype: torch.dtype) 
         reference[0].weight.copy_(layer.weight)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     tolerance = TOLERANCE[dtype][0]
-    for got, want in zip(_step(layer, x.to(dtype) * 1.0), _step(reference, x)):
+    for got, want in zip(training_step(layer, x.to(dtype) * 1.0), training_step(reference, x)):
         torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
 
 
@@ -490,8 +491,8 @@ def _assert_device_floor_check(monkeypatch, debug: bool, dtype: torch.dtype) -> 
         for weight in (layer.weight, reference[0].weight):
             weight.copy_(torch.tensor([1.0, 1e-5, -0.7]))
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
-    (y, dx, dweight, dbias) = [t.double() for t in _step(layer, x.to(dtype) * 1.0)]
-    (y0, dx0, dweight0, dbias0) = _step(reference, x)
+    (y, dx, dweight, dbias) = [t.double() for t in training_step(layer, x.to(dtype) * 1.0)]
+    (y0, dx0, dweight0, dbias0) = training_step(reference, x)
     tolerance = TOLERANCE[dtype][0] * 10  # sums over the batch
 
     def close(got, want):
@@ -559,28 +560,21 @@ def test_compiles_whole_with_fullgraph_and_trains_like_eager(group):
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(3, 4, 3), syncbn.SyncBatchNormAct(4, process_group=group),
                              nn.Conv2d(4, 4, 1), syncbn.SyncBatchNormAct(4, activation="elu",
-                                                                         process_group=group))
+                                                                         process_group=group)).double()
 
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(build())(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     eager, compiled = build(), build()
     # aot_eager: dynamo and AOTAutograd, as with inductor, without a C++ compiler.
     step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
-    for model, run in ((eager, eager), (compiled, step)):
-        got = _step(run, x) if run is eager else None
-        if got is None:
-            x_ = x.clone().requires_grad_()
-            y = step(x_)
-            y.square().sum().backward()
-            got = [y.detach(), x_.grad] + [p.grad.clone() for p in compiled.parameters()]
-        model.result = got
+    results = training_step(step, x), training_step(eager, x)
     torch._dynamo.reset()
-    for got, want in zip(compiled.result, eager.result):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for got, want in zip(compiled.buffers(), eager.buffers()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_relu_by_name_is_refused_with_the_reason_and_the_alternatives():
@@ -760,24 +754,14 @@ def test_convert_leaves_unrelated_layers_and_existing_fused_layers_alone():
     assert not any(isinstance(m, FusedActivation) for m in fused.modules())
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
-    """Output, input gradient and parameter gradients of one training step (input left intact)."""
-    x = x.clone().requires_grad_()
-    y = model(x)
-    y.square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return [y.detach(), x.grad] + grads
-
-
-def _assert_conversion_keeps_the_step(model: nn.Module, x: torch.Tensor, fused: int,
+def _assert_conversion_keeps_thetraining_step(model: nn.Module, x: torch.Tensor, fused: int,
                                       in_place: int) -> nn.Module:
     """convert_sync_batchnorm_act fuses ``fused`` layers, ``in_place`` of them in place, and the
     converted model's training step (output, gradients, running statistics) is the original's."""
     converted = syncbn.convert_sync_batchnorm_act(copy.deepcopy(model))
     layers = [m for m in converted.modules() if isinstance(m, syncbn.SyncBatchNormAct)]
     assert (len(layers), sum(m.inplace for m in layers)) == (fused, in_place)
-    for got, want in zip(_step(converted, x), _step(model, x)):
+    for got, want in zip(training_step(converted, x), training_step(model, x)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert converted.state_dict().keys() == model.state_dict().keys()
     for key, want in model.state_dict().items():
@@ -800,7 +784,7 @@ class _PreActivationBlock(nn.Module):
 def test_a_pre_activation_block_fuses_out_of_place_and_keeps_its_shortcut():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 1), _PreActivationBlock(4), _PreActivationBlock(4)).double()
-    _assert_conversion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                       fused=2, in_place=0)
 
 
@@ -813,7 +797,7 @@ def test_a_norm_after_a_module_other_than_a_conv_or_linear_fuses_out_of_place(pr
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 1), producer, nn.BatchNorm2d(4), nn.LeakyReLU(SLOPE),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ELU()).double()
-    _assert_conversion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                       fused=2, in_place=1)
 
 
@@ -834,7 +818,7 @@ def test_pairs_fusing_would_change_are_left_alone():
         nn.Conv2d(4, 4, 1), zero_initialised, nn.LeakyReLU(SLOPE),  # cannot be inverted
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.LeakyReLU(SLOPE),  # fused
     ).double()
-    converted = _assert_conversion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    converted = _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                                   fused=1, in_place=1)
     assert isinstance(converted[11], syncbn.SyncBatchNormAct)
 
@@ -842,7 +826,7 @@ def test_pairs_fusing_would_change_are_left_alone():
 def test_a_batchnorm_without_bias_fuses_and_keeps_torch_s_keys():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, bias=False), nn.LeakyReLU(SLOPE)).double()
-    converted = _assert_conversion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    converted = _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                                   fused=1, in_place=1)
     assert converted[1].bias is None
 

@@ -32,6 +32,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import syncbn
+from scenarios import training_step
 
 WORLD_SIZE = 2
 IMAGES_PER_RANK = 2
@@ -317,16 +318,6 @@ FUSABLE_MODELS: Dict[str, Tuple[Callable[[], torch.nn.Module], int, int]] = {
 FUSED_SIDE = 48
 
 
-def _train_step(model: torch.nn.Module, images: torch.Tensor):
-    """Output, input gradient and parameter gradients of one step (the images left intact)."""
-    images = images.clone().requires_grad_()
-    output = model(images)
-    output.square().sum().backward()
-    grads = [parameter.grad.clone() for parameter in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return [output.detach(), images.grad] + grads
-
-
 @pytest.mark.parametrize("name", FUSABLE_MODELS)
 def test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original(name):
     build, fused, in_place = FUSABLE_MODELS[name]
@@ -337,8 +328,8 @@ def test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original(na
     assert (len(layers), sum(layer.inplace for layer in layers)) == (fused, in_place)
     images = _global_batch("timm_resnet10t", 0)[0][:2, :, :FUSED_SIDE, :FUSED_SIDE]
     for training in (True, False):
-        for got, want in zip(_train_step(converted.train(training), images),
-                             _train_step(model.train(training), images)):
+        for got, want in zip(training_step(converted.train(training), images),
+                             training_step(model.train(training), images)):
             torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(converted.state_dict(), model.state_dict(), rtol=RTOL, atol=ATOL)
     reverted = syncbn.revert_sync_batchnorm_act(converted)
