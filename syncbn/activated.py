@@ -50,7 +50,7 @@ BatchNorm and the activation, differentiable to any order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -567,14 +567,15 @@ def convert_sync_batchnorm_act(module: nn.Module, process_group: Any = None,
             if not _fusable_pair(child, act, after):
                 continue
             producer = children[index - 1][1] if index > 0 else None
-            group = process_group if process_group is not None else getattr(child, "process_group", None)
+            group = (process_group if process_group is not None
+                     else getattr(child, "process_group", None))
             fused = _fused_layer(child, act, None, group,
                                  inplace and type(producer) in _FRESH_OUTPUT_PRODUCERS,
                                  getattr(child, "name", None) or child_path)
             fused.fused_from = type(child)
             if producer is not None:
                 fused.producer = (producer,)
-            if hasattr(child, "original_class"):  # a converted SyncBatchNorm remembers its BatchNorm
+            if hasattr(child, "original_class"):  # a converted SyncBatchNorm's BatchNorm
                 fused.original_class = child.original_class
             replacements.append((parent, child_name, fused))
             replacements.append((parent, act_name, FusedActivation(act)))

@@ -348,7 +348,8 @@ def test_the_same_input_from_a_producer_that_keeps_nothing_is_written_in_place()
 
 
 def test_output_modified_in_place_afterwards_makes_backward_raise_naming_the_layer():
-    y = syncbn.SyncBatchNormAct(4, name="head.bn")(torch.randn(3, 4, 5, 5, requires_grad=True) * 1.0)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True) * 1.0
+    y = syncbn.SyncBatchNormAct(4, name="head.bn")(x)
     y += 1.0
     with pytest.raises(RuntimeError, match="'head.bn': its output was modified by an inplace "
                                            "operation.*out = out \\+ shortcut"):
@@ -427,7 +428,8 @@ HALF_PRECISION_WEIGHTS = [(0.002, 1.0), (1.0, 20.0), (1.0, 0.0)]
 
 @pytest.mark.parametrize("weight,bias", HALF_PRECISION_WEIGHTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_gradients_are_those_of_syncbatchnorm_then_the_activation(dtype, weight, bias):
+def test_half_precision_gradients_are_those_of_syncbatchnorm_then_the_activation(
+        dtype, weight, bias):
     leaf = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     layer = syncbn.SyncBatchNormAct(3, negative_slope=SLOPE)
     unfused = nn.Sequential(syncbn.SyncBatchNorm(3), nn.LeakyReLU(SLOPE))
@@ -460,11 +462,13 @@ def test_constructor_takes_torch_s_positions_and_keyword_only_options():
         syncbn.SyncBatchNormAct(4, 1e-5, 0.1, True, True, None, "leaky_relu", 0.01, True, None,
                                 None, "name given by position")
     layer = syncbn.SyncBatchNormAct(4, bias=False)
-    assert layer.bias is None and layer.state_dict().keys() == nn.BatchNorm2d(4, bias=False).state_dict().keys()
+    assert layer.bias is None
+    assert layer.state_dict().keys() == nn.BatchNorm2d(4, bias=False).state_dict().keys()
 
 
 def _assert_bias_false_trains_like_batchnorm(inplace: bool, dtype: torch.dtype) -> None:
-    layer = syncbn.SyncBatchNormAct(3, bias=False, negative_slope=SLOPE, inplace=inplace, dtype=dtype)
+    layer = syncbn.SyncBatchNormAct(3, bias=False, negative_slope=SLOPE, inplace=inplace,
+                                    dtype=dtype)
     reference = nn.Sequential(nn.BatchNorm2d(3, bias=False).double(), nn.LeakyReLU(SLOPE))
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.5, -1.5, 2.0]))
@@ -558,9 +562,10 @@ COMPILE_GROUPS = {"alone": None, "two_ranks": IdenticalPeers(2)}
 def test_compiles_whole_with_fullgraph_and_trains_like_eager(group):
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 4, 3), syncbn.SyncBatchNormAct(4, process_group=group),
-                             nn.Conv2d(4, 4, 1), syncbn.SyncBatchNormAct(4, activation="elu",
-                                                                         process_group=group)).double()
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3), syncbn.SyncBatchNormAct(4, process_group=group),
+            nn.Conv2d(4, 4, 1), syncbn.SyncBatchNormAct(4, activation="elu", process_group=group),
+        ).double()
 
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch._dynamo.reset()
@@ -639,8 +644,8 @@ def _fused_stack() -> nn.Module:
 CHECKPOINTED = {
     "segment_starts_at_the_fused_layer": lambda m, x, reentrant: torch.utils.checkpoint.checkpoint(
         m[1:], m[0](x), use_reentrant=reentrant),
-    "fused_layer_inside_the_segment": lambda m, x, reentrant: m[3:](torch.utils.checkpoint.checkpoint(
-        m[:3], x, use_reentrant=reentrant)),
+    "fused_layer_inside_the_segment": lambda m, x, reentrant: m[3:](
+        torch.utils.checkpoint.checkpoint(m[:3], x, use_reentrant=reentrant)),
     "every_module_a_segment": lambda m, x, reentrant: torch.utils.checkpoint.checkpoint_sequential(
         m, 5, x, use_reentrant=reentrant),
 }
@@ -648,7 +653,8 @@ CHECKPOINTED = {
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("checkpointed", CHECKPOINTED.values(), ids=CHECKPOINTED.keys())
-def test_checkpointing_gives_the_gradients_and_statistics_of_the_plain_model(checkpointed, reentrant):
+def test_checkpointing_gives_the_gradients_and_statistics_of_the_plain_model(checkpointed,
+                                                                             reentrant):
     results = []
     for run in (lambda m, x: m(x), lambda m, x: checkpointed(m, x, reentrant)):
         model = _fused_stack()
@@ -662,18 +668,16 @@ def test_checkpointing_gives_the_gradients_and_statistics_of_the_plain_model(che
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def _recorder() -> Tuple[list, callable]:
-    kept: list = []
-    return kept, lambda module, args, output: kept.append((output, output.detach().clone()))
-
-
 def test_a_forward_hook_of_the_producer_keeps_its_output_unchanged():
     model = syncbn.convert_sync_batchnorm_act(nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4),
                                                             nn.LeakyReLU(SLOPE)))
-    x = torch.randn(3, 2, 4, 4)
-    assert model[1].inplace and model(x).data_ptr() != x.data_ptr()
-    kept, hook = _recorder()
-    model[0].register_forward_hook(hook)  # a feature extractor's hook: it keeps the conv's output
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    conv_output = model[0](x)
+    assert model[1].inplace and model[1](conv_output).data_ptr() == conv_output.data_ptr()
+    kept: list = []
+    # A feature extractor's hook: it keeps the conv's output.
+    model[0].register_forward_hook(
+        lambda module, args, output: kept.append((output, output.detach().clone())))
     y = model(x)
     (conv_output, as_it_was), = kept
     assert y.data_ptr() != conv_output.data_ptr() and torch.equal(conv_output, as_it_was)
@@ -754,8 +758,8 @@ def test_convert_leaves_unrelated_layers_and_existing_fused_layers_alone():
     assert not any(isinstance(m, FusedActivation) for m in fused.modules())
 
 
-def _assert_conversion_keeps_thetraining_step(model: nn.Module, x: torch.Tensor, fused: int,
-                                      in_place: int) -> nn.Module:
+def _assert_fusion_keeps_the_step(model: nn.Module, x: torch.Tensor, fused: int,
+                                  in_place: int) -> nn.Module:
     """convert_sync_batchnorm_act fuses ``fused`` layers, ``in_place`` of them in place, and the
     converted model's training step (output, gradients, running statistics) is the original's."""
     converted = syncbn.convert_sync_batchnorm_act(copy.deepcopy(model))
@@ -783,8 +787,9 @@ class _PreActivationBlock(nn.Module):
 
 def test_a_pre_activation_block_fuses_out_of_place_and_keeps_its_shortcut():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), _PreActivationBlock(4), _PreActivationBlock(4)).double()
-    _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), _PreActivationBlock(4),
+                          _PreActivationBlock(4)).double()
+    _assert_fusion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                       fused=2, in_place=0)
 
 
@@ -792,12 +797,13 @@ PRODUCER_KEEPS_ITS_OUTPUT = {"relu_inplace": nn.ReLU(inplace=True), "sigmoid": n
                              "tanh": nn.Tanh(), "relu": nn.ReLU()}
 
 
-@pytest.mark.parametrize("producer", PRODUCER_KEEPS_ITS_OUTPUT.values(), ids=PRODUCER_KEEPS_ITS_OUTPUT.keys())
+@pytest.mark.parametrize("producer", PRODUCER_KEEPS_ITS_OUTPUT.values(),
+                         ids=PRODUCER_KEEPS_ITS_OUTPUT.keys())
 def test_a_norm_after_a_module_other_than_a_conv_or_linear_fuses_out_of_place(producer):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 1), producer, nn.BatchNorm2d(4), nn.LeakyReLU(SLOPE),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ELU()).double()
-    _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
+    _assert_fusion_keeps_the_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
                                       fused=2, in_place=1)
 
 
@@ -813,21 +819,23 @@ def test_pairs_fusing_would_change_are_left_alone():
     zero_initialised = nn.BatchNorm2d(4)
     nn.init.zeros_(zero_initialised.weight)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.Identity(), nn.ReLU(inplace=True),  # changes the output
+        # changes the output in place
+        nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.Identity(), nn.ReLU(inplace=True),
         nn.Conv2d(4, 4, 1), _QuietBatchNorm2d(4), nn.LeakyReLU(SLOPE),  # an unknown subclass
         nn.Conv2d(4, 4, 1), zero_initialised, nn.LeakyReLU(SLOPE),  # cannot be inverted
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.LeakyReLU(SLOPE),  # fused
     ).double()
-    converted = _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
-                                                  fused=1, in_place=1)
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    converted = _assert_fusion_keeps_the_step(model, x, fused=1, in_place=1)
     assert isinstance(converted[11], syncbn.SyncBatchNormAct)
 
 
 def test_a_batchnorm_without_bias_fuses_and_keeps_torch_s_keys():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, bias=False), nn.LeakyReLU(SLOPE)).double()
-    converted = _assert_conversion_keeps_thetraining_step(model, torch.randn(3, 2, 5, 5, dtype=torch.float64),
-                                                  fused=1, in_place=1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, bias=False),
+                          nn.LeakyReLU(SLOPE)).double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    converted = _assert_fusion_keeps_the_step(model, x, fused=1, in_place=1)
     assert converted[1].bias is None
 
 
@@ -844,14 +852,16 @@ def test_revert_sync_batchnorm_turns_fused_layers_into_batchnorm_and_the_activat
     native = syncbn.SyncBatchNormAct(3)
     fused.append(native)
     reverted = syncbn.revert_sync_batchnorm(fused)
-    assert [type(m) for m in reverted[:-1].modules()] == [type(m) for m in _segmentation_head().modules()]
+    expected = [type(m) for m in _segmentation_head().modules()]
+    assert [type(m) for m in reverted[:-1].modules()] == expected
     assert reverted[-1] is native  # built directly: left as it is
     assert not any(isinstance(m, FusedActivation) for m in reverted.modules())
 
 
 def test_revert_sync_batchnorm_checks_every_layer_before_replacing_any():
     fused = syncbn.convert_sync_batchnorm_act(syncbn.convert_sync_batchnorm(_segmentation_head()))
-    fused.append(nn.Sequential(syncbn.SyncBatchNorm(3), nn.LeakyReLU()))  # saw no input: unknown dims
+    # A layer that saw no input: its BatchNorm class (1d, 2d, 3d) is unknown.
+    fused.append(nn.Sequential(syncbn.SyncBatchNorm(3), nn.LeakyReLU()))
     syncbn.convert_sync_batchnorm_act(fused)
     with pytest.raises(ValueError, match="has seen no input"):
         syncbn.revert_sync_batchnorm(fused)

@@ -40,11 +40,14 @@ def _batch(step: int, rank: int, size: int) -> torch.Tensor:
     return 5 + 3 * step + torch.randn(size, 2, 5, 5, dtype=torch.double, generator=generator)
 
 
-def _rank_batches(rank: int, sizes: Sequence[Sequence[int]] = RANK_BATCH_SIZES) -> List[torch.Tensor]:
+Sizes = Sequence[Sequence[int]]  # batch sizes per step, of each rank
+
+
+def _rank_batches(rank: int, sizes: Sizes = RANK_BATCH_SIZES) -> List[torch.Tensor]:
     return [_batch(step, rank, size) for step, size in enumerate(sizes[rank])]
 
 
-def _oracle(world_size: int, sizes: Sequence[Sequence[int]] = RANK_BATCH_SIZES) -> Dict[str, torch.Tensor]:
+def _oracle(world_size: int, sizes: Sizes = RANK_BATCH_SIZES) -> Dict[str, torch.Tensor]:
     model = _model(sync_first_norm=False).train()
     norms = [model[1], model[4]]
     seen: List[List[torch.Tensor]] = [[], []]
@@ -121,7 +124,7 @@ def _this_rank() -> int:
     return syncbn.resolve_communicator().rank
 
 
-def _precise_bn_on_rank(sizes: Sequence[Sequence[int]], convert: bool) -> Dict[str, object]:
+def _precise_bn_on_rank(sizes: Sizes, convert: bool) -> Dict[str, object]:
     """precise_bn on this rank's batches, every collective of the run recorded: precise_bn's
     own and, with ``convert``, those of the model's syncbn layers (convert_sync_batchnorm's)."""
     recorder = RecordingCommunicator(syncbn.resolve_communicator())

@@ -272,7 +272,8 @@ def test_timm_batchnorm_act_with_a_prelu_keeps_its_state_dict_keys_both_ways():
     images = _global_batch("timm_resnet10t", 0)[0][:2, :, :8, :8]
     expected = model(images)
     converted = syncbn.convert_sync_batchnorm(copy.deepcopy(model))
-    assert isinstance(converted[1], syncbn.SyncBatchNormAct) and list(converted.state_dict()) == keys
+    assert isinstance(converted[1], syncbn.SyncBatchNormAct)
+    assert list(converted.state_dict()) == keys
     torch.testing.assert_close(converted(images), expected, rtol=1e-12, atol=1e-12)
     converted.load_state_dict(model.state_dict())  # the original checkpoint loads strictly
     assert list(syncbn.revert_sync_batchnorm(converted).state_dict()) == keys
@@ -310,7 +311,8 @@ FUSABLE_MODELS: Dict[str, Tuple[Callable[[], torch.nn.Module], int, int]] = {
     "timm_efficientnet_b0": (_timm("efficientnet_b0"), 16, 0),
     "timm_mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), 11, 0),
     "torchvision_regnet_x_400mf_leaky_relu": (
-        lambda: torchvision.models.regnet_x_400mf(num_classes=CLASSES, activation=torch.nn.LeakyReLU), 45, 45),
+        lambda: torchvision.models.regnet_x_400mf(num_classes=CLASSES,
+                                                  activation=torch.nn.LeakyReLU), 45, 45),
 }
 
 
