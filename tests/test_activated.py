@@ -569,10 +569,9 @@ def test_compiles_whole_with_fullgraph_and_trains_like_eager(group):
 
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(build())(x)
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     eager, compiled = build(), build()
-    # aot_eager: dynamo and AOTAutograd, as with inductor, without a C++ compiler.
+    # fullgraph=True raises at any graph break. aot_eager: dynamo and AOTAutograd, as with
+    # inductor, without a C++ compiler.
     step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     results = training_step(step, x), training_step(eager, x)
     torch._dynamo.reset()
