@@ -9,29 +9,40 @@ torch.distributed default group from it, so one training script runs unchanged u
   PMIx launcher; ``syncbn-launch --backend mpi``): the ranks agree on rank 0's address and a
   free port through MPI itself, so no variable needs setting by hand (``MASTER_ADDR`` and
   ``MASTER_PORT`` override them: see :func:`mpi_rendezvous_address`);
-- Slurm's ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with rank 0's host
-  from ``MASTER_ADDR`` or the first host of the step's (else the job's) node list, and the port
-  from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` (see :func:`slurm_rendezvous`);
-- none of them: a single process; nothing is initialized.
+- Slurm's ``srun``: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, with rank
+  0's host from ``MASTER_ADDR`` or the first host of the step's (else the job's) node list, and
+  the port from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` (see :func:`slurm_rendezvous`);
+- none of them: a single process; nothing is initialized. A Slurm batch script (``SLURM_PROCID``
+  and ``SLURM_NTASKS`` but no ``SLURM_STEP_NUM_TASKS``: no srun step) runs once, so a script
+  started from it directly is a single process too (with a warning naming srun).
 
 The launchers are tried in that order: torchrun started under Slurm, or Hydra's proxies started
 by ``srun``, leave Slurm's variables in the ranks' environment, and the outer launcher is not
 the one that numbered the ranks.
+
+An environment that cannot make a group (a rank outside the world, ``RANK`` without
+``WORLD_SIZE``, an empty or non-integer value, a world of 0) raises at once, naming the
+variables and the fix. Every rank checks in on the rendezvous store before the group is built:
+a rank that never comes ends the wait at the rendezvous timeout on every rank that did, with an
+error naming them.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
+import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from ._processes import MPI_INSTALL_HINT
-from .comm import launched_by_mpi
+from .comm import _abort_job_on_uncaught_exception, launched_by_mpi
 
 __all__ = ["DistInfo", "init_distributed", "detect_launcher", "local_rank_from_hosts",
            "mpi_rendezvous_address", "parse_slurm_hostlist", "slurm_rendezvous"]
@@ -45,6 +56,24 @@ _MPI_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
 # ephemeral range (32768-60999), where the OS hands out ports to outgoing connections.
 SLURM_PORT_BASE = 10000
 SLURM_PORT_SPAN = 20000
+# What each launcher announces, and how to get it right: shown with every error about them.
+_LAUNCH_VARIABLES = {
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"),
+    "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_LOCALID",
+              "MASTER_ADDR", "MASTER_PORT"),
+    "mpi": ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK",
+            "PMIX_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+}
+_LAUNCH_FIXES = {
+    "torchrun": "start every rank with torchrun or syncbn-launch, which set RANK, WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT; setting them by hand, give every process the same "
+                "WORLD_SIZE, MASTER_ADDR and MASTER_PORT and its own RANK from 0 to WORLD_SIZE-1; "
+                "or unset RANK and WORLD_SIZE to run a single process",
+    "slurm": "start the tasks with srun, which sets SLURM_PROCID, SLURM_STEP_NUM_TASKS and "
+             "SLURM_LOCALID on each",
+    "mpi": "start the ranks with mpiexec (or srun --mpi=...); check that every rank reaches "
+           "init_distributed",
+}
 
 
 @dataclass(frozen=True)
@@ -65,13 +94,20 @@ _initialized: Optional[DistInfo] = None  # what init_distributed set up last
 
 
 def detect_launcher() -> str:
-    """How this process was started, read from its environment: see :class:`DistInfo`."""
+    """How this process was started, read from its environment: see :class:`DistInfo`.
+
+    ``RANK`` or ``WORLD_SIZE`` alone (torchrun always sets both) gives "torchrun" unless an MPI
+    launcher or an srun step numbered the ranks; :func:`init_distributed` then says what is
+    missing. A Slurm batch script (no ``SLURM_STEP_NUM_TASKS``) gives "single".
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "torchrun"
     if launched_by_mpi():
         return "mpi"
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
         return "slurm"
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return "torchrun"  # a broken launch, not a single process
     return "single"
 
 
@@ -85,9 +121,14 @@ def init_distributed(backend: Optional[str] = None, *,
 
     Idempotent: when a default group already exists it returns this process's place in it and
     initializes nothing. A single process (no launcher) gets ``DistInfo(0, 1, 0, "single")`` and
-    no group. Afterwards syncbn's default group (``process_group=None``) is this torch.distributed
-    group whichever launcher started the job; an mpi4py communicator passed explicitly still
-    syncs over MPI.
+    no group. Raises ``RuntimeError`` at once, naming the variables and the fix, for an
+    environment that cannot make a group; and at the rendezvous timeout on every rank that
+    arrived, naming the ranks that did, when one never comes. Under an MPI launcher an uncaught
+    exception then aborts the whole MPI job, as ``python -m mpi4py`` does.
+
+    Afterwards syncbn's default group (``process_group=None``) is this torch.distributed group
+    whichever launcher started the job; an mpi4py communicator passed explicitly still syncs
+    over MPI.
     """
     global _initialized
     launcher = detect_launcher()
@@ -98,34 +139,185 @@ def init_distributed(backend: Optional[str] = None, *,
             _initialized = DistInfo(rank, world_size, _local_rank_variable(launcher) or 0, launcher)
         return _initialized
     if launcher == "single":
+        _warn_if_batch_script()
         return DistInfo(rank=0, world_size=1, local_rank=0, launcher="single")
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if isinstance(timeout, (int, float)):
         timeout = timedelta(seconds=timeout)
     if launcher == "torchrun":
-        info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                        _local_rank_variable(launcher) or 0, launcher)
-        store = None  # torch's env:// rendezvous reads the same variables
+        info = _checked_info(launcher, "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        address, port = _checked_master_address()
+        store = _reach_store(lambda: _env_store(info, address, port, timeout), info, address,
+                             port)
     elif launcher == "slurm":
-        info = DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                        _local_rank_variable(launcher) or 0, launcher)
+        info = _checked_info(launcher, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
         address, port = slurm_rendezvous()
-        store = _tcp_store(address, port, info, timeout)
+        store = _reach_store(lambda: _tcp_store(address, port, info, timeout), info, address, port)
     else:
         info, store = _mpi_rendezvous(timeout)
+        if info.world_size > 1:
+            _abort_job_on_uncaught_exception()
+    _wait_for_every_rank(store, info)
 
     if backend == "nccl":
         # Modulo: a launcher that gives each rank its own CUDA_VISIBLE_DEVICES leaves it one GPU.
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     options = {} if timeout is None else {"timeout": timeout}
-    if store is None:
-        dist.init_process_group(backend, **options)
-    else:
-        dist.init_process_group(backend, store=store, rank=info.rank,
-                                world_size=info.world_size, **options)
+    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
+                            **options)
     _initialized = info
     return info
+
+
+def _shown(launcher: str) -> str:
+    """The launcher's variables as this process sees them, for error messages."""
+    values = {name: os.environ[name] for name in _LAUNCH_VARIABLES[launcher] if name in os.environ}
+    return ", ".join(f"{name}={value}" if value and value.strip() == value else f"{name}={value!r}"
+                     for name, value in values.items()) or "none of them set"
+
+
+def _environment_error(launcher: str, problem: str) -> RuntimeError:
+    return RuntimeError(f"init_distributed: this environment cannot make a process group: "
+                        f"{problem}; the launcher's variables: {_shown(launcher)}. Fix: "
+                        f"{_LAUNCH_FIXES[launcher]}")
+
+
+def _whole_number(launcher: str, name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise _environment_error(launcher, f"{name} is not set")
+    if not value.strip():
+        raise _environment_error(launcher, f"{name} is set but empty")
+    if not value.strip().isdigit():
+        raise _environment_error(launcher, f"{name}={value!r} is not a whole number")
+    return int(value)
+
+
+def _checked_info(launcher: str, rank_name: str, size_name: str, local_name: str) -> DistInfo:
+    """This rank's place as the launcher's variables announce it, checked before any waiting."""
+    rank = _whole_number(launcher, rank_name)
+    size = _whole_number(launcher, size_name)
+    if size < 1:
+        raise _environment_error(launcher, f"{size_name}={size}: a job has at least one rank")
+    if rank >= size:
+        raise _environment_error(launcher, f"{rank_name}={rank} is outside a job of "
+                                           f"{size_name}={size} ranks (0 to {size - 1})")
+    local_rank = _whole_number(launcher, local_name) if local_name in os.environ else 0
+    return DistInfo(rank, size, local_rank, launcher)
+
+
+def _checked_master_address() -> Tuple[str, int]:
+    """torchrun's MASTER_ADDR and MASTER_PORT: where the rendezvous store listens."""
+    address = os.environ.get("MASTER_ADDR", "").strip()
+    if not address:
+        raise _environment_error("torchrun", "MASTER_ADDR (the rendezvous host) is "
+                                 + ("empty" if "MASTER_ADDR" in os.environ else "not set"))
+    port = _whole_number("torchrun", "MASTER_PORT")
+    if not 0 < port < 2 ** 16:
+        raise _environment_error("torchrun", f"MASTER_PORT={port} is not a port (1 to 65535)")
+    return address, port
+
+
+def _warn_if_batch_script() -> None:
+    """Slurm sets SLURM_NTASKS in a batch script too, which runs once: not a job of N ranks."""
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    if "SLURM_PROCID" in os.environ and tasks.isdigit() and int(tasks) > 1:
+        warnings.warn(f"init_distributed: SLURM_NTASKS={tasks} but no SLURM_STEP_NUM_TASKS: this "
+                      "process runs in a Slurm batch script, not in an srun step, so it is a "
+                      f"single process; start the {tasks} ranks with srun (srun python "
+                      "train.py)", RuntimeWarning, stacklevel=3)
+
+
+def _store_host() -> str:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return "the launcher (torchrun's agent, or syncbn-launch)"
+    return "rank 0"
+
+
+def _env_store(info: DistInfo, address: str, port: int,
+               timeout: Optional[timedelta]) -> dist.Store:
+    """The store of torch's env:// rendezvous, as init_process_group would make it, except that
+    rank 0 does not wait in its constructor for the others (:func:`_wait_for_every_rank` does,
+    and says who came). torchrun's agent (and syncbn-launch) host it themselves."""
+    hosts = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(address, port, info.world_size, hosts, wait_for_workers=False,
+                          multi_tenant=True, timeout=timeout or default_pg_timeout)
+    return dist.PrefixStore("default_pg", store)  # init_process_group's prefix for env://
+
+
+def _reach_store(connect, info: DistInfo, address: str, port: int) -> dist.Store:
+    """``connect()``; a store that cannot be reached is reported with where it was looked for."""
+    try:
+        return connect()
+    except dist.DistError as error:
+        raise RuntimeError(
+            f"init_distributed: rank {info.rank} found no rendezvous store at {address}:{port} "
+            f"({_shown(info.launcher)}): it is hosted by {_store_host()}, which never started "
+            f"there or listens elsewhere. Fix: {_LAUNCH_FIXES[info.launcher]}") from error
+
+
+# The rendezvous host waits this long for the ranks that came to read its verdict on a timeout.
+_VERDICT_LINGER_S = 2.0
+_ALL_ARRIVED = "all arrived"
+
+
+def _wait_for_every_rank(store: dist.Store, info: DistInfo) -> None:
+    """Check in on the store and wait for every rank to do the same, at most the store's timeout.
+
+    Without it a rank that never comes leaves the others in torch's own rendezvous, which ends
+    (if ever) with an error that names neither the launcher nor the ranks. Each rank's counter
+    numbers its rounds, so a second group in the same job (after destroy_process_group) waits
+    afresh. The first rank to time out publishes the verdict, so every rank that waits raises
+    the same error even when the store's host leaves first.
+    """
+    arrivals = dist.PrefixStore("syncbn/arrival", store)
+    round_number = arrivals.add(f"rank{info.rank}", 1)
+    round_key = f"round{round_number}"
+    if arrivals.add(f"{round_key}/count", 1) == info.world_size:
+        arrivals.set(f"{round_key}/verdict", _ALL_ARRIVED)
+    try:
+        arrivals.wait([f"{round_key}/verdict"])
+        verdict = arrivals.get(f"{round_key}/verdict").decode()
+        timed_out = False
+    except dist.DistStoreError:  # the store's timeout passed
+        arrived = [rank for rank in range(info.world_size)
+                   if arrivals.add(f"rank{rank}", 0) >= round_number]
+        missing = sorted(set(range(info.world_size)) - set(arrived))
+        verdict = (f"waited {store.timeout.total_seconds():g} s (the rendezvous timeout) for "
+                   f"all {info.world_size} ranks; arrived: rank(s) {_ranks(arrived)}; never "
+                   f"arrived: rank(s) {_ranks(missing)}")
+        # Unless a verdict came meanwhile (the last rank, just in time: then all go on).
+        verdict = arrivals.compare_set(f"{round_key}/verdict", "", verdict).decode()
+        timed_out = True
+    except dist.DistError as error:
+        raise RuntimeError(
+            f"init_distributed: rank {info.rank} lost the rendezvous store, hosted by "
+            f"{_store_host()}, while waiting for every rank ({_shown(info.launcher)}): its host "
+            "gave up or failed; its own error names the ranks that arrived") from error
+    if verdict == _ALL_ARRIVED:
+        return
+    arrivals.add(f"{round_key}/read", 1)
+    if timed_out:  # the store may live in this process: let the others read the verdict first
+        _linger_until_read(arrivals, f"{round_key}/read", arrivals.add(f"{round_key}/count", 0))
+    raise RuntimeError(
+        f"init_distributed: rank {info.rank} {verdict} ({_shown(info.launcher)}). A rank that "
+        "failed or exited before init_distributed, or more ranks announced than started: see "
+        f"the launcher's output for the missing ones. Fix: {_LAUNCH_FIXES[info.launcher]}")
+
+
+def _linger_until_read(arrivals: dist.Store, read_key: str, readers: int) -> None:
+    deadline = time.monotonic() + _VERDICT_LINGER_S
+    while arrivals.add(read_key, 0) < readers and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _ranks(ranks: List[int], shown: int = 16) -> str:
+    """``0, 1, 2`` or, for many, the first ones and how many more."""
+    if not ranks:
+        return "none"
+    text = ", ".join(str(rank) for rank in ranks[:shown])
+    return text + (f" and {len(ranks) - shown} more" if len(ranks) > shown else "")
 
 
 def _local_rank_variable(launcher: str) -> Optional[int]:

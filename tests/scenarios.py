@@ -104,6 +104,17 @@ def take_parameter_grads(layer: torch.nn.Module, dweight: List[torch.Tensor],
         layer.weight.grad = layer.bias.grad = None
 
 
+def training_step(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """Output, input gradient and parameter gradients of one step on the loss sum(y^2), from a
+    copy of ``x`` (which stays intact); the model's gradients are cleared afterwards."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return [y.detach(), x.grad] + grads
+
+
 def run_steps(layer: torch.nn.Module, scenario: Scenario, rows: slice) -> StepRecord:
     """Train ``layer`` for the scenario's steps on ``rows`` of each global batch."""
     record = StepRecord()
