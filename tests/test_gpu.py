@@ -183,11 +183,8 @@ def test_layer_step_launches_at_most_12_kernels_on_the_cuda_path(shape, dtype, c
 
 
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
-@pytest.mark.parametrize("layer_type", [syncbn.SyncBatchNorm, pytest.param(
-    syncbn.SyncBatchNormAct, marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="SyncBatchNormAct reads its weight floor on the host (issue 22, being removed)"))],
-    ids=["SyncBatchNorm", "SyncBatchNormAct"])
+@pytest.mark.parametrize("layer_type", [syncbn.SyncBatchNorm, syncbn.SyncBatchNormAct],
+                         ids=["SyncBatchNorm", "SyncBatchNormAct"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_training_step_builds_no_tensor_from_python_data_on_the_device(meta_kernels, kernels,
                                                                       layer_type, momentum) -> None:
