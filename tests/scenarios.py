@@ -6,6 +6,7 @@ oracle agree on the global batch without communicating.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Type
 
@@ -139,7 +140,7 @@ def run_sync_rank(scenario: Scenario) -> StepRecord:
 def run_oracle(scenario: Scenario) -> StepRecord:
     """float64 torch BatchNorm on the concatenated global batch."""
     cls = BATCHNORM_BY_DIM[scenario.ndim]
-    double = Scenario(**{**scenario.__dict__, "dtype": torch.float64, "channels_last": False})
+    double = dataclasses.replace(scenario, dtype=torch.float64, channels_last=False)  # keeps its type
     return run_steps(make_layer(cls, double), double, slice(None))
 
 

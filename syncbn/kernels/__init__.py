@@ -16,6 +16,8 @@ the others are tested against) and :mod:`.triton` (CUDA, fp32/fp16/bf16). :func:
 picks one for an input. Switches, read once at import: ``SYNCBN_KERNELS=reference`` forces the
 reference everywhere; ``SYNCBN_TRITON=0`` turns Triton off on CUDA; ``SYNCBN_TRITON=1`` with
 ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU through Triton's interpreter (tests).
+A CUDA device takes the Triton kernels once their one-time self-test there has passed
+(:func:`triton.usable`); a device where a kernel fails keeps the reference for good.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def for_input(x: torch.Tensor) -> ModuleType:
         return reference
     device = x.device.type
     if x.dtype in triton.SUPPORTED_DTYPES and (
-            (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)):
+            (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)) \
+            and triton.usable(x.device):  # a device whose self-test failed keeps the reference
         return triton
     return reference
 
