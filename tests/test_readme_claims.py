@@ -325,6 +325,8 @@ CLAIMS: List[Claim] = [
           "and one MASTER_PORT for all, a free port)",
           LAUNCHER + "test_lines_arrive_whole_on_their_own_stream_and_in_the_log_dir",
           LAUNCHER + "test_three_gloo_ranks_match_the_full_batch_with_each_line_prefixed"),
+    claim("the rendezvous store lives in the launcher, as torchrun's agent hosts it, so workers may exit "
+          "at different times (within `--exit-grace`, below)", EXIT_GRACE[2], MISSING_RANK[1]),
     claim("mpi workers run under the mpiexec of the mpich wheel",
           LAUNCHER + "test_mpi_backend_two_ranks_match_the_full_batch",
           LAUNCHER + "test_mpi_backend_without_mpiexec_names_the_fix"),
