@@ -23,18 +23,21 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from . import _network
 from ._processes import MPI_INSTALL_HINT
 from .comm import launched_by_mpi
 
 __all__ = ["DistInfo", "init_distributed", "detect_launcher", "local_rank_from_hosts",
-           "mpi_rendezvous_address", "parse_slurm_hostlist", "slurm_rendezvous"]
+           "rendezvous_addresses", "rendezvous_timeout", "parse_slurm_hostlist", "slurm_rendezvous"]
 
 # The local-rank variable of each MPI launcher: MPICH/Hydra and Intel MPI, Open MPI, MVAPICH.
 # Without one, the local rank is counted from the host names the ranks exchange over MPI.
@@ -45,6 +48,12 @@ _MPI_LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
 # ephemeral range (32768-60999), where the OS hands out ports to outgoing connections.
 SLURM_PORT_BASE = 10000
 SLURM_PORT_SPAN = 20000
+# Rank 0 of an MPI job puts a fresh token under this key of its store; the others check that the
+# store they reached holds it (and is not some other job's on the same port of another address).
+_TOKEN_KEY = "syncbn/rendezvous-token"
+# What to do when the ranks cannot reach rank 0's rendezvous.
+_ADDRESS_FIX = ("set MASTER_ADDR to an address of rank 0's host that every host can reach, and "
+                "MASTER_PORT to a port open between the hosts")
 
 
 @dataclass(frozen=True)
@@ -101,29 +110,41 @@ def init_distributed(backend: Optional[str] = None, *,
         return DistInfo(rank=0, world_size=1, local_rank=0, launcher="single")
 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if isinstance(timeout, (int, float)):
-        timeout = timedelta(seconds=timeout)
+    timeout = rendezvous_timeout(timeout)
     if launcher == "torchrun":
         info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                         _local_rank_variable(launcher) or 0, launcher)
         store = None  # torch's env:// rendezvous reads the same variables
+        address = os.environ.get("MASTER_ADDR", "")
+        where = f"MASTER_ADDR:MASTER_PORT={address}:{os.environ.get('MASTER_PORT', '')}"
+        local_address = _network.local_address_towards(address)
     elif launcher == "slurm":
         info = DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
                         _local_rank_variable(launcher) or 0, launcher)
         address, port = slurm_rendezvous()
-        store = _tcp_store(address, port, info, timeout)
+        store, local_address = _slurm_store(address, port, info, timeout)
+        where = f"the store at {address}:{port}"
     else:
-        info, store = _mpi_rendezvous(timeout)
+        info, store, address, local_address = _mpi_rendezvous(timeout)
+        where = f"the store at {address}:{store.port}"
+    if backend == "gloo":
+        _bind_gloo_to(local_address)
 
     if backend == "nccl":
         # Modulo: a launcher that gives each rank its own CUDA_VISIBLE_DEVICES leaves it one GPU.
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     options = {} if timeout is None else {"timeout": timeout}
-    if store is None:
-        dist.init_process_group(backend, **options)
-    else:
-        dist.init_process_group(backend, store=store, rank=info.rank,
-                                world_size=info.world_size, **options)
+    try:
+        if store is None:
+            dist.init_process_group(backend, **options)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank,
+                                    world_size=info.world_size, **options)
+    except RuntimeError as error:  # torch's DistError and gloo's connection errors alike
+        raise RuntimeError(
+            f"init_distributed: rank {info.rank} of {info.world_size} ({info.launcher}): the "
+            f"rendezvous through {where} failed (it waits up to "
+            f"{_store_timeout(timeout).total_seconds():g} s: {_TIMEOUT_SETTING}): {error}") from error
     _initialized = info
     return info
 
@@ -144,16 +165,92 @@ def local_rank_from_hosts(hosts: List[str], rank: int) -> int:
     return hosts[:rank].count(hosts[rank])
 
 
-def _tcp_store(address: str, port: int, info: DistInfo,
-               timeout: Optional[timedelta]) -> dist.TCPStore:
-    """The rendezvous store: rank 0 hosts it (port 0: the OS picks a free one), the others join."""
-    options = {} if timeout is None else {"timeout": timeout}
-    return dist.TCPStore(address, port, info.world_size, info.rank == 0,
-                         wait_for_workers=False, **options)
+def rendezvous_timeout(timeout: Optional[Union[float, timedelta]] = None) -> Optional[timedelta]:
+    """How long init_distributed's rendezvous, and the collectives of the group it creates, may
+    wait for another rank: ``timeout`` (seconds or a timedelta), else ``SYNCBN_TIMEOUT``
+    seconds, else None: torch's defaults (30 min; NCCL's collectives 10 min)."""
+    if timeout is None:
+        setting = os.environ.get("SYNCBN_TIMEOUT", "").strip()
+        if not setting:
+            return None
+        try:
+            timeout = float(setting)
+        except ValueError:
+            raise ValueError(f"SYNCBN_TIMEOUT={setting!r}: expected seconds, e.g. SYNCBN_TIMEOUT=60") from None
+    if isinstance(timeout, (int, float)):
+        timeout = timedelta(seconds=timeout)
+    if timeout.total_seconds() <= 0:
+        raise ValueError(f"init_distributed: the timeout must be positive, got {timeout}")
+    return timeout
 
 
-def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPStore]:
-    """Rank 0 hosts the store on a free port and tells the others where, over MPI."""
+_TIMEOUT_SETTING = "init_distributed(timeout=...), else SYNCBN_TIMEOUT seconds"
+
+
+def _store_timeout(timeout: Optional[timedelta]) -> timedelta:
+    """The rendezvous store's timeout: the group's, else torch's default process-group timeout."""
+    return timeout if timeout is not None else dist.constants.default_pg_timeout
+
+
+def _host_store(port: int, info: DistInfo, timeout: Optional[timedelta]) -> dist.TCPStore:
+    """Rank 0's rendezvous store. It listens on every interface (port 0: the OS picks a free
+    one); rank 0 itself reaches it over loopback."""
+    try:
+        return dist.TCPStore("127.0.0.1", port, info.world_size, True, wait_for_workers=False,
+                             timeout=_store_timeout(timeout))
+    except RuntimeError as error:  # DistNetworkError: the port is taken
+        raise RuntimeError(f"init_distributed: rank 0 could not host the rendezvous store on "
+                           f"port {port}: {error}") from error
+
+
+def _join_store(addresses: Sequence[str], port: int, info: DistInfo, timeout: Optional[timedelta],
+                *, retry: bool) -> Tuple[Optional[dist.TCPStore], str, str, List[str]]:
+    """Join rank 0's store at the first of ``addresses`` that answers within the timeout
+    (``retry``: also while rank 0 may not listen yet). Returns the store (None if no address
+    answered), that address, this rank's own address on the connection, and what each attempt
+    gave."""
+    wait = _store_timeout(timeout)
+    started = time.monotonic()
+    reached, tried = _network.first_reachable(addresses, port, wait.total_seconds(), retry=retry)
+    if reached is None:
+        return None, "", "", tried
+    address, local_address = reached
+    left = timedelta(seconds=max(wait.total_seconds() - (time.monotonic() - started), 1.0))
+    try:
+        store = dist.TCPStore(address, port, info.world_size, False, wait_for_workers=False, timeout=left)
+    except RuntimeError as error:
+        return None, "", "", [f"{address}: {error}"]
+    store.set_timeout(wait)
+    return store, address, local_address, tried
+
+
+def _unreachable(ranks: str, store: str, timeout: Optional[timedelta], tried: str) -> RuntimeError:
+    return RuntimeError(
+        f"init_distributed: rank(s) {ranks} could not reach rank 0's rendezvous store {store} "
+        f"within {_store_timeout(timeout).total_seconds():g} s ({_TIMEOUT_SETTING}): {tried}; "
+        f"{_ADDRESS_FIX}")
+
+
+def _slurm_store(address: str, port: int, info: DistInfo,
+                 timeout: Optional[timedelta]) -> Tuple[dist.TCPStore, Optional[str]]:
+    """Rank 0 hosts the store; the others join it at ``address``. Also returns this rank's own
+    address towards ``address``."""
+    if info.rank == 0:
+        return _host_store(port, info, timeout), _network.local_address_towards(address)
+    store, _, local_address, tried = _join_store([address], port, info, timeout, retry=True)
+    if store is None:
+        raise _unreachable(str(info.rank), f"at {address}:{port}", timeout, "; ".join(tried))
+    return store, local_address
+
+
+def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPStore, str, Optional[str]]:
+    """Rank 0 hosts the store on a free port and offers its addresses over MPI; every other rank
+    joins at the first it reaches, and the ranks agree over MPI that all of them did.
+
+    Hosts are told apart by their network stack, not their name (see :mod:`syncbn._network`).
+    Returns this rank's place, its store, the store's address as this rank reached it, and this
+    rank's own address on the rendezvous's network (for gloo).
+    """
     try:
         from mpi4py import MPI
     except ImportError as error:
@@ -162,38 +259,76 @@ def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPSto
 
     world = MPI.COMM_WORLD
     rank, world_size = world.Get_rank(), world.Get_size()
-    hosts = world.allgather(socket.gethostname())
+    hosts = world.allgather((socket.gethostname(), _network.network_stack()))
     local_rank = _local_rank_variable("mpi")
     if local_rank is None:
-        local_rank = local_rank_from_hosts(hosts, rank)
+        local_rank = local_rank_from_hosts([f"{name} {stack}" for name, stack in hosts], rank)
     info = DistInfo(rank, world_size, local_rank, "mpi")
+    on_rank0_stack = hosts[rank][1] == hosts[0][1]
+    one_stack = all(stack == hosts[0][1] for _, stack in hosts)
+
     store: Optional[dist.TCPStore] = None
-    message: Tuple[str, object] = ("", 0)
+    offer: Tuple[str, object] = ("", None)
     if rank == 0:
-        address, port = mpi_rendezvous_address(hosts)
         try:
-            store = _tcp_store(address, port, info, timeout)
-            message = ("ok", (address, store.port))
+            store = _host_store(int(os.environ.get("MASTER_PORT") or 0), info, timeout)
+            token = uuid.uuid4().hex
+            store.set(_TOKEN_KEY, token)
+            offer = ("ok", {"port": store.port, "token": token, "near": rendezvous_addresses(True),
+                            "far": [] if one_stack else rendezvous_addresses(False)})
         except Exception as error:  # tell the others, which would otherwise wait in bcast
-            message = ("error", f"{type(error).__name__}: {error}")
-    message = world.bcast(message, root=0)
-    if message[0] == "error":
-        raise RuntimeError(f"init_distributed: rank 0 could not host the rendezvous store: {message[1]}")
-    if store is None:
-        address, port = message[1]
-        store = _tcp_store(address, port, info, timeout)
-    return info, store
+            offer = ("error", f"{type(error).__name__}: {error}")
+    offer = world.bcast(offer, root=0)
+    if offer[0] == "error":
+        raise RuntimeError(f"init_distributed: {offer[1]}")
+    details = offer[1]
+    port, candidates = details["port"], details["near" if on_rank0_stack else "far"]
+
+    address, local_address, tried = "", "", []
+    if rank != 0:
+        store, address, local_address, tried = _join_store(candidates, port, info, timeout, retry=False)
+        if store is not None and not (store.check([_TOKEN_KEY])
+                                      and store.get(_TOKEN_KEY).decode() == details["token"]):
+            address, tried = "", [f"{address}: another job's store answered on port {port}"]
+    outcomes = world.allgather((address, on_rank0_stack, tried))
+    unreached = [r for r, (reached_at, _, _) in enumerate(outcomes) if r != 0 and not reached_at]
+    if unreached:  # every rank raises the same error
+        raise _unreachable(", ".join(map(str, unreached)), f"(port {port} on host {hosts[0][0]})", timeout, "; ".join(
+            f"rank {r} on {hosts[r][0]} tried {', '.join(outcomes[r][2]) or 'no address'}" for r in unreached))
+    if on_rank0_stack:
+        # Rank 0's own stack: the address the ranks on other hosts reached, if any, so that gloo
+        # listens where they can connect; else the one offered on this stack.
+        far = [reached_at for reached_at, near, _ in outcomes if not near]
+        address = address or (far[0] if far else candidates[0])
+        local_address = _network.local_address_towards(far[0] if far else candidates[0])
+    return info, store, address, local_address
 
 
-def mpi_rendezvous_address(hosts: List[str]) -> Tuple[str, int]:
-    """Where rank 0 of an MPI job hosts the rendezvous, given every rank's host name.
+def rendezvous_addresses(on_rank0_stack: bool) -> List[str]:
+    """Where a rank of an MPI job may reach rank 0's rendezvous store, in the order it tries
+    them; evaluated on rank 0's host.
 
-    Address: ``MASTER_ADDR``; else loopback when every rank runs on rank 0's host (no name
-    resolution needed); else rank 0's host name, which each rank resolves itself. Port:
-    ``MASTER_PORT``, else 0: the OS picks a free one, which rank 0 then broadcasts.
+    ``MASTER_ADDR`` alone, when set. Else, for a rank on rank 0's network stack (same machine,
+    same network namespace), loopback; for any other, rank 0's non-loopback IPv4 addresses,
+    those its host name resolves to first, then every other interface's. Never loopback for a
+    rank on another host, whatever the host names say.
     """
-    address = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
-    return address, int(os.environ.get("MASTER_PORT") or 0)
+    if os.environ.get("MASTER_ADDR"):
+        return [os.environ["MASTER_ADDR"]]
+    if on_rank0_stack:
+        return ["127.0.0.1"]
+    return _network.offered_addresses(socket.gethostname())
+
+
+def _bind_gloo_to(local_address: Optional[str]) -> None:
+    """gloo listens on the address of the host's name unless told otherwise, and that address
+    may be loopback or unknown to the other hosts: unless GLOO_SOCKET_IFNAME is set, point it
+    at the interface that holds this rank's address on the rendezvous's network."""
+    if "GLOO_SOCKET_IFNAME" in os.environ or not local_address:
+        return
+    interface = _network.interface_of(local_address)
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
 
 
 def slurm_rendezvous() -> Tuple[str, int]:
