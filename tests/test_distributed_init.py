@@ -83,14 +83,6 @@ def test_without_a_variable_the_mpi_local_rank_is_counted_from_host_names():
     assert [distributed.local_rank_from_hosts(hosts, rank) for rank in range(5)] == [0, 0, 1, 2, 1]
 
 
-def test_the_mpi_rendezvous_is_loopback_on_one_host_else_rank_zeros_host_on_a_free_port(bare_env):
-    assert distributed.mpi_rendezvous_address(["a", "a"]) == ("127.0.0.1", 0)  # 0: the OS picks
-    assert distributed.mpi_rendezvous_address(["a", "b", "a"]) == ("a", 0)
-    bare_env.setenv("MASTER_ADDR", "10.1.2.3")
-    bare_env.setenv("MASTER_PORT", "29500")
-    assert distributed.mpi_rendezvous_address(["a", "b"]) == ("10.1.2.3", 29500)
-
-
 def test_a_single_process_initializes_nothing_and_says_so(bare_env):
     assert syncbn.init_distributed() == syncbn.DistInfo(rank=0, world_size=1, local_rank=0,
                                                         launcher="single")
