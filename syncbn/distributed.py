@@ -6,9 +6,10 @@ torch.distributed default group from it, so one training script runs unchanged u
 - ``torchrun`` and ``syncbn-launch --backend gloo|nccl``: ``RANK``, ``WORLD_SIZE``,
   ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (torch's ``env://`` rendezvous);
 - an MPI launcher (``mpiexec``/``mpirun`` of MPICH/Hydra or Intel MPI, Open MPI, MVAPICH, a
-  PMIx launcher; ``syncbn-launch --backend mpi``): the ranks agree on rank 0's address and a
-  free port through MPI itself, so no variable needs setting by hand (``MASTER_ADDR`` and
-  ``MASTER_PORT`` override them: see :func:`mpi_rendezvous_address`);
+  PMIx launcher; ``syncbn-launch --backend mpi``): rank 0 hosts the rendezvous on a free port
+  and offers its addresses through MPI itself; the others take the first they reach, so no
+  variable needs setting by hand, on one host or several, whatever the host names
+  (``MASTER_ADDR`` and ``MASTER_PORT`` override them: see :func:`rendezvous_addresses`);
 - Slurm's ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, with rank 0's host
   from ``MASTER_ADDR`` or the first host of the step's (else the job's) node list, and the port
   from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` (see :func:`slurm_rendezvous`);
@@ -17,6 +18,12 @@ torch.distributed default group from it, so one training script runs unchanged u
 The launchers are tried in that order: torchrun started under Slurm, or Hydra's proxies started
 by ``srun``, leave Slurm's variables in the ranks' environment, and the outer launcher is not
 the one that numbered the ranks.
+
+A rendezvous that cannot complete (rank 0 unreachable, a rank that never comes) ends on every
+rank that waits within the timeout (:func:`rendezvous_timeout`), with an error naming the
+address tried. With gloo, and ``GLOO_SOCKET_IFNAME`` unset, it is set to the interface that
+holds this rank's address towards rank 0: gloo would otherwise listen on the address of the
+host's name, often loopback or unknown to the other hosts.
 """
 from __future__ import annotations
 
@@ -89,8 +96,10 @@ def init_distributed(backend: Optional[str] = None, *,
     """Initialize torch.distributed's default group from the launcher's environment.
 
     ``backend``: default "nccl" when CUDA is available, else "gloo". With NCCL the current CUDA
-    device becomes ``cuda:local_rank`` (modulo the number of visible GPUs). ``timeout`` (seconds or a timedelta) is the group's
-    collective timeout and bounds the rendezvous; default: torch's.
+    device becomes ``cuda:local_rank`` (modulo the number of visible GPUs). ``timeout`` (seconds
+    or a timedelta; default ``SYNCBN_TIMEOUT`` seconds, else torch's: 30 min, NCCL's collectives
+    10 min) is the group's collective timeout and bounds the rendezvous: a rendezvous that
+    cannot complete raises on every rank that waits, naming the address it tried.
 
     Idempotent: when a default group already exists it returns this process's place in it and
     initializes nothing. A single process (no launcher) gets ``DistInfo(0, 1, 0, "single")`` and
