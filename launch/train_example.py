@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="per rank")
     parser.add_argument("--backend", default=None,
                         help="torch.distributed backend (default: nccl with GPUs, else gloo)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="rank 0 saves the trained weights and running statistics there")
     args = parser.parse_args()
 
     info = syncbn.init_distributed(args.backend)
@@ -70,6 +72,9 @@ def main() -> None:
     table = syncbn.resolve_communicator().all_reduce_sum_(table.to(device)).cpu()
     assert torch.allclose(table, table[0].expand(world)), f"ranks diverged: {table.tolist()}"
     print(f"rank {rank}/{world}: done, weights agree across ranks", flush=True)
+    if args.save and rank == 0:
+        unwrapped = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        torch.save({key: value.cpu() for key, value in unwrapped.state_dict().items()}, args.save)
 
     if dist.is_initialized():
         # Always end with these two (see the README): without them torch's gloo can abort or

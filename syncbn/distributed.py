@@ -286,10 +286,12 @@ def _mpi_rendezvous(timeout: Optional[timedelta]) -> Tuple[DistInfo, dist.TCPSto
             offer = ("ok", {"port": store.port, "token": token, "near": rendezvous_addresses(True),
                             "far": [] if one_stack else rendezvous_addresses(False)})
         except Exception as error:  # tell the others, which would otherwise wait in bcast
-            offer = ("error", f"{type(error).__name__}: {error}")
+            offer = ("error", str(error) if str(error).startswith("init_distributed:") else
+                     f"init_distributed: rank 0 could not host the rendezvous store: "
+                     f"{type(error).__name__}: {error}")
     offer = world.bcast(offer, root=0)
     if offer[0] == "error":
-        raise RuntimeError(f"init_distributed: {offer[1]}")
+        raise RuntimeError(offer[1])
     details = offer[1]
     port, candidates = details["port"], details["near" if on_rank0_stack else "far"]
 
