@@ -257,26 +257,19 @@ def test_an_srun_rendezvous_at_an_unreachable_address_ends_every_rank_within_the
 FAULT_LIMIT_S = 30
 
 
-def _rank_process(hosts: Network, host: Host, variable: str, rank: int) -> int:
-    """The pid of the training rank ``rank`` (by the launcher's ``variable``) running on ``host``."""
-    for pid in hosts.processes():
+def _rank_process(host: Host, variable: str, rank: int) -> int:
+    """The pid of the training process of rank ``rank`` (the launcher's ``variable``) on ``host``."""
+    listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True)
+    for pid in map(int, listed.stdout.split()):
         try:
             with open(f"/proc/{pid}/environ", "rb") as environ, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                variables = environ.read().split(b"\0")
-                command = cmdline.read()
-            same_host = os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{os.getpid()}/ns/net")
+                variables, command = environ.read().split(b"\0"), cmdline.read().split(b"\0")
         except OSError:
             continue
-        if (f"{variable}={rank}".encode() in variables and b"train_example.py" in command
-                and command.startswith(sys.executable.encode()) and not same_host
-                and pid in _pids_on(host)):
+        if f"{variable}={rank}".encode() in variables and command[0] == sys.executable.encode() \
+                and any(arg.endswith(b"train_example.py") for arg in command):
             return pid
     raise AssertionError(f"no process of rank {rank} ({variable}) on {host.namespace}")
-
-
-def _pids_on(host: Host) -> set:
-    listed = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True, text=True)
-    return {int(word) for word in listed.stdout.split()}
 
 
 def _kill_and_time(job: Job, pid: int) -> float:
@@ -294,7 +287,7 @@ def test_a_rank_killed_on_host_2_ends_the_torchrun_job_on_host_1_naming_it(netwo
                   job_env(MASTER_ADDR=hosts[0].address, NODE_RANK=str(node_rank), NNODES="2",
                           NPROC_PER_NODE="1", SCRIPT=TRAIN))
     job.wait_for_line(0, r"step 5:")
-    took = _kill_and_time(job, _rank_process(hosts, hosts[1], "RANK", 1))
+    took = _kill_and_time(job, _rank_process(hosts[1], "RANK", 1))
     statuses = [process.returncode for process in job.processes]
     assert took < FAULT_LIMIT_S and all(status != 0 for status in statuses), (took, statuses, job.output())
     assert re.search(r"rank\s*:\s*1\b", job.output(1)), job.output()  # torchrun's failure summary
@@ -305,6 +298,6 @@ def test_a_rank_killed_on_host_2_ends_the_mpiexec_job_on_host_1_naming_it(networ
     job.start(hosts[0], ["bash", "launch/mpirun_hostfile.sh", "--steps", "100000"],
               _mpirun_recipe_env(tmp_path, hosts, 1, SCRIPT=TRAIN))
     job.wait_for_line(0, r"step 5:")
-    took = _kill_and_time(job, _rank_process(hosts, hosts[1], "PMI_RANK", 1))
+    took = _kill_and_time(job, _rank_process(hosts[1], "PMI_RANK", 1))
     assert took < FAULT_LIMIT_S and job.processes[0].returncode != 0, (took, job.output())
     assert "rank 1 on " in job.output(0) and "was killed by SIGKILL" in job.output(0), job.output()
