@@ -334,12 +334,12 @@ def _free_port() -> int:
 def test_torchrun_recipe_on_two_nodes_over_loopback():
     """Two torchrun agents ("nodes"), one gloo rank each, rendezvous on a free loopback port."""
     env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NNODES="2",
-                       NPROC_PER_NODE="1", RDZV_ID=uuid.uuid4().hex, PYTHON=sys.executable,
-                       SCRIPT=SBN_CHECK)
+                       NPROC_PER_NODE="1", PYTHON=sys.executable, SCRIPT=SBN_CHECK)
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun_multinode.sh"), "ok"],
-                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _ in range(2)]
+                              cwd=ROOT, env=dict(env, NODE_RANK=str(node)), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+             for node in range(2)]
     try:
         outputs = [node.communicate(timeout=LIMIT_S) for node in nodes]
     finally:

@@ -74,6 +74,7 @@ FUNCTIONAL, GPU, ONE, GROUPS = T + "test_functional.py::", T + "test_gpu.py::", 
 GUARD, LAUNCHER, MODULE, NUMERICS = T + "test_guard.py::", T + "test_launch.py::", T + "test_module.py::", T + "test_numerics.py::"
 PRECISE, SOAK, TESTING, TRITON = T + "test_precise_bn.py::", T + "test_soak.py::", T + "test_testing.py::", T + "test_triton_kernels.py::"
 ACT, MODELS, LIGHTNING, BENCH = T + "test_activated.py::", T + "test_real_models.py::", T + "test_lightning.py::", T + "test_benchmarks_smoke.py::"
+MULTIHOST, RENDEZVOUS, NETNS = T + "test_multihost.py::", T + "test_rendezvous.py::", T + "test_netns.py::"
 ACCURACY, BENCH_NUMERICS, SELF = T + "test_accuracy_smoke.py::", T + "test_benchmarks_numerics.py::", T + "test_readme_claims.py::"
 PLUGIN = T + "test_pytest_plugin.py::"
 
@@ -191,8 +192,15 @@ CLAIMS: List[Claim] = [
     claim("A Slurm batch script run without srun (`SLURM_NTASKS` but no `SLURM_STEP_NUM_TASKS`) runs "
           "once: a single process, with a warning naming srun", BATCH_SCRIPT,
           INIT + "test_the_launcher_is_read_from_the_environment"),
+    claim("A rendezvous that cannot complete ends on every rank within `init_distributed(timeout=...)`, "
+          "else `SYNCBN_TIMEOUT` seconds, naming the address tried",
+          RENDEZVOUS + "test_rank_0_left_waiting_for_a_rank_ends_at_syncbn_timeout_naming_the_store",
+          RENDEZVOUS + "test_a_rank_that_cannot_reach_rank_0_gives_up_at_the_timeout_naming_the_address",
+          MULTIHOST + "test_an_mpi_rendezvous_at_an_unreachable_address_fails_on_every_rank_naming_it"),
     claim("Under MPI, rank 0 hosts the rendezvous on a port the OS picks",
-          INIT + "test_the_mpi_rendezvous_is_loopback_on_one_host_else_rank_zeros_host_on_a_free_port"),
+          RENDEZVOUS + "test_ranks_on_rank_0s_network_stack_meet_it_over_loopback",
+          RENDEZVOUS + "test_other_hosts_are_offered_every_address_but_loopback_the_host_names_first",
+          MULTIHOST + "test_mpi_ranks_on_hosts_with_their_own_unresolvable_names_meet_at_rank_0s_address"),
     claim("`local_rank` comes from the launcher's variable, else from the ranks' host names",
           INIT + "test_the_mpi_local_rank_comes_from_the_launchers_variable",
           INIT + "test_without_a_variable_the_mpi_local_rank_is_counted_from_host_names"),
@@ -654,13 +662,20 @@ CLAIMS: List[Claim] = [
           LAUNCHER + "test_mpi_backend_without_mpiexec_names_the_fix", doc=LAUNCH),
     claim("**A launcher killed by SIGKILL** runs no code",
           MATRIX + "test_row6_sigkill_of_the_launcher_leaves_no_rank_or_child_of_a_rank_behind", doc=LAUNCH),
-    claim("The tests run this recipe as two \"nodes\" on one machine over loopback with gloo.",
-          LAUNCHER + "test_torchrun_recipe_on_two_nodes_over_loopback", doc=LAUNCH),
-    claim("The tests run it with a `localhost:2` hostfile.",
-          LAUNCHER + "test_mpirun_recipe_with_a_localhost_hostfile", doc=LAUNCH),
-    claim("The Slurm recipes are only syntax-checked by the tests",
-          INIT + "test_the_srun_recipe_is_valid_bash_and_asks_slurm_for_its_tasks",
-          LAUNCHER + "test_recipe_is_valid_bash", EVERY_LAUNCHER, doc=LAUNCH),
+    claim("`train_example.py` trains to weights and running statistics bitwise equal to 4 ranks on one "
+          "host (`OMP_NUM_THREADS=1` on both sides)",
+          MULTIHOST + "test_torchrun_recipe_on_two_hosts_sharing_a_name_trains_as_one_host",
+          MULTIHOST + "test_mpirun_recipe_on_two_hosts_sharing_a_name_trains_as_one_host",
+          MULTIHOST + "test_slurm_recipe_on_two_nodes_trains_as_one_host", doc=LAUNCH),
+    claim("MPI ranks on hosts whose names resolve nowhere meet at rank 0's address",
+          MULTIHOST + "test_mpi_ranks_on_hosts_with_their_own_unresolvable_names_meet_at_rank_0s_address",
+          MULTIHOST + "test_an_mpi_rendezvous_at_an_unreachable_address_fails_on_every_rank_naming_it",
+          MULTIHOST + "test_an_srun_rendezvous_at_an_unreachable_address_ends_every_rank_within_the_timeout",
+          MULTIHOST + "test_a_rank_killed_on_host_2_ends_the_torchrun_job_on_host_1_naming_it",
+          MULTIHOST + "test_a_rank_killed_on_host_2_ends_the_mpiexec_job_on_host_1_naming_it", doc=LAUNCH),
+    claim("Without namespaces they skip with the reason, except as root or with `CI` set, where they "
+          "fail instead", NETNS + "test_where_namespaces_are_missing_the_tests_fail_as_root_or_under_ci_else_skip",
+          NETNS + "test_a_machine_without_iproute2_fails_the_fixture_where_required_else_skips", doc=LAUNCH),
 ]
 
 
