@@ -23,17 +23,21 @@ def main() -> None:
         info = syncbn.init_distributed()
     except Exception as error:  # what every rank reports is under test
         rank = os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("RANK")
-        print(f"FAILED rank={rank} after {time.monotonic() - started:.1f} s: "
-              f"{type(error).__name__}: {error}", flush=True)
+        # One write: under python -u, print writes the text and the newline apart, and another
+        # rank's line can land between them in mpiexec's merged output.
+        sys.stdout.write(f"FAILED rank={rank} after {time.monotonic() - started:.1f} s: "
+                         f"{type(error).__name__}: {error}\n")
+        sys.stdout.flush()
         sys.exit(3)
     store = dist.distributed_c10d._get_default_store()
     while hasattr(store, "underlying_store"):  # PrefixStore around the TCPStore
         store = store.underlying_store
     total = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(total)
-    print(f"WHERE rank={info.rank} world={info.world_size} host={socket.gethostname()} "
-          f"store={store.host}:{store.port} gloo={os.environ.get('GLOO_SOCKET_IFNAME')} "
-          f"sum={total.item():g}", flush=True)
+    sys.stdout.write(f"WHERE rank={info.rank} world={info.world_size} host={socket.gethostname()} "
+                     f"store={store.host}:{store.port} gloo={os.environ.get('GLOO_SOCKET_IFNAME')} "
+                     f"sum={total.item():g}\n")
+    sys.stdout.flush()
     dist.barrier()
     dist.destroy_process_group()
 
