@@ -46,6 +46,7 @@ Elsewhere
 
 # The names are loaded on first use (PEP 562), so that importing a light submodule (the pytest
 # plugin, the process helpers) does not import torch: pytest loads the plugin in every session.
+# No submodule may share a public name: importing it would bind the module over the name.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, List
 
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from .groups import new_groups
     from .guard import CollectiveError, CollectiveMismatchError
     from .module import SyncBatchNorm
-    from .precise_bn import precise_bn
+    from .precise import precise_bn
 
 __version__ = "0.1.0"
 
@@ -80,7 +81,7 @@ _SOURCES = {
     "convert_sync_batchnorm": "convert",
     "revert_sync_batchnorm": "convert",
     "new_groups": "groups",
-    "precise_bn": "precise_bn",
+    "precise_bn": "precise",
     "CollectiveError": "guard",
     "CollectiveMismatchError": "guard",
     "Communicator": "comm",

@@ -287,7 +287,7 @@ def test_tests_the_docs_name_exist():
 
 PUBLIC_MODULES = ("syncbn", "syncbn.comm", "syncbn.functional", "syncbn.guard",
                   "syncbn.distributed", "syncbn.data", "syncbn.testing", "syncbn.launch",
-                  "syncbn.convert", "syncbn.groups", "syncbn.precise_bn", "syncbn.activated",
+                  "syncbn.convert", "syncbn.groups", "syncbn.precise", "syncbn.activated",
                   "syncbn.module")
 
 
