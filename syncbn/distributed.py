@@ -172,8 +172,6 @@ def init_distributed(backend: Optional[str] = None, *,
     else:
         info, store, address, local_address = _mpi_rendezvous(timeout)
         where = f"the store at {address}:{store.port}"
-        if info.world_size > 1:
-            _abort_job_on_uncaught_exception()
     _wait_for_every_rank(store, info, where)
     if backend == "gloo":
         _bind_gloo_to(local_address)
@@ -190,6 +188,10 @@ def init_distributed(backend: Optional[str] = None, *,
             f"init_distributed: rank {info.rank} of {info.world_size} ({info.launcher}): the "
             f"rendezvous through {where} failed (it waits up to "
             f"{_store_timeout(timeout).total_seconds():g} s: {_TIMEOUT_SETTING}): {error}") from error
+    if launcher == "mpi" and info.world_size > 1:
+        # After init_process_group, whose own hook prints what the hooks it wraps print only once
+        # they return: wrapped inside it, the abort would lose the traceback.
+        _abort_job_on_uncaught_exception()
     _initialized = info
     return info
 
