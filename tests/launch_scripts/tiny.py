@@ -48,7 +48,10 @@ elif mode == "env":
              "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
              "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
              "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "PMI_RANK", "PMI_SIZE")
-    print("env " + json.dumps({name: os.environ.get(name) for name in names}), flush=True)
+    # One write (print writes the text and the newline apart): under torchrun the ranks share
+    # one stdout, and another rank's line could land between them.
+    sys.stdout.write("env " + json.dumps({name: os.environ.get(name) for name in names}) + "\n")
+    sys.stdout.flush()
 elif mode == "raise":
     folder = sys.argv[2]
     open(os.path.join(folder, f"rank{rank}"), "w").close()
