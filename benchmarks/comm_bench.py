@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from syncbn.functional import forward_payload_numel
+from syncbn.batchnorm_math import forward_payload_numel
 
 from .plan import Setting
 from .rank_setup import rank_tools

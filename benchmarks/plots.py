@@ -121,7 +121,7 @@ def plot_allreduce_latency(comm_rows: List[Dict], out_dir: str, stamp: Dict[str,
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("payload (bytes): 2C fp64 backward and 2C+5 fp64 forward, C = 64 .. 2048")
+    ax.set_xlabel("payload (bytes): 2C fp64 backward and 4C+3 fp64 forward, C = 64 .. 2048")
     ax.set_ylabel("one all-reduce (µs, slowest rank)")
     ax.set_title("syncbn's all-reduce latency on this machine, by backend and world size W",
                  fontsize=9)

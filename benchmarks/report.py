@@ -91,7 +91,7 @@ def _comm_section(comm_rows: List[Dict], growth: List[Dict], folder: str) -> Lis
                    "backward payload (bytes)", "backward all-reduce (µs)"), rows)
     lines += _figure("comm", "all-reduce latency", folder) + [
               "Forward bytes per rank as the world grows (computed): syncbn all-reduces "
-              "2C+5 fp64 values whatever W (count, sums and sums of squares about a shared shift, invalid-input and fp64-input flags, two values that check the ranks share the shift); "
+              "4C+3 fp64 values whatever W (count, sums and sums of squares about a shared shift, the ranks' shifts and their squares per channel, invalid-input and fp64-input flags); "
               "torch.nn.SyncBatchNorm all-gathers mean, invstd and count of every rank, "
               "W x (2C+1) fp32 values. Both all-reduce 2C values backward (syncbn fp64, torch fp32).",
               ""]
@@ -259,7 +259,7 @@ def render_overhead_markdown(results: Dict, title: str, level: int) -> str:
         f"rank; peers interleaved in the same processes, median of {plan['reps']} samples after "
         f"{plan['warmup']} warm-up samples, each sample {plan['inner_tiny']} steps back to back "
         f"on the tiny layers and {plan['inner']} on ResNet-50's; a time is the slowest rank's. "
-        "\"all-reduces\" is syncbn's two payloads (2C+5 fp64, 2C fp64) all-reduced alone through "
+        "\"all-reduces\" is syncbn's two payloads (4C+3 fp64, 2C fp64) all-reduced alone through "
         "the same communicator in the same run; \"beyond\" = (syncbn - all-reduces) / BatchNorm: "
         "the host and compute work syncbn adds besides its communication.",
         table(("target", "setting", "measured", "status"),

@@ -5,7 +5,7 @@
 Projects, with an alpha-beta model, how long the BatchNorm collectives of one training step
 take for ResNet-50 and a detection backbone (ResNet-101-FPN), for three schemes:
 
-- syncbn: per layer one all-reduce of 2C+5 fp64 values forward, one of 2C fp64 backward;
+- syncbn: per layer one all-reduce of 4C+3 fp64 values forward, one of 2C fp64 backward;
 - torch.nn.SyncBatchNorm: per layer an all_gather of W x (2C+1) fp32 values forward, an
   all-reduce of 2C fp32 backward;
 - naive: one collective per statistic, as Horovod's SyncBatchNorm issues them (there as
@@ -351,7 +351,7 @@ def render_markdown(results: Dict, folder: str = "") -> str:
         "",
         f"- Command: `{results['command']}`",
         f"- Machine (for the fit and the validation): {stamp_line(stamp)}",
-        "- Schemes per layer with C channels: syncbn all-reduces 2C+5 fp64 forward and 2C fp64 "
+        "- Schemes per layer with C channels: syncbn all-reduces 4C+3 fp64 forward and 2C fp64 "
         "backward; torch.nn.SyncBatchNorm all_gathers W x (2C+1) fp32 forward and all-reduces "
         "2C fp32 backward; naive issues one all-reduce per statistic, forward count (1), sum x "
         "(C), sum x^2 (C) and backward sum dy (C), sum dy*xhat (C), fp32 (Horovod's design, "

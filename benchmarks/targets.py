@@ -67,7 +67,7 @@ def _collective_target(layer_rows: List[Dict], model_rows: List[Dict]) -> Dict:
     checked = f"{len(layer_rows)} layer cases, {len(model_rows)} model runs"
     return {
         "target": f"exactly {COLLECTIVES_PER_STEP} collectives per layer per training step "
-                  "(2C+5 fp64 forward, 2C fp64 backward), 0 in eval and in a group of one",
+                  "(4C+3 fp64 forward, 2C fp64 backward), 0 in eval and in a group of one",
         "setting": "every setting",
         "measured": f"all of {checked}" if not bad else "; ".join(bad),
         "status": "met" if not bad else "missed",

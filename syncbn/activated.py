@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import triton_kernels
+from .kernels import triton as triton_kernels
 from .convert import _move_state, register_converter, register_reverter
 from .module import SyncBatchNorm
 
@@ -66,6 +66,7 @@ MIN_INVERTIBLE_WEIGHT = 1e-3
 # change of the core's internals is re-pointed here alone.
 from . import batchnorm_math as _bnm  # noqa: E402
 from . import functional as _functional  # noqa: E402
+from . import kernels as _kernels  # noqa: E402
 from .guard import communicator_for, debug_enabled  # noqa: E402
 
 
@@ -77,22 +78,25 @@ class _Core:
     reduction_dims = staticmethod(_bnm.reduction_dims)
     channel_view = staticmethod(_bnm.channel_view)
     accumulation_dtype = staticmethod(_bnm.accumulation_dtype)
-    uses_triton = staticmethod(_bnm.uses_triton)
-    normalize = staticmethod(_bnm.normalize)
+    uses_triton = staticmethod(_kernels.uses_triton)
     memory_format = staticmethod(_functional.memory_format)
     group_statistics = staticmethod(_functional.group_statistics)
-    update_running_stats = staticmethod(_functional.update_running_stats_once)
     backward_sums = staticmethod(_functional.backward_sums)
 
     @staticmethod
+    def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], eps: float) -> Tensor:
+        return _kernels.for_input(x).normalize(x, mean, var, weight, bias, eps)
+
+    @staticmethod
     def check_input(x: Tensor, channels: int, eps: float, reference: Tensor, comm_key: int,
-                    layer: str, debug: bool) -> None:
+                    layer: str, debug: bool, check_finite: bool) -> None:
         """Raise on every rank if ``x`` is invalid here (the others learn it from the payload)."""
         problem = (_functional.eps_problem(eps, True, layer)
                    or _functional.input_problem(x, channels, layer, reference))
         if problem is not None:
             _functional.report_invalid_input(communicator_for(comm_key), channels,
-                                             reference.device, layer, problem, debug)
+                                             reference.device, layer, problem, debug, check_finite)
 
 # ---------------------------------------------------------------------------------------------
 
@@ -227,10 +231,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                 eps, comm_key, layer, debug, check_finite, inversion, inplace):
         # Global statistics: the same payload and all-reduce as SyncBatchNorm.
-        count, mean, var = _Core.group_statistics(x, running_mean, comm_key, layer, debug,
-                                                  check_finite)
-        _Core.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                   count, mean, var)
+        count, mean, var = _Core.group_statistics(x, running_mean, running_var, num_batches_tracked,
+                                                  momentum, comm_key, layer, debug, check_finite)
         # Normalize and activate, into x's storage when in place: the graph keeps y alone.
         y = normalize_activate(x, mean, var, weight, bias, eps, inversion, inplace)
         if inplace:
@@ -331,7 +333,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         if reference is None:  # affine=False without running stats: nothing names the device
             reference = input
         _Core.check_input(input, self.num_features, self.eps, reference, comm_key,
-                          self.layer_name, debug)
+                          self.layer_name, debug, self.check_finite)
         track = self.track_running_stats
         y = _SyncBatchNormActFunction.apply(
             input, self.weight, self.bias, self.running_mean, self.running_var,

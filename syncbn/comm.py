@@ -65,6 +65,14 @@ class Communicator:
 
 
 class SingleProcessCommunicator(Communicator):
+    """A group of one: this process alone; the all-reduce leaves the tensor as it is.
+
+    Pass ``process_group=syncbn.SingleProcessCommunicator()`` to normalize over this process's
+    batch where that is what you mean although the environment announces several ranks
+    (``WORLD_SIZE``, ``SLURM_STEP_NUM_TASKS``), which otherwise makes the first training step
+    raise rather than silently skip the synchronization.
+    """
+
     rank = 0
     size = 1
 
@@ -73,6 +81,10 @@ class SingleProcessCommunicator(Communicator):
 
 
 class TorchDistributedCommunicator(Communicator):
+    """A torch.distributed process group (``None``: the default group): NCCL, gloo, any
+    backend or sub-group. The all-reduce is ``torch.distributed.all_reduce``; its timeout is
+    the group's own (``init_process_group(timeout=...)``)."""
+
     def __init__(self, group: Optional[Any] = None):
         import torch.distributed as dist
 
@@ -165,7 +177,13 @@ def _mpi_watchdog() -> _MPIWatchdog:
 
 
 class MPICommunicator(Communicator):
-    """``timeout``: seconds before a waiting all-reduce aborts the job (default: SYNCBN_TIMEOUT)."""
+    """An mpi4py communicator (``MPI.COMM_WORLD``, or one from ``Split``).
+
+    CPU tensors are reduced in place through a numpy view, others through a copy on the host.
+    MPI has no timeout of its own: a watchdog aborts the job when an all-reduce waits longer
+    than ``timeout`` seconds (default: ``SYNCBN_TIMEOUT``, else 1800). In a job of more than
+    one MPI rank, creating one also makes an uncaught exception abort the whole job.
+    """
 
     def __init__(self, comm: Any, timeout: Optional[float] = None):
         from mpi4py import MPI

@@ -2,12 +2,14 @@
 
 In a group of one it *is* torch's batch_norm (same op, same running-stat update), bitwise, and
 communicates nothing. In a larger group: one all-reduce in the forward pass (count, sums and
-squared sums about a shift every rank shares, an invalid-input flag, a count of fp64 ranks and
-two values that check the ranks share the shift: 2C+5 fp64 values) and one in the backward pass
-(sum dy, sum dy*xhat: 2C fp64 values), whatever the world size. Every rank issues them in the same order whatever its batch, an empty or invalid
-one included, so no rank is left waiting alone. On CPU, a second forward all-reduce of 2C+1
-values follows when the first shows the merge was ill-conditioned (see
-batchnorm_math.ill_conditioned), decided on every rank from the same reduced payload.
+squared sums about a shift every rank shares, the shifts and their squares so every rank can
+check per channel that the ranks shared it, an invalid-input flag and a count of fp64 ranks:
+4C+3 fp64 values, laid out in batchnorm_math) and one in the backward pass (sum dy,
+sum dy*xhat: 2C fp64 values), whatever the world size. The arithmetic runs in the kernels of
+:mod:`syncbn.kernels`. Every rank issues the collectives in the same order whatever its batch,
+an empty or invalid one included, so no rank is left waiting alone. On CPU, a second forward
+all-reduce of 2C+1 values follows when the first shows the merge was ill-conditioned (see
+batchnorm_math.group_totals), decided on every rank from the same reduced payload.
 
 Errors that depend on the whole group (a single value per channel, a rank's invalid input,
 running means that differ across ranks, non-finite statistics with ``check_finite``) are read
@@ -27,47 +29,24 @@ are those of BatchNorm on the global batch.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import batchnorm_math as bnm
+from . import kernels
+from .batchnorm_math import forward_payload_numel
 from .comm import Communicator, resolve_communicator
 from .guard import (CollectiveError, all_reduce, all_reduce_copy, communicator_for, communicator_key,
                     debug_enabled)
 
 __all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
-           "group_statistics", "update_running_stats_once", "backward_sums", "report_invalid_input",
-           "eps_problem", "memory_format", "forward_payload_numel"]
+           "group_statistics", "backward_sums", "report_invalid_input", "eps_problem", "memory_format",
+           "forward_payload_numel"]
 
 Tensor = torch.Tensor
-
-# The forward payload ends with four values every rank adds to: how many ranks had invalid input;
-# how many had fp64 input (the precision the merge must keep, decided alike on every rank); the
-# squared norm of the rank's shift, and its square (ranks agree on the shift when these two show
-# no spread over ranks; see _shift_differs).
-_INVALID, _FP64, _SHIFT_NORM, _SHIFT_NORM_SQ = -4, -3, -2, -1
-_FLAGS = 4
-
-
-class _GroupTotals(NamedTuple):
-    """What the host reads of the reduced forward payload, in one read."""
-
-    count: float
-    invalid_ranks: float
-    fp64_ranks: float
-    shift_norm: float
-    shift_norm_sq: float
-
-
-_HOST_READ = [0, _INVALID, _FP64, _SHIFT_NORM, _SHIFT_NORM_SQ]
-
-
-def forward_payload_numel(channels: int) -> int:
-    """Values (fp64) in a layer's forward all-reduce: count, two sums per channel, the flags."""
-    return 2 * channels + 1 + _FLAGS
 
 
 def input_problem(x: Tensor, num_features: Optional[int], layer: str,
@@ -123,15 +102,27 @@ def eps_problem(eps: float, training: bool, layer: str) -> Optional[ValueError]:
     return None
 
 
-_REENTRANT_RECOMPUTE = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+def _nested_code(function: Any, name: str) -> Any:
+    """The code object of the function ``name`` defined inside ``function``, or None."""
+    return next((const for const in function.__code__.co_consts
+                 if getattr(const, "co_name", None) == name), None)
+
+
+# The frames in which torch.utils.checkpoint re-runs a segment's forward: reentrant checkpointing
+# inside CheckpointFunction.backward, non-reentrant inside the recompute_fn its generator defines.
+_RECOMPUTE_CODES = frozenset(code for code in (
+    torch.utils.checkpoint.CheckpointFunction.backward.__code__,
+    _nested_code(torch.utils.checkpoint._checkpoint_without_reentrant_generator, "recompute_fn"),
+) if code is not None)
 
 
 def recomputing_checkpoint() -> bool:
     """Whether this forward is torch.utils.checkpoint re-running a segment during backward.
 
     Non-reentrant checkpointing recomputes under its ``_recomputation_hook`` saved-tensor hook;
-    reentrant checkpointing recomputes inside ``CheckpointFunction.backward``. Any other forward
-    run inside a backward pass (a backward hook, a double-backward rebuild) is a real forward.
+    but a checkpoint nested in the segment installs its own hook over it, so the frames are
+    searched too, for either mode's recompute function. Any other forward run inside a
+    backward pass (a backward hook, a double-backward rebuild) is a real forward.
     """
     if torch._C._current_graph_task_id() == -1:
         return False  # not inside a backward pass
@@ -140,94 +131,109 @@ def recomputing_checkpoint() -> bool:
         return True
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _REENTRANT_RECOMPUTE:
+        if frame.f_code in _RECOMPUTE_CODES:
             return True
         frame = frame.f_back
     return False
 
 
-def _merge_moments(x: Tensor, mean: Tensor, m2: Tensor, count: int, shift: Tensor, fp64_input: bool,
-                   comm_key: int, layer: str, debug: bool, check_finite: bool,
-                   shape: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, var) of the group from this rank's moments: the forward all-reduce(s).
+def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], update: bool,
+                   comm_key: int, layer: str, debug: bool, check_finite: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, var) of the group from this rank's batch: the forward all-reduce(s); the
+    running statistics updated when ``update``.
 
-    Raises on every rank together what the reduced payload shows (see _raise_group_errors).
+    The shift every rank shares, and that tracks the mean, is the running mean where there is
+    one (syncbn keeps it identical on every rank), else 0. Raises on every rank together what
+    the reduced payload shows (see _raise_group_errors).
     """
     comm = communicator_for(comm_key)
-    channels = mean.numel()
-    shift_norm = shift.dot(shift).reshape(1)
-    payload = torch.cat([bnm.forward_payload(count, mean, m2, shift),
-                         mean.new_tensor([0.0, float(fp64_input)]), shift_norm, shift_norm * shift_norm])
+    backend = kernels.for_input(x)
+    channels = x.shape[1]
+    payload = backend.forward_payload(x, running_mean)
     finite_here = check_finite and bool(torch.isfinite(payload).all())  # check_finite syncs anyway
     all_reduce(comm, payload, layer, "forward", channels, debug)
-    moments = payload[:-_FLAGS]
+    moments, shift = payload[:bnm.moments_numel(channels)], running_mean
     on_host = payload.device.type == "cpu"
     if on_host or debug or check_finite:  # free on CPU, a sync on GPU
-        totals = _GroupTotals(*payload[_HOST_READ].tolist())
-        _raise_group_errors(totals, payload, comm, layer, shape, check_finite, finite_here)
-    group_count, group_mean, group_var = bnm.global_moments(moments, shift)
-    # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-    if on_host and bnm.ill_conditioned(group_mean, group_var, shift,
-                                       torch.float64 if totals.fp64_ranks else torch.float32,
-                                       comm.size):
-        # Merge again, from the data, about the global mean just found (the same on every rank).
-        shift = group_mean
-        moments = all_reduce(comm, bnm.payload_about(x, shift), layer, "forward, re-centred",
-                             channels, debug)
-        group_count, group_mean, group_var = bnm.global_moments(moments, shift)
-    return group_count.clone(), group_mean, group_var
+        reduced = payload.cpu().numpy()
+        totals = bnm.group_totals(reduced, channels, comm.size)
+        _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
+                            payload.device, debug)
+        # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
+        if on_host and totals.ill_conditioned:
+            # Merge again, from the data, about the global mean just found (the same on every rank).
+            _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
+            moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
+                                 "forward, re-centred", channels, debug)
+    if not update:
+        running_mean = running_var = num_batches_tracked = None
+    return backend.finalize(moments, shift, running_mean, running_var, num_batches_tracked, momentum)
 
 
 # As an operator torch.compile does not enter: the collectives and host reads stay out of its graph.
-_sync_moments = torch.library.custom_op("syncbn::sync_moments", mutates_args=())(_merge_moments)
+_sync_moments = torch.library.custom_op(
+    "syncbn::sync_moments", mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)(_group_moments)
 
 
 @_sync_moments.register_fake
-def _(x, mean, m2, count, shift, fp64_input, comm_key, layer, debug, check_finite, shape):
-    return mean.new_empty(()), torch.empty_like(mean), torch.empty_like(mean)
+def _(x, running_mean, running_var, num_batches_tracked, momentum, update, comm_key, layer, debug,
+      check_finite):
+    means = x.new_empty(x.shape[1], dtype=torch.float64)
+    return means.new_empty(()), means, torch.empty_like(means)
 
 
 # On real meta tensors run the real body, not the fake: the meta device stands in for CUDA in
 # the tests that prove a training step reads nothing back from the device.
-_sync_moments.register_kernel("meta")(_merge_moments)
+_sync_moments.register_kernel("meta")(_group_moments)
 
 
-def _raise_group_errors(totals: _GroupTotals, payload: Tensor, comm: Communicator, layer: str,
-                        shape: List[int], check_finite: bool, finite_here: bool) -> None:
+def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str, shape: List[int],
+                        check_finite: bool, finite_here: bool, device: torch.device,
+                        debug: bool) -> None:
     """Errors every rank can see in the reduced payload, so all of them raise together."""
     if totals.invalid_ranks:
-        raise CollectiveError(f"{layer}: {int(totals.invalid_ranks)} other rank(s) gave this layer "
-                              "invalid input (see their error); no statistics were updated")
-    if _shift_differs(totals, comm.size):
-        raise ValueError(f"{layer}: running_mean differs across ranks ({comm.describe()}); it is the "
-                         "shift every rank's sums are taken about, so the statistics would be wrong. "
-                         "Load checkpoints on every rank, or let DistributedDataParallel broadcast "
-                         "buffers (its default); no statistics were updated")
+        bad = _invalid_ranks(comm, device, layer, debug, invalid_here=False)
+        raise CollectiveError(f"{layer}: {_ranks_text(bad, comm.size)} gave this layer invalid input "
+                              "(see their error); no statistics were updated")
+    if totals.differing_channels:
+        raise ValueError(f"{layer}: running_mean differs across ranks ({comm.describe()}) in channel(s) "
+                         f"{_list_text(totals.differing_channels)}; it is the shift every rank's sums "
+                         "are taken about, so the statistics would be wrong. Load checkpoints on every "
+                         "rank, or let DistributedDataParallel broadcast buffers (its default); no "
+                         "statistics were updated")
     if totals.count == 1:
         raise _single_value_error(layer, comm.rank, shape)
-    if check_finite and not bool(torch.isfinite(payload).all()):
-        where = "not this rank's" if finite_here else "including this rank's"
-        raise FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
-                                 "statistics were left untouched")
+    if check_finite and not totals.finite:
+        raise _non_finite_error(layer, "not this rank's" if finite_here else "including this rank's")
 
 
-# Spread of the ranks' shift norms, relative to their size, that still counts as agreement:
-# ranks whose running statistics differ in dtype (fp64 on one, fp32 on another) round the same
-# running mean differently, by about 2^-24 of it, which moves the merge by as little.
-_SHIFT_TOLERANCE = 2.0 ** -20
+def _non_finite_error(layer: str, where: str) -> FloatingPointError:
+    return FloatingPointError(f"{layer}: the batch has NaN or Inf values ({where}); running "
+                              "statistics were left untouched")
 
 
-def _shift_differs(totals: _GroupTotals, world_size: int) -> bool:
-    """Whether the ranks' shifts (running means) disagree, read alike on every rank.
+def _list_text(items: Sequence[int], shown: int = 8) -> str:
+    listed = ", ".join(str(i) for i in items[:shown])
+    return listed + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
-    The spread over ranks of |shift|^2: a norm, so no cancellation hides a difference behind a
-    small total (it misses only differences of sign or order, which no diverged or reloaded
-    running mean shows). Its own fp64 rounding, about 2^-50 of the square, is far below the
-    tolerance.
-    """
-    mean_norm = totals.shift_norm / world_size
-    mean_square = totals.shift_norm_sq / world_size
-    return mean_square - mean_norm * mean_norm > _SHIFT_TOLERANCE ** 2 * mean_square
+
+def _ranks_text(ranks: List[int], world_size: int) -> str:
+    word = "rank" if len(ranks) == 1 else "ranks"
+    return f"{word} {_list_text(ranks)} ({len(ranks)} of {world_size})"
+
+
+def _invalid_ranks(comm: Communicator, device: torch.device, layer: str, debug: bool,
+                   invalid_here: bool) -> List[int]:
+    """Which ranks had invalid input: one more all-reduce, on the error path only, that every rank
+    joins once the forward payload has shown that some rank's input was invalid."""
+    flags = torch.zeros(comm.size, dtype=torch.float64, device=device)
+    if invalid_here:
+        flags[comm.rank] = 1.0
+    all_reduce(comm, flags, layer, "forward, invalid ranks", comm.size, debug)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
 def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
@@ -236,11 +242,17 @@ def _single_value_error(layer: str, rank: int, shape: List[int]) -> ValueError:
 
 
 def report_invalid_input(comm: Communicator, channels: int, device: torch.device, layer: str,
-                          problem: Exception, debug: bool) -> None:
-    """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise."""
+                         problem: Exception, debug: bool, check_finite: bool) -> None:
+    """Join the forward all-reduce with an invalid-input flag so the others raise too, then raise.
+
+    Where the others read the payload on the host (CPU, the debug guard, check_finite) they then
+    ask which ranks were invalid: this rank joins that all-reduce too.
+    """
     payload = torch.zeros(forward_payload_numel(channels), dtype=torch.float64, device=device)
-    payload[_INVALID] = 1.0
+    payload[bnm.INVALID_INPUT] = 1.0
     all_reduce(comm, payload, layer, "forward", channels, debug)
+    if device.type == "cpu" or debug or check_finite:
+        _invalid_ranks(comm, device, layer, debug, invalid_here=True)
     raise problem
 
 
@@ -252,47 +264,34 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def group_statistics(x: Tensor, running_mean: Optional[Tensor], comm_key: int, layer: str,
-                     debug: bool, check_finite: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, biased var) of the group: local moments, then the forward all-reduce(s).
-
-    The shift every rank shares, and that tracks the mean, is the running mean where there is
-    one (syncbn keeps it identical on every rank), else 0.
-    """
-    if running_mean is not None:
-        shift = running_mean.detach().double()
-    else:
-        shift = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    mean, m2 = bnm.local_moments(x)
+def group_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                     comm_key: int, layer: str, debug: bool, check_finite: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, biased var) of the group; the running statistics updated, except in a
+    checkpoint's recompute of this step."""
+    update = running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint())
     # Eager calls skip the operator's dispatch (tens of µs a call on CPU): the same body.
-    merge = _sync_moments if torch.compiler.is_compiling() else _merge_moments
-    return merge(x, mean, m2, bnm.local_count(x), shift, x.dtype == torch.float64,
-                 comm_key, layer, debug, check_finite, list(x.shape))
-
-
-def update_running_stats_once(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                              num_batches_tracked: Optional[Tensor], momentum: Optional[float],
-                              count: Tensor, mean: Tensor, var: Tensor) -> None:
-    """batchnorm_math.update_running_stats, except in a checkpoint's recompute of this step."""
-    if running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint()):
-        bnm.update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
-                                 count, mean, var)
+    merge = _sync_moments if torch.compiler.is_compiling() else _group_moments
+    return merge(x, running_mean, running_var, num_batches_tracked, momentum, update, comm_key,
+                 layer, debug, check_finite)
 
 
 class _SyncBatchNorm(torch.autograd.Function):
-    """y = BatchNorm(x) with group statistics; also returns (count, mean, var), not differentiable."""
+    """y = BatchNorm(x) with group statistics; the running statistics updated in the forward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, eps, comm_key, layer, debug, check_finite):
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                comm_key, layer, debug, check_finite):
         # local moments -> group moments (one all-reduce, errors raised on every rank)
-        count, mean, var = group_statistics(x, running_mean, comm_key, layer, debug, check_finite)
+        count, mean, var = group_statistics(x, running_mean, running_var, num_batches_tracked,
+                                            momentum, comm_key, layer, debug, check_finite)
         ctx.save_for_backward(x, weight, bias, mean, var, count)
         ctx.eps, ctx.comm_key, ctx.layer, ctx.debug = eps, comm_key, layer, debug
-        ctx.mark_non_differentiable(count, mean, var)
-        return bnm.normalize(x, mean, var, weight, bias, eps), count, mean, var
+        return kernels.for_input(x).normalize(x, mean, var, weight, bias, eps)
 
     @staticmethod
-    def backward(ctx, dy, *_statistics):
+    def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             grads = _differentiable_backward(ctx, dy)
         else:
@@ -302,12 +301,13 @@ class _SyncBatchNorm(torch.autograd.Function):
 
 def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, weight, bias, mean, var, count = ctx.saved_tensors
+    backend = kernels.for_input(x)
     dy = dy.contiguous(memory_format=memory_format(x))
-    local_sums = bnm.backward_payload(dy, x, mean, var, ctx.eps)
-    grad_weight, grad_bias, global_sums = backward_sums(ctx, local_sums, weight, bias)
+    local_sums = backend.backward_sums(dy, x, mean, var, ctx.eps)
+    grad_weight, grad_bias, group_sums = backward_sums(ctx, local_sums, weight, bias)
     grad_x = None
-    if global_sums is not None:
-        grad_x = bnm.input_grad(dy, x, mean, var, weight, ctx.eps, global_sums, count)
+    if group_sums is not None:
+        grad_x = backend.input_grad(dy, x, mean, var, weight, ctx.eps, group_sums, count)
     return grad_x, grad_weight, grad_bias
 
 
@@ -316,21 +316,28 @@ def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optio
     """(dweight, dbias, group sums) from this rank's [sum dy, sum dy * xhat] (C each).
 
     dweight and dbias are this rank's own sums (DDP averages them; reducing them here too would
-    count them twice). The group sums, None when x needs no gradient, take the backward
-    all-reduce, in fp64 so that ranks with different input dtypes still agree.
+    count them twice), copied out before the sums take the backward all-reduce in place, in fp64
+    so that ranks with different input dtypes still agree. The group sums are None when x needs
+    no gradient.
     """
-    local_sums = local_sums.double()
+    local_sums = local_sums.double()  # the backends give fp64 already: no copy then
     channels = local_sums.numel() // 2
-    grad_weight = grad_bias = global_sums = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = local_sums[channels:].to(weight.dtype)
-    if bias is not None and ctx.needs_input_grad[2]:
-        grad_bias = local_sums[:channels].to(bias.dtype)
+    grad_weight = grad_bias = group_sums = None
+    want_weight = weight is not None and ctx.needs_input_grad[1]
+    want_bias = bias is not None and ctx.needs_input_grad[2]
+    if want_weight or want_bias:
+        dtype = weight.dtype if weight is not None else bias.dtype
+        sum_dy, sum_dy_xhat = local_sums.view(2, channels).to(dtype, copy=True).unbind()
+        grad_weight = sum_dy_xhat if want_weight else None
+        grad_bias = sum_dy.to(bias.dtype) if want_bias else None
     if ctx.needs_input_grad[0]:
-        # The operator reduces a copy: the gradients above may be views of local_sums.
-        global_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
-                                      ctx.debug)
-    return grad_weight, grad_bias, global_sums
+        if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
+            group_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
+                                         ctx.debug)
+        else:
+            group_sums = all_reduce(communicator_for(ctx.comm_key), local_sums, ctx.layer,
+                                    "backward", channels, ctx.debug)
+    return grad_weight, grad_bias, group_sums
 
 
 def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -358,7 +365,7 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     values = x.to(acc)
     local_mean = values.sum(dims) / max(count, 1)
     m2 = (values - bnm.channel_view(local_mean, ndim)).square().sum(dims)
-    payload = bnm.forward_payload(count, local_mean.double(), m2.double(), shift)
+    payload = bnm.moments_payload(count, local_mean.double(), m2.double(), shift)
     reduced = all_reduce_copy(payload, comm_key, layer, "forward, rebuilt for double backward",
                               x.shape[1], debug)
     _, mean, var = bnm.global_moments(reduced, shift)
@@ -373,12 +380,16 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
 
 def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
-                      eps: float, num_batches_tracked: Optional[Tensor]) -> Tensor:
+                      eps: float, num_batches_tracked: Optional[Tensor], layer: str,
+                      check_finite: bool) -> Tensor:
     """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
 
     Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
-    it), as in a larger group that saw no value; a checkpoint recompute updates nothing.
+    it), as in a larger group that saw no value; a checkpoint recompute updates nothing. And
+    with ``check_finite``, a batch with NaN or Inf raises before the statistics change.
     """
+    if check_finite and not bool(torch.isfinite(input).all()):
+        raise _non_finite_error(layer, "the only rank's")
     if running_mean is not None and not torch.compiler.is_compiling() and recomputing_checkpoint():
         # The first run of this step already updated the running statistics: update copies, so
         # the recompute saves the same tensors as the first run (checkpoint checks that).
@@ -446,15 +457,13 @@ def sync_batch_norm(
         if bnm.local_count(input) == 1:
             raise _single_value_error(layer, 0, list(input.shape))
         return _batch_norm_alone(input, running_mean, running_var, weight, bias, momentum, eps,
-                                 num_batches_tracked)
+                                 num_batches_tracked, layer, check_finite)
     debug = debug_enabled(debug)
     if problem is not None:
         if channels is None:
             raise problem  # no channel count to size the shared payload by
         device = reference.device if reference is not None else input.device
-        report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug)
-    y, count, mean, var = _SyncBatchNorm.apply(input, weight, bias, running_mean, eps, comm_key,
-                                               layer, debug, check_finite)
-    update_running_stats_once(running_mean, running_var, num_batches_tracked, momentum,
-                              count, mean, var)
-    return y
+        report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug,
+                             check_finite)
+    return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                momentum, eps, comm_key, layer, debug, check_finite)

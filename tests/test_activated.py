@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 import syncbn
+import syncbn.kernels
 from conftest import BACKENDS
 from scenarios import BATCHNORM_BY_DIM, Scenario, layout, take_parameter_grads
-from syncbn import triton_kernels as tk
+from syncbn.kernels import triton as tk
 from syncbn.activated import FusedActivation
 from syncbn.comm import SingleProcessCommunicator
 from syncbn.testing import RecordingCommunicator
@@ -471,7 +472,7 @@ def test_kernels_in_interpreter() -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_layer_through_the_kernels_equals_the_oracle(activation, dtype, channels_last):
     scenario = Scenario(sizes=(3,), spatial=(3, 4), channels_last=channels_last)
-    assert syncbn.batchnorm_math.uses_triton(torch.zeros(1, 3, dtype=dtype))
+    assert syncbn.kernels.uses_triton(torch.zeros(1, 3, dtype=dtype))
     run = run_act_rank(scenario, activation, dtype)
     assert all(run.reused_input_storage) != (activation == "elu" and dtype != torch.float32)
     assert_matches_oracle([run], scenario, activation, dtype)

@@ -81,9 +81,9 @@ def test_syncbn_makes_exactly_two_collectives_per_layer_step_and_none_in_eval(sm
         # A group of one is torch's BatchNorm: no collective at all.
         assert row["peers"]["syncbn"]["collectives_per_step"] == [0 if alone else 2], row["case"]["label"]
         assert row["collectives_eval"] == 0
-        # Forward: count, sums, squared sums, invalid-input and fp64-input flags, the two
-        # shift-agreement values (syncbn/functional.py); backward: sum dy, sum dy*xhat, both fp64.
-        expected = [] if alone else [[2 * channels + 5, "float64"], [2 * channels, "float64"]]
+        # Forward: count, sums, squared sums, shifts, squared shifts, invalid-input and fp64-input
+        # flags (syncbn/batchnorm_math.py); backward: sum dy, sum dy*xhat, both fp64.
+        expected = [] if alone else [[4 * channels + 3, "float64"], [2 * channels, "float64"]]
         assert row["train_payloads"] == expected
     for row in smoke_run["results"]["model"]:
         per_layer = 0 if row["setting"]["world_size"] == 1 else 2
@@ -176,9 +176,9 @@ def test_scaling_model_payloads_match_each_scheme_and_only_torch_grows_with_worl
     from benchmarks import scaling
 
     fabric = scaling.Fabric("test", alpha=5e-6, bus_bandwidth=1e10)
-    # syncbn: 2C+5 fp64 forward and 2C fp64 backward (the collective audit in the speed run)
+    # syncbn: 4C+3 fp64 forward and 2C fp64 backward (the collective audit in the speed run)
     calls = scaling.layer_collectives("syncbn", 64)
-    assert [(c.kind, c.nbytes) for c in calls] == [("all_reduce", 133 * 8), ("all_reduce", 128 * 8)]
+    assert [(c.kind, c.nbytes) for c in calls] == [("all_reduce", 259 * 8), ("all_reduce", 128 * 8)]
     assert len(scaling.layer_collectives("naive", 64)) == 5
     # at W=2 the ring and the tree are the same two steps
     assert scaling.all_reduce_ring(fabric, 2, 4096) == scaling.all_reduce_tree(fabric, 2, 4096)

@@ -100,9 +100,9 @@ def _count_collectives() -> dict:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_packed_collective_forward_one_backward_none_in_eval(rank_pool, backend):
     for result in rank_pool(2, backend).run(_count_collectives):
-        # forward: count, C sums, C squared sums, invalid-input and fp64-input flags, the two
-        # shift-agreement values in fp64; backward: 2C in fp64
-        assert result["training"] == [(21, torch.float64), (16, torch.float64)]
+        # forward: count, C sums, C squared sums, C shifts and C squared shifts (the ranks'
+        # agreement per channel), invalid-input and fp64-input flags, in fp64; backward: 2C in fp64
+        assert result["training"] == [(35, torch.float64), (16, torch.float64)]
         assert result["eval"] == []
 
 

@@ -115,17 +115,36 @@ def test_float64_on_one_rank_float32_on_another_is_harmless(rank_pool, backend, 
     torch.testing.assert_close(total_weight_grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
 
 
-def _step_with_rank_running_mean(offset_on_rank_1: float) -> Dict:
-    """One training step of a layer whose running_mean rank 1 has moved by ``offset_on_rank_1``
-    (a checkpoint loaded on one rank only); what the rank raised and its statistics after."""
+# How rank 1's running_mean departs from rank 0's (a checkpoint loaded on one rank only, buffers
+# not broadcast): (channels, running_mean on both ranks, the change on rank 1, data offset).
+DISAGREEMENTS = {
+    "offset": (CHANNELS, lambda mean: mean, lambda mean: mean + 0.5, 1.0),
+    # The same values in another order, or negated: |running_mean|^2 is the same on both ranks.
+    "reversed": (CHANNELS, lambda mean: mean + torch.arange(1.0, 1.0 + CHANNELS, dtype=mean.dtype),
+                 lambda mean: mean.flip(0), 2.0),
+    "negated": (CHANNELS, lambda mean: mean + torch.arange(1.0, 1.0 + CHANNELS, dtype=mean.dtype),
+                lambda mean: -mean, 2.0),
+    # One channel among 63 near 30: 0 on rank 0, 0.3 on rank 1.
+    "one_channel": (64, lambda mean: mean.fill_(30.0).index_fill_(0, torch.tensor([0]), 0.0),
+                    lambda mean: mean.index_fill(0, torch.tensor([0]), 0.3), 30.0),
+}
+
+
+def _step_with_rank_running_mean(case: str) -> Dict:
+    """One training step of a layer whose running_mean differs on rank 1 (DISAGREEMENTS[case]);
+    what the rank raised and whether its statistics changed."""
+    channels, shared, on_rank_1, data_offset = DISAGREEMENTS[case]
     rank = syncbn.resolve_communicator().rank
-    layer = syncbn.SyncBatchNorm(CHANNELS, dtype=torch.float64).train()
-    if rank == 1:
-        layer.running_mean.add_(offset_on_rank_1)
+    layer = syncbn.SyncBatchNorm(channels, dtype=torch.float64).train()
+    with torch.no_grad():
+        layer.running_mean.copy_(shared(layer.running_mean.clone()))
+        if rank == 1:
+            layer.running_mean.copy_(on_rank_1(layer.running_mean.clone()))
     before = layer.running_mean.clone(), layer.running_var.clone()
+    generator = torch.Generator().manual_seed(rank)
     error = None
     try:
-        layer(_x(4, seed=rank))
+        layer(torch.randn(4, channels, 3, generator=generator, dtype=torch.float64) + data_offset)
     except ValueError as raised:
         error = str(raised)
     return {"error": error, "unchanged": torch.equal(layer.running_mean, before[0])
@@ -133,14 +152,19 @@ def _step_with_rank_running_mean(offset_on_rank_1: float) -> Dict:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change(rank_pool, backend):
+@pytest.mark.parametrize("case", list(DISAGREEMENTS))
+def test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change(rank_pool, backend,
+                                                                                       case):
     # The running mean is the shift every rank's sums are taken about: merged about different
-    # shifts, the statistics would be silently wrong (here by half the offset on every rank).
-    results = rank_pool(2, backend).run(_step_with_rank_running_mean, 0.5)
+    # shifts, the statistics would be silently wrong. Checked per channel, so a permutation, a
+    # sign flip or one channel among large ones is caught as surely as an offset.
+    results = rank_pool(2, backend).run(_step_with_rank_running_mean, case)
     for rank, result in enumerate(results):
         assert result["error"] is not None and "running_mean differs across ranks" in result["error"], (
             f"rank {rank}: {result['error']}")
         assert "SyncBatchNorm" in result["error"], f"rank {rank}: the error does not name the layer"
+        if case == "one_channel":
+            assert "in channel(s) 0;" in result["error"], f"rank {rank}: {result['error']}"
         assert result["unchanged"], f"rank {rank}: running statistics changed"
 
 

@@ -10,6 +10,7 @@ import torch.utils.checkpoint
 
 import syncbn
 from conftest import BACKENDS, requires_mpi
+from scenarios import IdenticalPeers
 from syncbn.comm import Communicator
 from syncbn.testing import RankFailure, RecordingCommunicator, run_on_ranks
 
@@ -66,8 +67,8 @@ def _count_guarded_collectives() -> list:
 
 def test_debug_guard_adds_one_small_cross_check_before_each_collective(rank_pool):
     for calls in rank_pool(2, "gloo").run(_count_guarded_collectives):
-        # a (world size x 5) fingerprint table before the 2C+5 forward and 2C backward payloads
-        assert calls == [(10, torch.float64), (11, torch.float64), (10, torch.float64), (6, torch.float64)]
+        # a (world size x 5) fingerprint table before the 4C+3 forward and 2C backward payloads
+        assert calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
 
 
 def _rank_one_gives_bad_input() -> dict:
@@ -82,8 +83,9 @@ def _rank_one_gives_bad_input() -> dict:
 def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank_pool, backend):
     results = rank_pool(3, backend).run(_rank_one_gives_bad_input, timeout=60)
     assert results[1]["error"].startswith("ValueError: SyncBatchNorm(3) 'head.bn': expected 3 channels")
-    for rank in (0, 2):
-        assert results[rank]["error"].startswith("CollectiveError: SyncBatchNorm(3) 'head.bn': 1 other rank(s) gave")
+    for rank in (0, 2):  # the healthy ranks are told which rank's input was bad
+        assert results[rank]["error"].startswith(
+            "CollectiveError: SyncBatchNorm(3) 'head.bn': rank 1 (1 of 3) gave this layer invalid input")
     assert all(torch.equal(r["mean"], torch.zeros(3)) and r["tracked"] == 0 for r in results)
 
 
@@ -104,6 +106,21 @@ def test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats(
                                           "or Inf values (including this rank's)")
     assert "(not this rank's)" in results[1]["error"]
     assert all(torch.equal(r["var"], torch.ones(2)) and r["tracked"] == 0 for r in results)
+
+
+@pytest.mark.parametrize("group", ["plain_process", "single_process_communicator"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats(group, bad):
+    process_group = syncbn.SingleProcessCommunicator() if group == "single_process_communicator" else None
+    layer = syncbn.SyncBatchNorm(2, name="bn", check_finite=True, process_group=process_group)
+    x = torch.randn(3, 2, 4)
+    x[2, 0, 3] = bad
+    with pytest.raises(FloatingPointError, match="'bn': the batch has NaN or Inf values"):
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(2)) and torch.equal(layer.running_var, torch.ones(2))
+    assert layer.num_batches_tracked.item() == 0
+    layer(torch.randn(3, 2, 4))  # a finite batch trains on
+    assert layer.num_batches_tracked.item() == 1
 
 
 def test_by_default_nan_propagates_like_batchnorm():
@@ -128,6 +145,43 @@ def test_activation_checkpointing_updates_running_stats_once_per_step(use_reentr
         torch.testing.assert_close(checkpointed.state_dict()[name], value, msg=name)
     torch.testing.assert_close(checkpointed[0].weight.grad, plain[0].weight.grad)
     assert checkpointed[1].num_batches_tracked.item() == 2
+
+
+class _CheckpointsItsBlock(torch.nn.Module):
+    """A head after a conv+SyncBatchNorm+ReLU block that its forward checkpoints (or not)."""
+
+    def __init__(self, process_group, use_reentrant=None):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), syncbn.SyncBatchNorm(3, process_group=process_group),
+                                         torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(3, 3, 1)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            return self.head(self.block(x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("group", ["alone", "two_ranks"])
+@pytest.mark.parametrize("outer,inner", [(o, i) for o in (False, True) for i in (False, True)],
+                         ids=lambda reentrant: "reentrant" if reentrant else "non_reentrant")
+def test_nested_checkpoints_update_running_stats_once_per_step(outer, inner, group):
+    # A checkpointed block whose forward checkpoints the block that holds the layer: the layer's
+    # forward runs three times per step (first run, the outer recompute, the inner recompute).
+    process_group = IdenticalPeers(2) if group == "two_ranks" else None
+    torch.manual_seed(0)
+    plain = _CheckpointsItsBlock(process_group)
+    nested = _CheckpointsItsBlock(process_group, use_reentrant=inner)
+    nested.load_state_dict(plain.state_dict())
+    for _ in range(2):
+        x = torch.randn(4, 2, 6, 6, requires_grad=True)
+        plain(x).square().sum().backward()
+        torch.utils.checkpoint.checkpoint(nested, x, use_reentrant=outer).square().sum().backward()
+    assert nested.block[1].num_batches_tracked.item() == 2
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(nested.state_dict()[name], value, msg=name)
+    torch.testing.assert_close(nested.block[0].weight.grad, plain.block[0].weight.grad)
 
 
 def test_input_on_another_device_than_the_layer_is_refused_with_both_devices_named():

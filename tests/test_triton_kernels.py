@@ -1,4 +1,4 @@
-"""The Triton kernels of :mod:`syncbn.triton_kernels` against float64 torch, on CPU.
+"""The Triton kernels of :mod:`syncbn.kernels.triton` against float64 torch, on CPU.
 
 Triton's interpreter runs them without a GPU, but TRITON_INTERPRET=1 has to be set before the
 kernels are decorated, that is before syncbn is imported. So ``test_kernels_in_interpreter``
@@ -16,9 +16,9 @@ import torch
 
 import syncbn
 from benchmarks.adversarial import Case, global_batch
-from syncbn import batchnorm_math as bnm
+from syncbn import batchnorm_math as bnm, kernels
 from scenarios import IdenticalPeers
-from syncbn import triton_kernels as tk
+from syncbn.kernels import triton as tk
 
 in_interpreter = pytest.mark.skipif(
     not tk.INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_interpreter")
@@ -51,7 +51,7 @@ def test_kernels_in_interpreter() -> None:
 
 
 def test_cpu_tensors_keep_the_torch_path_without_the_interpreter() -> None:
-    assert bnm.uses_triton(torch.zeros(2, 3)) == (tk.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1")
+    assert kernels.uses_triton(torch.zeros(2, 3)) == (tk.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1")
 
 
 def _input(shape: Tuple[int, ...], dtype: torch.dtype, channels_last: bool, mean: float = 0.5,
@@ -219,7 +219,7 @@ def test_layer_through_the_kernels_equals_float64_batchnorm(dtype, channels_last
     # kernels. The oracle sees the batch twice.
     torch.manual_seed(0)
     x = _input((3, 4, 5, 6), dtype, channels_last).requires_grad_()
-    assert bnm.uses_triton(x)
+    assert kernels.uses_triton(x)
     layer = syncbn.SyncBatchNorm(4, momentum=None, process_group=IdenticalPeers(2))
     reference = torch.nn.BatchNorm2d(4, momentum=None).double()
     for module in (layer, reference):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from syncbn import triton_kernels as tk
+from syncbn.kernels import triton as tk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

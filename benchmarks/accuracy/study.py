@@ -136,7 +136,10 @@ def best_configs(training: List[Dict[str, Any]]) -> Dict[Tuple[str, int, str], C
 
 
 def repeat_jobs(plan: Plan, best: Dict[Tuple[str, int, str], Config]) -> List[Job]:
-    """The other seeds and the MPI repeats, each at its arm's selected configuration."""
+    """The other seeds and the MPI repeats, each at its arm's selected configuration; and
+    full-batch BN at SyncBN's selected configuration for the other seeds where that is not
+    full-batch BN's own (phase "paired"), so SyncBN's gap to it is measured per seed at the same
+    learning rate (the grid has every configuration for the first seed)."""
     out: List[Job] = []
     for task, batch, steps in _work(plan):
         for arm in plan.arms:
@@ -147,10 +150,16 @@ def repeat_jobs(plan: Plan, best: Dict[Tuple[str, int, str], Config]) -> List[Jo
             if batch in plan.mpi_batches and arm in plan.mpi_arms:
                 out.append(_train_job(plan, task, arm, batch, steps, plan.seeds[0], config,
                                       backend="mpi", phase="mpi"))
+        synced = best.get((task, batch, "sync"))
+        if synced is not None and "full" in plan.arms and synced != best[(task, batch, "full")]:
+            for seed in plan.seeds[1:]:
+                out.append(_train_job(plan, task, "full", batch, steps, seed, synced,
+                                      phase="paired"))
     return _grouped_by_pool(out)
 
 
 def repeat_count(plan: Plan) -> int:
+    """The repeats known before the grid has run (the paired runs depend on its outcome)."""
     per_pair = len(plan.arms) * (len(plan.seeds) - 1)
     mpi = sum(b in plan.mpi_batches for _, b, _ in _work(plan)) * len(plan.mpi_arms)
     return len(_work(plan)) * per_pair + mpi
@@ -193,6 +202,8 @@ def run(plan: Plan) -> Dict[str, List[Dict[str, Any]]]:
             if phase == "repeats":
                 todo = [j for j in repeat_jobs(plan, best_configs(training))
                         if with_mpi or j.backend != "mpi"]
+                bar.total = bar.n + len(todo)
+                bar.refresh()
             for job in todo:
                 bar.set_postfix_str(f"{job.kind} {job.backend} W={job.world} "
                                     f"{job.row.get('arm', '')} {job.row.get('per_rank_batch', '')}")

@@ -1,4 +1,4 @@
-"""Triton kernels behind batchnorm_math on CUDA: the same four functions, same semantics.
+"""Triton kernels for CUDA: the backend interface of :mod:`syncbn.kernels`, same semantics.
 
 Every input is read through a strided [N, C, S] view. Contiguous input is (N, C, S) with the
 positions S contiguous; channels_last input (and (N, C) input, S == 1) is one [rows, C] matrix
@@ -33,12 +33,14 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from . import reference
+
 try:
     import triton
     import triton.language as tl
 
     TRITON_AVAILABLE = True
-except ImportError:  # a CPU-only install: batchnorm_math keeps its torch path
+except ImportError:  # a CPU-only install: the reference kernels serve
     triton = tl = None
     TRITON_AVAILABLE = False
 
@@ -48,6 +50,9 @@ __all__ = [
     "TRITON_AVAILABLE",
     "INTERPRETED",
     "SUPPORTED_DTYPES",
+    "forward_payload",
+    "finalize",
+    "backward_sums",
     "local_moments",
     "normalize",
     "backward_payload",
@@ -426,6 +431,22 @@ def local_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         partials, moments[0], moments[1], channels, grid.partials,
         BLOCK_C=_MERGE_BLOCK_C, BLOCK_P=min(triton.next_power_of_2(grid.partials), _MERGE_BLOCK_P))
     return moments[0], moments[1]
+
+
+def forward_payload(x: Tensor, shift: Optional[Tensor]) -> Tensor:
+    """The forward payload (4C+3 fp64) of the local batch: the statistics kernels, then the
+    payload assembled by torch ops."""
+    mean, m2 = local_moments(x)
+    return reference.payload_from_moments(x, mean, m2, shift)
+
+
+# The group statistics and running-stat update: the reference's torch ops on the device.
+finalize = reference.finalize
+
+
+def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """[sum dy (C), sum dy * xhat (C)] of the local batch, in fp64."""
+    return backward_payload(dy, x, mean, var, eps).double()
 
 
 def normalize(

@@ -1,0 +1,49 @@
+"""The kernels of synchronized BatchNorm, one implementation per backend, chosen in one place.
+
+Every backend module has the same functions with the same semantics (those of
+:mod:`syncbn.batchnorm_math`):
+
+- ``forward_payload(x, shift)``: the local batch's forward payload (4C+3 fp64: count, sums and
+  squared sums about the shift, the shift and its square, two flags);
+- ``finalize(moments, shift, running_mean, running_var, num_batches_tracked, momentum)``: the
+  group's (count, mean, var) from the reduced payload, and the running-stat update;
+- ``normalize(x, mean, var, weight, bias, eps)``: the output;
+- ``backward_sums(dy, x, mean, var, eps)``: [sum dy, sum dy * xhat] (2C fp64);
+- ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient.
+
+Backends: :mod:`.reference` (plain torch: any device and dtype; the fallback, and the oracle
+the others are tested against) and :mod:`.triton` (CUDA, fp32/fp16/bf16). :func:`for_input`
+picks one for an input. Switches, read once at import: ``SYNCBN_KERNELS=reference`` forces the
+reference everywhere; ``SYNCBN_TRITON=0`` turns Triton off on CUDA; ``SYNCBN_TRITON=1`` with
+``TRITON_INTERPRET=1`` runs the Triton kernels on CPU through Triton's interpreter (tests).
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference, triton
+
+__all__ = ["for_input", "uses_triton", "reference", "triton"]
+
+_FORCED_REFERENCE = os.environ.get("SYNCBN_KERNELS", "").lower() == "reference"
+_TRITON_ON_CUDA = triton.TRITON_AVAILABLE and os.environ.get("SYNCBN_TRITON") != "0"
+_TRITON_ON_CPU = triton.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1"
+
+
+def for_input(x: torch.Tensor) -> ModuleType:
+    """The backend whose kernels serve input ``x`` (by its device and dtype)."""
+    if _FORCED_REFERENCE:
+        return reference
+    device = x.device.type
+    if x.dtype in triton.SUPPORTED_DTYPES and (
+            (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)):
+        return triton
+    return reference
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether input ``x`` takes the Triton kernels."""
+    return for_input(x) is triton
