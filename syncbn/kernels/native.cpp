@@ -474,25 +474,29 @@ void merge_channels(int64_t C, double na, double* hi, double* lo, double* m2, do
 
 // Two-pass moments of the values p[run * stride + i], run in [0, runs), i in [0, len), merged
 // into acc; false (acc untouched) if a partial sum in P was not finite.
+//
+// Pass 1 sums every value in fp64 (an fp32 value, and a sum of a block of them, is exact there
+// but for the final roundings): the block's mean is that sum / n, fp64-accurate. Pass 2 sums the
+// squares about a pivot, the mean rounded to P, in P partials (x - pivot is exact for x near the
+// mean); M2 = sum (x - pivot)^2 - n (mean - pivot)^2 with n (mean - pivot) = sum - n pivot taken
+// in fp64. fp64 data (P = double) also sums x - pivot in pass 2: that corrects the rounding of
+// its pass-1 sum, which no wider type absorbs.
 template <typename T, typename P>
 bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride, int64_t len, Moments& acc) {
   using L = Lanes<P>;
   using V = typename L::vec;
+  constexpr bool kResidualPass = std::is_same_v<P, double>;
   f64v wide = {};
   double tail = 0;
   for (int64_t r = 0; r < runs; ++r) {
     const auto* q = p + r * stride;
     int64_t i = 0;
-    while (i + kLanes <= len) {
-      V part = {};
-      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) part += L::load(q + i);
-      wide += widen(part);
-    }
+    for (; i + kLanes <= len; i += kLanes) wide += load_f64(q + i);
     for (; i < len; ++i) tail += static_cast<double>(Elem<T>::load(q[i]));
   }
   const double nb = static_cast<double>(runs * len);
   const double sum = lane_sum(wide) + tail;
-  const P pivot = static_cast<P>(sum / nb);  // a rough mean: the residuals below correct it
+  const P pivot = static_cast<P>(sum / nb);
   f64v wide_res = {}, wide_sq = {};
   double tail_res = 0, tail_sq = 0;
   for (int64_t r = 0; r < runs; ++r) {
@@ -502,10 +506,10 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
       V res = {}, sq = {};
       for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
         const V d = L::load(q + i) - pivot;
-        res += d;
+        if constexpr (kResidualPass) res += d;
         sq += d * d;
       }
-      wide_res += widen(res);
+      if constexpr (kResidualPass) wide_res += widen(res);
       wide_sq += widen(sq);
     }
     for (; i < len; ++i) {
@@ -514,9 +518,10 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
       tail_sq += d * d;
     }
   }
-  const double res = lane_sum(wide_res) + tail_res, sq = lane_sum(wide_sq) + tail_sq;
+  const double res = kResidualPass ? lane_sum(wide_res) + tail_res : sum - nb * static_cast<double>(pivot);
+  const double sq = lane_sum(wide_sq) + tail_sq;
   const double delta = res / nb, m2 = sq - res * delta;
-  if (std::is_same_v<P, float> && !(std::isfinite(sum) && std::isfinite(m2))) return false;
+  if (std::is_same_v<P, float> && !std::isfinite(m2)) return false;
   merge_into(acc, nb, static_cast<double>(pivot), delta, std::max(m2, 0.0));
   return true;
 }
@@ -571,23 +576,25 @@ struct RowScratch {
 };
 
 // Two-pass moments of rows [r0, r1) of interleaved input, merged into (hi, lo, m2) that hold
-// `na` values per channel; false if a partial sum in P was not finite. kLanes channels at a
-// time, kFlush rows per fp32 partial; channels beyond the last whole vector in fp64.
+// `na` values per channel; false if a partial sum in P was not finite. As block_moments, kLanes
+// channels at a time (pass 1 reads the rows from memory, pass 2 from cache), kFlush rows per
+// P partial; channels beyond the last whole vector in fp64.
 template <typename T, typename P>
 bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, int64_t r1, RowScratch<P>& w,
                        double na, double* hi, double* lo, double* m2) {
   using L = Lanes<P>;
   using V = typename L::vec;
+  constexpr bool kResidualPass = std::is_same_v<P, double>;
   const int64_t whole = C - C % kLanes;
   double *sum = w.sum.data(), *res = w.res.data(), *sq = w.sq.data();
   P* pivot = w.pivot.data();
   std::fill(w.sum.begin(), w.sum.end(), 0.0);
-  for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {  // pass 1: the rows come from memory
+  for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
     const int64_t f1 = std::min(r1, f0 + kFlush);
     for (int64_t c = 0; c < whole; c += kLanes) {
-      V part = {};
-      for (int64_t r = f0; r < f1; ++r) part += L::load(x + r * C + c);
-      add_to(sum + c, widen(part));
+      f64v part = load_f64(x + f0 * C + c);
+      for (int64_t r = f0 + 1; r < f1; ++r) part += load_f64(x + r * C + c);
+      add_to(sum + c, part);
     }
     for (int64_t c = whole; c < C; ++c) {
       for (int64_t r = f0; r < f1; ++r) sum[c] += static_cast<double>(Elem<T>::load(x[r * C + c]));
@@ -595,17 +602,17 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   }
   const double nb = static_cast<double>(r1 - r0);
   for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] / nb);
-  for (int64_t c = 0; c < whole; c += kLanes) {  // pass 2: the block is in cache
+  for (int64_t c = 0; c < whole; c += kLanes) {
     const V pv = L::load(pivot + c);
     f64v wide_res, wide_sq;
     for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
       V pr = {}, pq = {};
       for (int64_t r = f0; r < std::min(r1, f0 + kFlush); ++r) {
         const V d = L::load(x + r * C + c) - pv;
-        pr += d;
+        if constexpr (kResidualPass) pr += d;
         pq += d * d;
       }
-      wide_res += widen(pr);
+      if constexpr (kResidualPass) wide_res += widen(pr);
       wide_sq += widen(pq);
     }
     store_f64(res + c, wide_res);
@@ -626,9 +633,10 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
 #pragma omp simd reduction(+ : probe)
   for (int64_t c = 0; c < C; ++c) {
     base[c] = static_cast<double>(pivot[c]);
+    if (!kResidualPass && c < whole) res[c] = sum[c] - nb * base[c];
     delta[c] = res[c] / nb;
     m2b[c] = std::max(sq[c] - res[c] * delta[c], 0.0);
-    probe += (sum[c] + sq[c]) * 0.0;
+    probe += sq[c] * 0.0;
   }
   if (std::is_same_v<P, float> && probe != 0.0) return false;
   merge_channels(C, na, hi, lo, m2, nb, base, delta, m2b);
@@ -900,11 +908,13 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
 
 // --- backward_sums -------------------------------------------------------------------------------
 
-// The mean of channel c as hi + lo in P (x - hi is exact for x near the mean).
-template <typename P>
-inline void split(double mean, P& hi, P& lo) {
-  hi = static_cast<P>(mean);
-  lo = static_cast<P>(mean - static_cast<double>(hi));
+// The backward takes x - mean about the mean rounded to the accumulation dtype, as the
+// reference does: dx is then the exact gradient at the layer's own statistics (the mean its
+// running_mean holds), and x - mean is exact for x near it.
+template <typename T>
+void round_to_accumulation(std::vector<double>& mean) {
+  using A = typename Elem<T>::acc;
+  for (double& m : mean) m = static_cast<double>(static_cast<A>(m));
 }
 
 // [sum dy, sum dy * (x - mean)] over a planar block of runs, added to (sum_dy, sum_dyx); false
@@ -914,8 +924,7 @@ bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::r
                       int64_t stride, int64_t len, double mean, double& sum_dy, double& sum_dyx) {
   using L = Lanes<P>;
   using V = typename L::vec;
-  P hi, lo;
-  split(mean, hi, lo);
+  const P m = static_cast<P>(mean);  // exact: the mean is rounded to the accumulation dtype
   f64v wide_a = {}, wide_b = {};
   double tail_a = 0, tail_b = 0;
   for (int64_t r = 0; r < runs; ++r) {
@@ -927,7 +936,7 @@ bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::r
       for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
         const V g = L::load(dq + i);
         a += g;
-        b += g * ((L::load(xq + i) - hi) - lo);
+        b += g * (L::load(xq + i) - m);
       }
       wide_a += widen(a);
       wide_b += widen(b);
@@ -953,20 +962,19 @@ bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw*
   using L = Lanes<P>;
   using V = typename L::vec;
   const int64_t whole = C - C % kLanes;
-  P* hi = scratch.data();
-  P* lo = hi + C;
-  for (int64_t c = 0; c < C; ++c) split(mean[c], hi[c], lo[c]);
+  P* m = scratch.data();
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<P>(mean[c]);  // exact, as above
   std::fill(a, a + C, 0.0);
   std::fill(b, b + C, 0.0);
   for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
     const int64_t f1 = std::min(r1, f0 + kFlush);
     for (int64_t c = 0; c < whole; c += kLanes) {
-      const V h = L::load(hi + c), l = L::load(lo + c);
+      const V mv = L::load(m + c);
       V pa = {}, pb = {};
       for (int64_t r = f0; r < f1; ++r) {
         const V g = L::load(dy + r * C + c);
         pa += g;
-        pb += g * ((L::load(x + r * C + c) - h) - l);
+        pb += g * (L::load(x + r * C + c) - mv);
       }
       add_to(a + c, widen(pa));
       add_to(b + c, widen(pb));
@@ -996,8 +1004,8 @@ void grad_sums(const Tensor& dy, const Tensor& x, const Shape& sh, const std::ve
     const int64_t tasks = task_count(sh.numel(), R);
     std::vector<double> parts(tasks * 2 * C);
     for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-      std::vector<float> narrow(std::is_same_v<T, double> ? 0 : 2 * C);
-      std::vector<double> wide(2 * C);
+      std::vector<float> narrow(std::is_same_v<T, double> ? 0 : C);
+      std::vector<double> wide(C);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
         double* a = parts.data() + task * 2 * C;
@@ -1049,7 +1057,10 @@ Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean
   Tensor sums = at::zeros({2 * C}, x.options().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
   if (sh.count() > 0 && C > 0) {
-    dispatch_dtype(x, "backward_sums", [&](auto tag) { grad_sums<decltype(tag)>(dy, x, sh, mu, s, s + C); });
+    dispatch_dtype(x, "backward_sums", [&](auto tag) {
+      round_to_accumulation<decltype(tag)>(mu);
+      grad_sums<decltype(tag)>(dy, x, sh, mu, s, s + C);
+    });
   }
   for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
   return sums;
@@ -1074,6 +1085,7 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   dispatch_dtype(x, "input_grad", [&](auto tag) {
     using T = decltype(tag);
     using A = typename Elem<T>::acc;
+    round_to_accumulation<T>(mu);
     Affine<A> k(C);
     for (int64_t c = 0; c < C; ++c) {
       const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
