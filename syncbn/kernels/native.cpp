@@ -364,6 +364,28 @@ inline double lane_sum(f64v v) {
   return lanes[0];
 }
 
+// fp64 sums that carry their own rounding error (TwoSum per addition): the long sums of fp64
+// input (M2, the residuals) stay good to a few ulps however many terms they take.
+struct Sum64v {
+  f64v sum, err;
+  void add(const f64v& v) {
+    const f64v s = sum + v, bb = s - sum;
+    err += (sum - (s - bb)) + (v - bb);
+    sum = s;
+  }
+  double total() const { return lane_sum(sum) + lane_sum(err); }
+};
+
+struct Sum64 {
+  double sum = 0, err = 0;
+  void add(double v) {
+    const double s = sum + v, bb = s - sum;
+    err += (sum - (s - bb)) + (v - bb);
+    sum = s;
+  }
+  double total() const { return sum + err; }
+};
+
 inline f64v load_f64(const double* p) {
   f64v v;
   std::memcpy(&v.lo, p, sizeof v.lo);
@@ -497,8 +519,8 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
   const double nb = static_cast<double>(runs * len);
   const double sum = lane_sum(wide) + tail;
   const P pivot = static_cast<P>(sum / nb);
-  f64v wide_res = {}, wide_sq = {};
-  double tail_res = 0, tail_sq = 0;
+  Sum64v wide_res, wide_sq;
+  Sum64 tail_res, tail_sq;
   for (int64_t r = 0; r < runs; ++r) {
     const auto* q = p + r * stride;
     int64_t i = 0;
@@ -509,17 +531,17 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
         if constexpr (kResidualPass) res += d;
         sq += d * d;
       }
-      if constexpr (kResidualPass) wide_res += widen(res);
-      wide_sq += widen(sq);
+      if constexpr (kResidualPass) wide_res.add(widen(res));
+      wide_sq.add(widen(sq));
     }
     for (; i < len; ++i) {
       const double d = static_cast<double>(Elem<T>::load(q[i])) - static_cast<double>(pivot);
-      tail_res += d;
-      tail_sq += d * d;
+      tail_res.add(d);
+      tail_sq.add(d * d);
     }
   }
-  const double res = kResidualPass ? lane_sum(wide_res) + tail_res : sum - nb * static_cast<double>(pivot);
-  const double sq = lane_sum(wide_sq) + tail_sq;
+  const double res = kResidualPass ? wide_res.total() + tail_res.total() : sum - nb * static_cast<double>(pivot);
+  const double sq = wide_sq.total() + tail_sq.total();
   const double delta = res / nb, m2 = sq - res * delta;
   if (std::is_same_v<P, float> && !std::isfinite(m2)) return false;
   merge_into(acc, nb, static_cast<double>(pivot), delta, std::max(m2, 0.0));
@@ -604,7 +626,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] / nb);
   for (int64_t c = 0; c < whole; c += kLanes) {
     const V pv = L::load(pivot + c);
-    f64v wide_res, wide_sq;
+    Sum64v wide_res, wide_sq;
     for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
       V pr = {}, pq = {};
       for (int64_t r = f0; r < std::min(r1, f0 + kFlush); ++r) {
@@ -612,21 +634,21 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
         if constexpr (kResidualPass) pr += d;
         pq += d * d;
       }
-      if constexpr (kResidualPass) wide_res += widen(pr);
-      wide_sq += widen(pq);
+      if constexpr (kResidualPass) wide_res.add(widen(pr));
+      wide_sq.add(widen(pq));
     }
-    store_f64(res + c, wide_res);
-    store_f64(sq + c, wide_sq);
+    store_f64(res + c, wide_res.sum + wide_res.err);
+    store_f64(sq + c, wide_sq.sum + wide_sq.err);
   }
   for (int64_t c = whole; c < C; ++c) {
-    double tr = 0, tq = 0;
+    Sum64 tr, tq;
     for (int64_t r = r0; r < r1; ++r) {
       const double d = static_cast<double>(Elem<T>::load(x[r * C + c])) - static_cast<double>(pivot[c]);
-      tr += d;
-      tq += d * d;
+      tr.add(d);
+      tq.add(d * d);
     }
-    res[c] = tr;
-    sq[c] = tq;
+    res[c] = tr.total();
+    sq[c] = tq.total();
   }
   double probe = 0;  // NaN if any sum is not finite (inf * 0)
   double *base = w.base.data(), *delta = w.delta.data(), *m2b = w.m2.data();
