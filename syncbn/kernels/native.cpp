@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -49,7 +50,10 @@ using c10::optional;
 constexpr int64_t kBlock = 4096;
 // Rows per block in the interleaved layout, at least (wide rows: the block's per-channel
 // bookkeeping is amortized over this many values per channel; the block then lives in L2).
-constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kMinBlockRows = 64;
+// Rows of interleaved input taken together per channel vector: its coefficients (elementwise
+// passes) are loaded, and its fp64 sums (reductions, kRowGroup * kFlush rows) written, once.
+constexpr int64_t kRowGroup = 4;
 // Values per task at least, and tasks at most: enough tasks to balance many threads, few
 // enough partial results to keep their merge negligible.
 constexpr int64_t kTaskValues = 16384;
@@ -151,7 +155,21 @@ struct Shape {
   int64_t numel() const { return n * c * s; }
 };
 
-bool channels_innermost(const Tensor& x) { return x.movedim(1, -1).is_contiguous(); }
+// Whether x's channels are innermost and the rest dense around them: (N, *, C) contiguous, as
+// x.movedim(1, -1).is_contiguous() says (size-1 dims take any stride), without making the view.
+bool channels_innermost(const Tensor& x) {
+  int64_t expected = 1;
+  auto dense_dim = [&](int64_t d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense_dim(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!dense_dim(d)) return false;
+  }
+  return dense_dim(0);
+}
 
 // Whether t and the dense x share a memory layout (size-1 dims may differ in stride).
 bool same_layout(const Tensor& t, const Tensor& xc) {
@@ -211,16 +229,24 @@ double scalar_of(const Tensor& t) {
   return t.item<double>();
 }
 
-// A (C,) per-channel vector as contiguous fp64 (values of any float dtype), or `fill`.
+// A tensor's values as fp64 (any float dtype, any layout), read in place where they already are.
+std::vector<double> doubles(const Tensor& t) {
+  const int64_t n = t.numel();
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kDouble) return {t.const_data_ptr<double>(), t.const_data_ptr<double>() + n};
+    if (t.scalar_type() == at::kFloat) return {t.const_data_ptr<float>(), t.const_data_ptr<float>() + n};
+  }
+  const Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
+  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + n};
+}
+
+// A (C,) per-channel vector as fp64, or `fill` where there is none.
 std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, double fill,
                                    const char* op, const char* name) {
-  std::vector<double> out(channels, fill);
-  if (!t.has_value() || !t->defined()) return out;
+  if (!t.has_value() || !t->defined()) return std::vector<double>(channels, fill);
   TORCH_CHECK(t->numel() == channels, "syncbn_native::", op, ": ", name, " has ", t->numel(),
               " values, expected ", channels);
-  Tensor d = t->detach().to(at::kCPU, at::kDouble).contiguous();
-  std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + channels, out.begin());
-  return out;
+  return doubles(*t);
 }
 
 // Runs f(begin, end) over [0, tasks), in parallel when there is enough work.
@@ -239,6 +265,28 @@ void for_tasks(int64_t tasks, int64_t values_per_task, const F& f) {
 int64_t task_count(int64_t values, int64_t units) {
   return std::max<int64_t>(1, std::min({units, kMaxTasks, values / kTaskValues}));
 }
+
+// Memory a kernel needs for one call, kept by the thread for its next call when it is at most
+// kKeptScratchBytes: the kernels run on the same shapes step after step, and a fresh allocation
+// of this size would be a fresh mapping, page faults included, every time. Not zeroed. kSlot
+// tells apart the buffers one thread holds at once.
+constexpr size_t kKeptScratchBytes = size_t(16) << 20;
+
+template <typename T, int kSlot>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    thread_local std::vector<T> kept;
+    std::vector<T>& buffer = n * sizeof(T) <= kKeptScratchBytes ? kept : own_;
+    if (buffer.size() < n) buffer.resize(n);
+    data_ = buffer.data();
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::vector<T> own_;
+  T* data_;
+};
 
 // --- lanes: kLanes values at once, in GCC/Clang vector extensions (any target) ------------------
 
@@ -321,13 +369,20 @@ inline void store_f32(R* p, f32v v) {  // fp16, rounded to nearest even
 
 inline f64v widen(f32v v) {
 #if defined(__AVX512F__)
-  f32h lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  f32h hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  // One full-width conversion per half (the generic form compiles to four quarter-width ones).
+  const __m512 w = reinterpret_cast<__m512>(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+  return {reinterpret_cast<f64h>(_mm512_cvtps_pd(_mm512_castps512_ps256(w))),
+          reinterpret_cast<f64h>(_mm512_cvtps_pd(hi))};
+#elif defined(__AVX__)
+  const __m256 w = reinterpret_cast<__m256>(v);
+  return {reinterpret_cast<f64h>(_mm256_cvtps_pd(_mm256_castps256_ps128(w))),
+          reinterpret_cast<f64h>(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)))};
 #else
   f32h lo = __builtin_shufflevector(v, v, 0, 1, 2, 3);
   f32h hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
-#endif
   return {__builtin_convertvector(lo, f64h), __builtin_convertvector(hi, f64h)};
+#endif
 }
 inline f64v widen(f64v v) { return v; }
 
@@ -364,15 +419,22 @@ inline double lane_sum(f64v v) {
   return lanes[0];
 }
 
-// fp64 sums that carry their own rounding error (TwoSum per addition): the long sums of fp64
-// input (M2, the residuals) stay good to a few ulps however many terms they take.
+// fp64 lane sums; kCompensated: each carries its own rounding error (TwoSum per addition), so
+// the long sums of fp64 input (M2, the residuals) stay good to a few ulps however many terms
+// they take. fp32 partials need no more than plain fp64 sums (their own error dominates).
+template <bool kCompensated>
 struct Sum64v {
   f64v sum, err;
   void add(const f64v& v) {
-    const f64v s = sum + v, bb = s - sum;
-    err += (sum - (s - bb)) + (v - bb);
-    sum = s;
+    if constexpr (kCompensated) {
+      const f64v s = sum + v, bb = s - sum;
+      err += (sum - (s - bb)) + (v - bb);
+      sum = s;
+    } else {
+      sum += v;
+    }
   }
+  f64v value() const { return sum + err; }
   double total() const { return lane_sum(sum) + lane_sum(err); }
 };
 
@@ -519,7 +581,7 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
   const double nb = static_cast<double>(runs * len);
   const double sum = lane_sum(wide) + tail;
   const P pivot = static_cast<P>(sum / nb);
-  Sum64v wide_res, wide_sq;
+  Sum64v<kResidualPass> wide_res, wide_sq;
   Sum64 tail_res, tail_sq;
   for (int64_t r = 0; r < runs; ++r) {
     const auto* q = p + r * stride;
@@ -559,7 +621,8 @@ std::vector<Moments> planar_moments(const Tensor& x, const Shape& sh) {
   const int64_t piece_len = ceil_div(S, pieces);
   const int64_t blocks = pieces > 1 ? N * pieces : ceil_div(N, runs_per_block);
   const int64_t per_channel = std::min(blocks, ceil_div(task_count(sh.numel(), C * blocks), C));
-  std::vector<Moments> parts(C * per_channel);
+  Scratch<Moments, 0> scratch(C * per_channel);
+  Moments* parts = scratch.data();
   for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / per_channel, part = task % per_channel;
@@ -592,9 +655,19 @@ std::vector<Moments> planar_moments(const Tensor& x, const Shape& sh) {
 // Scratch of one interleaved task: per channel, in fp64 and in P.
 template <typename P>
 struct RowScratch {
-  std::vector<double> sum, res, sq, base, delta, m2;
-  std::vector<P> pivot;
-  explicit RowScratch(int64_t C) : sum(C), res(C), sq(C), base(C), delta(C), m2(C), pivot(C) {}
+  Scratch<double, 1> f64;
+  Scratch<P, 2> narrow;
+  double *sum, *res, *sq, *base, *delta, *m2;
+  P* pivot;
+  explicit RowScratch(int64_t C) : f64(6 * C), narrow(C) {
+    sum = f64.data();
+    res = sum + C;
+    sq = res + C;
+    base = sq + C;
+    delta = base + C;
+    m2 = delta + C;
+    pivot = narrow.data();
+  }
 };
 
 // Two-pass moments of rows [r0, r1) of interleaved input, merged into (hi, lo, m2) that hold
@@ -608,25 +681,25 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   using V = typename L::vec;
   constexpr bool kResidualPass = std::is_same_v<P, double>;
   const int64_t whole = C - C % kLanes;
-  double *sum = w.sum.data(), *res = w.res.data(), *sq = w.sq.data();
-  P* pivot = w.pivot.data();
-  std::fill(w.sum.begin(), w.sum.end(), 0.0);
-  for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
-    const int64_t f1 = std::min(r1, f0 + kFlush);
+  double *sum = w.sum, *res = w.res, *sq = w.sq;
+  P* pivot = w.pivot;
+  std::fill(sum, sum + C, 0.0);
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
     for (int64_t c = 0; c < whole; c += kLanes) {
-      f64v part = load_f64(x + f0 * C + c);
-      for (int64_t r = f0 + 1; r < f1; ++r) part += load_f64(x + r * C + c);
+      f64v part = load_f64(x + g0 * C + c);
+      for (int64_t r = g0 + 1; r < g1; ++r) part += load_f64(x + r * C + c);
       add_to(sum + c, part);
     }
     for (int64_t c = whole; c < C; ++c) {
-      for (int64_t r = f0; r < f1; ++r) sum[c] += static_cast<double>(Elem<T>::load(x[r * C + c]));
+      for (int64_t r = g0; r < g1; ++r) sum[c] += static_cast<double>(Elem<T>::load(x[r * C + c]));
     }
   }
   const double nb = static_cast<double>(r1 - r0);
   for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] / nb);
   for (int64_t c = 0; c < whole; c += kLanes) {
     const V pv = L::load(pivot + c);
-    Sum64v wide_res, wide_sq;
+    Sum64v<kResidualPass> wide_res, wide_sq;
     for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
       V pr = {}, pq = {};
       for (int64_t r = f0; r < std::min(r1, f0 + kFlush); ++r) {
@@ -637,8 +710,8 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
       if constexpr (kResidualPass) wide_res.add(widen(pr));
       wide_sq.add(widen(pq));
     }
-    store_f64(res + c, wide_res.sum + wide_res.err);
-    store_f64(sq + c, wide_sq.sum + wide_sq.err);
+    store_f64(res + c, wide_res.value());
+    store_f64(sq + c, wide_sq.value());
   }
   for (int64_t c = whole; c < C; ++c) {
     Sum64 tr, tq;
@@ -651,7 +724,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
     sq[c] = tq.total();
   }
   double probe = 0;  // NaN if any sum is not finite (inf * 0)
-  double *base = w.base.data(), *delta = w.delta.data(), *m2b = w.m2.data();
+  double *base = w.base, *delta = w.delta, *m2b = w.m2;
 #pragma omp simd reduction(+ : probe)
   for (int64_t c = 0; c < C; ++c) {
     base[c] = static_cast<double>(pivot[c]);
@@ -673,13 +746,14 @@ std::vector<Moments> interleaved_moments(const Tensor& x, const Shape& sh) {
   const int64_t C = sh.c, R = sh.n;
   const int64_t rows_per_block = std::max<int64_t>(kMinBlockRows, kBlock / std::max<int64_t>(C, 1));
   const int64_t tasks = task_count(sh.numel(), ceil_div(R, rows_per_block));
-  std::vector<double> hi(tasks * C), lo(tasks * C), m2(tasks * C);
+  Scratch<double, 3> partials(3 * tasks * C);
+  double *hi = partials.data(), *lo = hi + tasks * C, *m2 = lo + tasks * C;
   for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
     RowScratch<float> narrow(std::is_same_v<T, double> ? 0 : C);
     RowScratch<double> wide(C);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-      double *h = hi.data() + task * C, *l = lo.data() + task * C, *m = m2.data() + task * C;
+      double *h = hi + task * C, *l = lo + task * C, *m = m2 + task * C;
       for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
         const int64_t b1 = std::min(r1, b0 + rows_per_block);
         const double na = static_cast<double>(b0 - r0);
@@ -698,8 +772,8 @@ std::vector<Moments> interleaved_moments(const Tensor& x, const Shape& sh) {
   double n = 0;
   for (int64_t task = 0; task < tasks; ++task) {
     const double rows = static_cast<double>(R * (task + 1) / tasks - R * task / tasks);
-    merge_channels(C, n, out_hi.data(), out_lo.data(), out_m2.data(), rows, hi.data() + task * C,
-                   lo.data() + task * C, m2.data() + task * C);
+    merge_channels(C, n, out_hi.data(), out_lo.data(), out_m2.data(), rows, hi + task * C, lo + task * C,
+                   m2 + task * C);
     n += rows;
   }
   std::vector<Moments> out(C);
@@ -755,15 +829,16 @@ void lerp_into(Tensor& buffer, const double* value, double factor_in) {
   for (int64_t c = 0; c < buffer.numel(); ++c) b[c] = lerp<A>(b[c], static_cast<A>(value[c]), factor);
 }
 
-void update_buffer(Tensor& buffer, const Tensor& value, double factor, const char* name) {
-  TORCH_CHECK(buffer.numel() == value.numel(), "syncbn_native::finalize: ", name, " has ",
-              buffer.numel(), " values, expected ", value.numel());
+void update_buffer(Tensor& buffer, const double* value, double factor, const char* name, int64_t channels) {
+  TORCH_CHECK(buffer.numel() == channels, "syncbn_native::finalize: ", name, " has ", buffer.numel(),
+              " values, expected ", channels);
   if (buffer.is_contiguous() && buffer.scalar_type() == at::kFloat) {
-    lerp_into<float>(buffer, value.const_data_ptr<double>(), factor);
+    lerp_into<float>(buffer, value, factor);
   } else if (buffer.is_contiguous() && buffer.scalar_type() == at::kDouble) {
-    lerp_into<double>(buffer, value.const_data_ptr<double>(), factor);
+    lerp_into<double>(buffer, value, factor);
   } else {  // half buffers and the unusual: torch's own lerp
-    buffer.lerp_(value.to(buffer.scalar_type()), factor);
+    const Tensor values = at::from_blob(const_cast<double*>(value), {channels}, at::kDouble);
+    buffer.lerp_(values.to(buffer.scalar_type()), factor);
   }
 }
 
@@ -774,12 +849,12 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
                                             optional<double> momentum) {
   TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
               "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
-  Tensor moments = moments_in.detach().to(at::kDouble).contiguous();
-  const int64_t C = (moments.numel() - 1) / 2;
+  const std::vector<double> moments = doubles(moments_in);
+  const int64_t C = (moments_in.numel() - 1) / 2;
   std::vector<double> k = channel_values(shift, C, 0.0, "finalize", "shift");
-  const double* m = moments.const_data_ptr<double>();
+  const double* m = moments.data();
   const double total = m[0], divisor = std::max(total, 1.0);
-  auto options = moments.options();
+  auto options = moments_in.options().dtype(at::kDouble);
   Tensor count = at::empty({}, options), mean = at::empty({C}, options), var = at::empty({C}, options);
   count.mutable_data_ptr<double>()[0] = total;
   double* mu = mean.mutable_data_ptr<double>();
@@ -817,12 +892,11 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
                                                 : static_cast<double>(1.0f / static_cast<float>(batches));
     }
     if (!has_values) factor = 0.0;
-    Tensor unbiased = at::empty({C}, options);
-    double* u = unbiased.mutable_data_ptr<double>();
+    std::vector<double> unbiased(C);
     const double bessel = total / std::max(total - 1.0, 1.0);
-    for (int64_t c = 0; c < C; ++c) u[c] = v[c] * bessel;
-    update_buffer(rm, mean, factor, "running_mean");
-    update_buffer(rv, unbiased, factor, "running_var");
+    for (int64_t c = 0; c < C; ++c) unbiased[c] = v[c] * bessel;
+    update_buffer(rm, mu, factor, "running_mean", C);
+    update_buffer(rv, unbiased.data(), factor, "running_var", C);
   }
   return {count, mean, var};
 }
@@ -845,10 +919,6 @@ struct Affine {
     gain[c] = static_cast<A>(gain_c);
   }
 };
-
-// Rows of interleaved input taken together, so each channel vector's coefficients are loaded
-// once per this many rows.
-constexpr int64_t kRowGroup = 4;
 
 // One elementwise pass: out = [gain * dy +] (x - hi) * scale + shift in the accumulation dtype,
 // rounded once to x's. Planar: per run of one channel; interleaved: per group of rows.
@@ -980,29 +1050,33 @@ bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::r
 // kLanes channels at a time, kFlush rows per fp32 partial, the last channels in fp64.
 template <typename T, typename P>
 bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t C, int64_t r0,
-                   int64_t r1, const double* mean, std::vector<P>& scratch, double* a, double* b) {
+                   int64_t r1, const double* mean, P* m, double* a, double* b) {
   using L = Lanes<P>;
   using V = typename L::vec;
   const int64_t whole = C - C % kLanes;
-  P* m = scratch.data();
   for (int64_t c = 0; c < C; ++c) m[c] = static_cast<P>(mean[c]);  // exact, as above
   std::fill(a, a + C, 0.0);
   std::fill(b, b + C, 0.0);
-  for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
-    const int64_t f1 = std::min(r1, f0 + kFlush);
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
     for (int64_t c = 0; c < whole; c += kLanes) {
       const V mv = L::load(m + c);
-      V pa = {}, pb = {};
-      for (int64_t r = f0; r < f1; ++r) {
-        const V g = L::load(dy + r * C + c);
-        pa += g;
-        pb += g * (L::load(x + r * C + c) - mv);
+      f64v wide_a, wide_b;
+      for (int64_t f0 = g0; f0 < g1; f0 += kFlush) {
+        V pa = {}, pb = {};
+        for (int64_t r = f0; r < std::min(g1, f0 + kFlush); ++r) {
+          const V g = L::load(dy + r * C + c);
+          pa += g;
+          pb += g * (L::load(x + r * C + c) - mv);
+        }
+        wide_a += widen(pa);
+        wide_b += widen(pb);
       }
-      add_to(a + c, widen(pa));
-      add_to(b + c, widen(pb));
+      add_to(a + c, wide_a);
+      add_to(b + c, wide_b);
     }
     for (int64_t c = whole; c < C; ++c) {
-      for (int64_t r = f0; r < f1; ++r) {
+      for (int64_t r = g0; r < g1; ++r) {
         const double g = static_cast<double>(Elem<T>::load(dy[r * C + c]));
         a[c] += g;
         b[c] += g * (static_cast<double>(Elem<T>::load(x[r * C + c])) - mean[c]);
@@ -1023,34 +1097,39 @@ void grad_sums(const Tensor& dy, const Tensor& x, const Shape& sh, const std::ve
   const int64_t C = sh.c;
   if (sh.interleaved) {
     const int64_t R = sh.n;
-    const int64_t tasks = task_count(sh.numel(), R);
-    std::vector<double> parts(tasks * 2 * C);
+    // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
+    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
+    Scratch<double, 4> scratch(tasks * 2 * C);
+    double* parts = scratch.data();
     for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-      std::vector<float> narrow(std::is_same_v<T, double> ? 0 : C);
-      std::vector<double> wide(C);
+      Scratch<float, 5> narrow(std::is_same_v<T, double> ? 0 : C);
+      Scratch<double, 6> wide(C);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-        double* a = parts.data() + task * 2 * C;
+        double* a = parts + task * 2 * C;
         with_partials<T>([&]<typename P>() {
           if constexpr (std::is_same_v<P, float>) {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow, a, a + C);
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow.data(), a, a + C);
           } else {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide, a, a + C);
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide.data(), a, a + C);
           }
         });
       }
     });
     for (int64_t task = 0; task < tasks; ++task) {
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy[c] += parts[task * 2 * C + c];
-        sum_dyx[c] += parts[task * 2 * C + C + c];
-      }
+      const double* part = parts + task * 2 * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dy[c] += part[c];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dyx[c] += part[C + c];
     }
     return;
   }
   const int64_t N = sh.n, S = sh.s;
   const int64_t per_channel = std::min(N, ceil_div(task_count(sh.numel(), C * N), C));
-  std::vector<double> parts(C * per_channel * 2, 0.0);
+  Scratch<double, 7> scratch(C * per_channel * 2);
+  double* parts = scratch.data();
+  std::fill(parts, parts + C * per_channel * 2, 0.0);
   for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task / per_channel, part = task % per_channel;
@@ -1100,8 +1179,8 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   std::vector<double> w = channel_values(weight, C, 1.0, "input_grad", "weight");
   TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::input_grad: group_sums has ", group_sums.numel(),
               " values, expected ", 2 * C);
-  Tensor sums = group_sums.detach().to(at::kDouble).contiguous();
-  const double* gs = sums.const_data_ptr<double>();
+  const std::vector<double> sums = doubles(group_sums);
+  const double* gs = sums.data();
   const double total = std::max(scalar_of(count), 1.0);
   Output out = output_like(x_in, x);
   dispatch_dtype(x, "input_grad", [&](auto tag) {
