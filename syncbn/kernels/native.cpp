@@ -684,15 +684,17 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   double *sum = w.sum, *res = w.res, *sq = w.sq;
   P* pivot = w.pivot;
   std::fill(sum, sum + C, 0.0);
-  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
-    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
+  // Pass 1 reads the rows from memory, in order (two at a time: the sums stay in L1).
+  for (int64_t r = r0; r < r1; r += 2) {
+    const auto* q = x + r * C;
+    const auto* q2 = r + 1 < r1 ? q + C : nullptr;
     for (int64_t c = 0; c < whole; c += kLanes) {
-      f64v part = load_f64(x + g0 * C + c);
-      for (int64_t r = g0 + 1; r < g1; ++r) part += load_f64(x + r * C + c);
+      f64v part = load_f64(q + c);
+      if (q2) part += load_f64(q2 + c);
       add_to(sum + c, part);
     }
     for (int64_t c = whole; c < C; ++c) {
-      for (int64_t r = g0; r < g1; ++r) sum[c] += static_cast<double>(Elem<T>::load(x[r * C + c]));
+      sum[c] += static_cast<double>(Elem<T>::load(q[c])) + (q2 ? static_cast<double>(Elem<T>::load(q2[c])) : 0.0);
     }
   }
   const double nb = static_cast<double>(r1 - r0);
