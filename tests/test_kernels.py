@@ -434,8 +434,8 @@ def test_ranks_starting_together_build_once_and_load_the_same_library(native_ker
         #!{sys.executable}
         import shutil, sys, time
         with open({str(log)!r}, "a") as log:
-            log.write("run\\n")
-        time.sleep(2)
+            log.write("link\\n" if "-shared" in sys.argv else "compile\\n")
+        time.sleep(1)
         shutil.copyfile({str(built)!r}, sys.argv[sys.argv.index("-o") + 1])
     """))
     fake.chmod(0o755)
@@ -447,5 +447,7 @@ def test_ranks_starting_together_build_once_and_load_the_same_library(native_ker
     assert all(rank.returncode == 0 for rank in ranks), [err for _, err in outputs]
     lines = [out.split() for out, _ in outputs]
     assert lines[0] == lines[1] and lines[0][0] == "True"
-    assert log.read_text().count("run") == 1
-    assert not list((tmp_path / "cache").glob("*/*.tmp.so"))
+    runs = log.read_text().split()
+    assert runs.count("link") == 1 and runs.count("compile") == 2, runs  # two parts, one library
+    assert [p.name for p in (tmp_path / "cache").glob("*/*")] and not list((tmp_path / "cache").glob("*/*.tmp.so"))
+    assert not list((tmp_path / "cache").glob("*/*.o"))

@@ -5,30 +5,26 @@
 //   planar      (N, C, S) contiguous: each (sample, channel) is a run of S contiguous values;
 //   interleaved (R, C) rows, R = N * S: channels_last, channels_last_3d, (N, C), and any input
 //               whose channel dim is innermost and dense (also contiguous input with S == 1).
-// Anything else is copied to torch's suggested memory format first, and outputs take
+// Anything else is copied to torch's suggested memory format first; outputs take
 // empty_like(x)'s layout.
 //
-// Precision. fp32/fp16/bf16 input is accumulated in fp64 (every fp32 value and product of two
-// is exact there); fp64 input in fp64. The statistics are two-pass per block of at most
-// kBlock values that stays in L1/L2 (the second pass reads cache, not memory): a rough mean m1,
-// then sum (x - m1) and sum (x - m1)^2, so the block's mean is m1 + sum(x - m1)/n and its M2
-// sum (x - m1)^2 - sum(x - m1)^2 / n, centred on the block's own mean. Blocks merge by Chan's
-// formula in fp64, the mean carried as an unevaluated sum hi + lo so that the merge adds no
-// rounding of its own. The elementwise passes take x - mean before scaling, the fp64 mean split
-// into two parts of the accumulation dtype (x - hi is exact for x near the mean).
+// Precision. fp32/fp16/bf16 input is computed in fp32 (as torch's BatchNorm does), with every
+// long sum in fp64: fp32 partials of at most kFlush vectors are added to fp64 lanes, so a sum is
+// good to a few fp32 ulps of its terms, however long. The statistics are two-pass per block of
+// values that stays in cache (the second pass reads L1/L2, not memory): pass 1 sums every value
+// in fp64 (the mean is fp64-accurate), pass 2 sums the squares about the block's mean rounded
+// to fp32; blocks merge by Chan's formula in fp64, the mean carried as hi + lo so that merging
+// adds no rounding. fp64 input is computed in fp64 with compensated sums. The elementwise passes
+// take x - mean before scaling (x - hi is exact for x near the mean; lo folds into the shift).
 //
 // Work split. Blocks are grouped into tasks whose number depends on the shape alone, never on
-// the thread count: results are the same, bitwise, at any torch.get_num_threads().
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
+// the thread count (at::parallel_for, torch's own threads): results are the same, bitwise, at any
+// torch.get_num_threads().
+//
+// Build. Two parts, compiled at once when SYNCBN_NATIVE_PART is 1 and 2 (syncbn/kernels/native.py
+// does) and linked together, or in one compilation without it: the kernels, which need only
+// at::parallel_for, and the operators, whose torch headers cost as much to compile as all the
+// kernels.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -37,14 +33,48 @@
 #include <type_traits>
 #include <vector>
 
+// The interface between the two parts: plain memory, no tensors.
+namespace syncbn_native {
+
+enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
+
+// A dense input: planar (N, C, S) contiguous, or interleaved (R, C) rows (n = R, s = 1).
+struct Shape {
+  int64_t n = 0;  // samples (planar) or rows (interleaved)
+  int64_t c = 0;  // channels
+  int64_t s = 1;  // run length (planar); 1 (interleaved)
+  bool interleaved = false;
+  int64_t count() const { return n * s; }  // values per channel
+  int64_t numel() const { return n * c * s; }
+};
+
+// Per channel: the mean as hi + lo and M2 = sum (x - mean)^2 (count() > 0, c > 0).
+void local_moments(DType dtype, const void* x, const Shape& shape, double* hi, double* lo, double* m2);
+
+// Per channel: sum dy and sum dy * (x - mean), the mean rounded to the accumulation dtype first.
+void gradient_sums(DType dtype, const void* dy, const void* x, const Shape& shape, const double* mean,
+                   double* sum_dy, double* sum_dyx);
+
+// out = [gain * dy +] (x - mean) * scale + shift per channel (gain, dy: both or neither), in the
+// accumulation dtype, rounded once to x's; round_mean: the mean rounded to the accumulation dtype.
+void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& shape, const double* mean,
+            const double* scale, const double* shift, const double* gain, bool round_mean);
+
+}  // namespace syncbn_native
+
+#if !defined(SYNCBN_NATIVE_PART) || SYNCBN_NATIVE_PART == 1
+// ===== Part 1: the kernels (plain memory; the only torch header is at::parallel_for's) =====
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-using at::Tensor;
-using c10::optional;
+using syncbn_native::Shape;
 
 // Values per two-pass block (16 KiB of fp32: the second pass reads L1).
 constexpr int64_t kBlock = 4096;
@@ -120,134 +150,7 @@ struct Elem<c10::Half> {
 };
 #endif
 
-template <typename T>
-const typename Elem<T>::raw* in_ptr(const Tensor& t) {
-  return reinterpret_cast<const typename Elem<T>::raw*>(t.const_data_ptr());
-}
-
-template <typename T>
-typename Elem<T>::raw* out_ptr(Tensor& t) {
-  return reinterpret_cast<typename Elem<T>::raw*>(t.mutable_data_ptr());
-}
-
-// x's dtype as its element type: fp32, fp64, fp16, bf16.
-template <typename F>
-void dispatch_dtype(const Tensor& x, const char* op, const F& f) {
-  switch (x.scalar_type()) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "syncbn_native::", op, ": unsupported dtype ", x.scalar_type());
-  }
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// --- layout --------------------------------------------------------------------------------
-
-struct Shape {
-  int64_t n = 0;        // samples (planar) or rows (interleaved)
-  int64_t c = 0;        // channels
-  int64_t s = 1;        // run length (planar); 1 (interleaved)
-  bool interleaved = false;
-  int64_t count() const { return n * s; }  // values per channel
-  int64_t numel() const { return n * c * s; }
-};
-
-// Whether x's channels are innermost and the rest dense around them: (N, *, C) contiguous, as
-// x.movedim(1, -1).is_contiguous() says (size-1 dims take any stride), without making the view.
-bool channels_innermost(const Tensor& x) {
-  int64_t expected = 1;
-  auto dense_dim = [&](int64_t d) {
-    if (x.size(d) != 1 && x.stride(d) != expected) return false;
-    expected *= x.size(d);
-    return true;
-  };
-  if (!dense_dim(1)) return false;
-  for (int64_t d = x.dim() - 1; d >= 2; --d) {
-    if (!dense_dim(d)) return false;
-  }
-  return dense_dim(0);
-}
-
-// Whether t and the dense x share a memory layout (size-1 dims may differ in stride).
-bool same_layout(const Tensor& t, const Tensor& xc) {
-  return (t.is_contiguous() && xc.is_contiguous()) || (channels_innermost(t) && channels_innermost(xc));
-}
-
-// x in one of the two dense forms (a copy only if it is in neither) and its shape.
-std::pair<Tensor, Shape> dense(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() >= 2, "syncbn_native::", op, ": expected (N, C, *) input, got ", x.dim(), "-D");
-  TORCH_CHECK(x.device().is_cpu(), "syncbn_native::", op, ": expected a CPU tensor");
-  Shape shape;
-  shape.c = x.size(1);
-  for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
-  Tensor xc = x;
-  if (!x.is_contiguous() && !channels_innermost(x)) xc = x.contiguous(x.suggest_memory_format());
-  if (shape.s == 1 || !xc.is_contiguous()) {  // channels innermost: rows of C values
-    shape.interleaved = true;
-    shape.n = x.size(0) * shape.s;
-    shape.s = 1;
-  } else {
-    shape.n = x.size(0);
-  }
-  return {xc, shape};
-}
-
-// t (e.g. dy) in the layout of the dense x, copied only if it has another.
-Tensor like(const Tensor& t, const Tensor& xc, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == xc.sizes(), "syncbn_native::", op, ": ", name, " has shape ", t.sizes(),
-              ", x has ", xc.sizes());
-  TORCH_CHECK(t.scalar_type() == xc.scalar_type(), "syncbn_native::", op, ": ", name, " is ",
-              t.scalar_type(), ", x is ", xc.scalar_type());
-  if (same_layout(t, xc)) return t;
-  Tensor copy = at::empty_like(xc);
-  copy.copy_(t);
-  return copy;
-}
-
-// Output in empty_like(x)'s layout; written through `work` (the dense form) when x has none.
-struct Output {
-  Tensor result, work;
-};
-
-Output output_like(const Tensor& x, const Tensor& xc) {
-  Tensor result = at::empty_like(x);
-  if (same_layout(result, xc)) return {result, result};
-  return {result, at::empty_like(xc)};
-}
-
-Tensor finish(Output& out) {
-  if (!out.work.is_same(out.result)) out.result.copy_(out.work);
-  return out.result;
-}
-
-// The value of a one-element tensor (a count) without a dispatch when it is a CPU double.
-double scalar_of(const Tensor& t) {
-  if (t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1) return *t.const_data_ptr<double>();
-  return t.item<double>();
-}
-
-// A tensor's values as fp64 (any float dtype, any layout), read in place where they already are.
-std::vector<double> doubles(const Tensor& t) {
-  const int64_t n = t.numel();
-  if (t.device().is_cpu() && t.is_contiguous()) {
-    if (t.scalar_type() == at::kDouble) return {t.const_data_ptr<double>(), t.const_data_ptr<double>() + n};
-    if (t.scalar_type() == at::kFloat) return {t.const_data_ptr<float>(), t.const_data_ptr<float>() + n};
-  }
-  const Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
-  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + n};
-}
-
-// A (C,) per-channel vector as fp64, or `fill` where there is none.
-std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, double fill,
-                                   const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return std::vector<double>(channels, fill);
-  TORCH_CHECK(t->numel() == channels, "syncbn_native::", op, ": ", name, " has ", t->numel(),
-              " values, expected ", channels);
-  return doubles(*t);
-}
 
 // Runs f(begin, end) over [0, tasks), in parallel when there is enough work.
 template <typename F>
@@ -613,8 +516,7 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
 // Per-channel moments of planar input: channel c's values are blocks of whole runs (or pieces
 // of one run when a run is longer than a block); tasks own consecutive blocks of one channel.
 template <typename T>
-std::vector<Moments> planar_moments(const Tensor& x, const Shape& sh) {
-  const auto* base = in_ptr<T>(x);
+std::vector<Moments> planar_moments(const typename Elem<T>::raw* base, const Shape& sh) {
   const int64_t C = sh.c, N = sh.n, S = sh.s;
   const int64_t pieces = ceil_div(S, kBlock);  // blocks per run (long runs)
   const int64_t runs_per_block = pieces > 1 ? 1 : std::max<int64_t>(1, kBlock / S);
@@ -743,8 +645,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
 // Per-channel moments of interleaved input: tasks own consecutive rows, taken in blocks of
 // `rows_per_block` rows (at least kMinBlockRows), each block two-pass over all channels.
 template <typename T>
-std::vector<Moments> interleaved_moments(const Tensor& x, const Shape& sh) {
-  const auto* base = in_ptr<T>(x);
+std::vector<Moments> interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh) {
   const int64_t C = sh.c, R = sh.n;
   const int64_t rows_per_block = std::max<int64_t>(kMinBlockRows, kBlock / std::max<int64_t>(C, 1));
   const int64_t tasks = task_count(sh.numel(), ceil_div(R, rows_per_block));
@@ -783,30 +684,428 @@ std::vector<Moments> interleaved_moments(const Tensor& x, const Shape& sh) {
   return out;
 }
 
+// Per channel, in the accumulation dtype A, the coefficients of
+// out = [gain * dy +] (x - hi) * scale + shift: hi is the fp64 mean rounded to A (x - hi is exact
+// for x near the mean), and the rest of the mean, lo, is folded into the shift as - lo * scale.
+template <typename A>
+struct Affine {
+  std::vector<A> hi, scale, shift, gain;
+  explicit Affine(int64_t C) : hi(C), scale(C), shift(C), gain(C) {}
+  // out = gain * dy + (x - mean) * scale + shift, coefficients given in fp64.
+  void set(int64_t c, double mean, double scale_c, double shift_c, double gain_c = 0.0) {
+    hi[c] = static_cast<A>(mean);
+    const double lo = mean - static_cast<double>(hi[c]);
+    scale[c] = static_cast<A>(scale_c);
+    shift[c] = static_cast<A>(shift_c - lo * scale_c);
+    gain[c] = static_cast<A>(gain_c);
+  }
+};
+
+// One elementwise pass: out = [gain * dy +] (x - hi) * scale + shift in the accumulation dtype,
+// rounded once to x's. Planar: per run of one channel; interleaved: per group of rows.
+template <typename T, bool kGrad>
+void affine_pass(const typename Elem<T>::raw* xp, const typename Elem<T>::raw* dp, typename Elem<T>::raw* op,
+                 const Shape& sh, const Affine<typename Elem<T>::acc>& k) {
+  using A = typename Elem<T>::acc;
+  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data(), *ga = k.gain.data();
+  auto one = [&](int64_t i, int64_t c) {
+    A r = (Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c];
+    if constexpr (kGrad) r = ga[c] * Elem<T>::load(dp[i]) + r;
+    op[i] = Elem<T>::store(r);
+  };
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    const int64_t whole = std::is_same_v<A, float> ? C - C % kLanes : 0;
+    for_tasks(sh.n, C, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin; r0 < end; r0 += kRowGroup) {
+        const int64_t r1 = std::min(end, r0 + kRowGroup);
+        if constexpr (std::is_same_v<A, float>) {
+          for (int64_t c = 0; c < whole; c += kLanes) {
+            const f32v h = load_f32(hi + c), s = load_f32(sc + c), b = load_f32(sf + c);
+            const f32v g = kGrad ? load_f32(ga + c) : f32v{};
+            for (int64_t r = r0; r < r1; ++r) {
+              f32v v = (load_f32(xp + r * C + c) - h) * s + b;
+              if constexpr (kGrad) v = g * load_f32(dp + r * C + c) + v;
+              store_f32(op + r * C + c, v);
+            }
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+          for (int64_t c = whole; c < C; ++c) one(r * C + c, c);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t S = sh.s;
+  for_tasks(sh.n * C, S, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) {
+      const int64_t c = run % C, off = run * S;
+      int64_t i = 0;
+      if constexpr (std::is_same_v<A, float>) {
+        const float h = hi[c], s = sc[c], b = sf[c], g = ga[c];
+        for (; i + kLanes <= S; i += kLanes) {
+          f32v v = (load_f32(xp + off + i) - h) * s + b;
+          if constexpr (kGrad) v = g * load_f32(dp + off + i) + v;
+          store_f32(op + off + i, v);
+        }
+      }
+#pragma omp simd
+      for (int64_t j = i; j < S; ++j) one(off + j, c);
+    }
+  });
+}
+
+// The backward takes x - mean about the mean rounded to the accumulation dtype, as the
+// reference does: dx is then the exact gradient at the layer's own statistics (the mean its
+// running_mean holds), and x - mean is exact for x near it.
+template <typename T>
+std::vector<double> round_to_accumulation(const double* mean, int64_t channels) {
+  using A = typename Elem<T>::acc;
+  std::vector<double> rounded(channels);
+  for (int64_t c = 0; c < channels; ++c) rounded[c] = static_cast<double>(static_cast<A>(mean[c]));
+  return rounded;
+}
+
+// [sum dy, sum dy * (x - mean)] over a planar block of runs, added to (sum_dy, sum_dyx); false
+// (nothing added) if a partial sum in P was not finite.
+template <typename T, typename P>
+bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t runs,
+                      int64_t stride, int64_t len, double mean, double& sum_dy, double& sum_dyx) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  const P m = static_cast<P>(mean);  // exact: the mean is rounded to the accumulation dtype
+  f64v wide_a = {}, wide_b = {};
+  double tail_a = 0, tail_b = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const auto* dq = dy + r * stride;
+    const auto* xq = x + r * stride;
+    int64_t i = 0;
+    while (i + kLanes <= len) {
+      V a = {}, b = {};
+      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
+        const V g = L::load(dq + i);
+        a += g;
+        b += g * (L::load(xq + i) - m);
+      }
+      wide_a += widen(a);
+      wide_b += widen(b);
+    }
+    for (; i < len; ++i) {
+      const double g = static_cast<double>(Elem<T>::load(dq[i]));
+      tail_a += g;
+      tail_b += g * (static_cast<double>(Elem<T>::load(xq[i])) - mean);
+    }
+  }
+  const double a = lane_sum(wide_a) + tail_a, b = lane_sum(wide_b) + tail_b;
+  if (std::is_same_v<P, float> && !(std::isfinite(a) && std::isfinite(b))) return false;
+  sum_dy += a;
+  sum_dyx += b;
+  return true;
+}
+
+// The same over rows [r0, r1) of interleaved input, all channels at once, into (a, b) (C each):
+// kLanes channels at a time, kFlush rows per fp32 partial, the last channels in fp64.
+template <typename T, typename P>
+bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t C, int64_t r0,
+                   int64_t r1, const double* mean, P* m, double* a, double* b) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  const int64_t whole = C - C % kLanes;
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<P>(mean[c]);  // exact, as above
+  std::fill(a, a + C, 0.0);
+  std::fill(b, b + C, 0.0);
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
+    for (int64_t c = 0; c < whole; c += kLanes) {
+      const V mv = L::load(m + c);
+      f64v wide_a, wide_b;
+      for (int64_t f0 = g0; f0 < g1; f0 += kFlush) {
+        V pa = {}, pb = {};
+        for (int64_t r = f0; r < std::min(g1, f0 + kFlush); ++r) {
+          const V g = L::load(dy + r * C + c);
+          pa += g;
+          pb += g * (L::load(x + r * C + c) - mv);
+        }
+        wide_a += widen(pa);
+        wide_b += widen(pb);
+      }
+      add_to(a + c, wide_a);
+      add_to(b + c, wide_b);
+    }
+    for (int64_t c = whole; c < C; ++c) {
+      for (int64_t r = g0; r < g1; ++r) {
+        const double g = static_cast<double>(Elem<T>::load(dy[r * C + c]));
+        a[c] += g;
+        b[c] += g * (static_cast<double>(Elem<T>::load(x[r * C + c])) - mean[c]);
+      }
+    }
+  }
+  double probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t c = 0; c < C; ++c) probe += (a[c] + b[c]) * 0.0;
+  return !(std::is_same_v<P, float> && probe != 0.0);
+}
+
+template <typename T>
+void grad_sums(const typename Elem<T>::raw* dp, const typename Elem<T>::raw* xp, const Shape& sh,
+               const std::vector<double>& mean, double* sum_dy, double* sum_dyx) {
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    const int64_t R = sh.n;
+    // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
+    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
+    Scratch<double, 4> scratch(tasks * 2 * C);
+    double* parts = scratch.data();
+    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
+      Scratch<float, 5> narrow(std::is_same_v<T, double> ? 0 : C);
+      Scratch<double, 6> wide(C);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
+        double* a = parts + task * 2 * C;
+        with_partials<T>([&]<typename P>() {
+          if constexpr (std::is_same_v<P, float>) {
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow.data(), a, a + C);
+          } else {
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide.data(), a, a + C);
+          }
+        });
+      }
+    });
+    for (int64_t task = 0; task < tasks; ++task) {
+      const double* part = parts + task * 2 * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dy[c] += part[c];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dyx[c] += part[C + c];
+    }
+    return;
+  }
+  const int64_t N = sh.n, S = sh.s;
+  const int64_t per_channel = std::min(N, ceil_div(task_count(sh.numel(), C * N), C));
+  Scratch<double, 7> scratch(C * per_channel * 2);
+  double* parts = scratch.data();
+  std::fill(parts, parts + C * per_channel * 2, 0.0);
+  for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / per_channel, part = task % per_channel;
+      const int64_t n0 = N * part / per_channel, n1 = N * (part + 1) / per_channel;
+      const int64_t off = (n0 * C + c) * S;
+      with_partials<T>([&]<typename P>() {
+        return planar_grad_sums<T, P>(dp + off, xp + off, n1 - n0, C * S, S, mean[c], parts[2 * task],
+                                      parts[2 * task + 1]);
+      });
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < per_channel; ++p) {
+      sum_dy[c] += parts[2 * (c * per_channel + p)];
+      sum_dyx[c] += parts[2 * (c * per_channel + p) + 1];
+    }
+  }
+}
+
+}  // namespace
+
+namespace syncbn_native {
+
+template <typename F>
+void by_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat: f(float{}); break;
+    case DType::kDouble: f(double{}); break;
+    case DType::kHalf: f(c10::Half{}); break;
+    case DType::kBFloat16: f(c10::BFloat16{}); break;
+  }
+}
+
+template <typename T>
+const typename Elem<T>::raw* raw(const void* p) {
+  return static_cast<const typename Elem<T>::raw*>(p);
+}
+
+void local_moments(DType dtype, const void* x, const Shape& shape, double* hi, double* lo, double* m2) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<Moments> moments =
+        shape.interleaved ? interleaved_moments<T>(raw<T>(x), shape) : planar_moments<T>(raw<T>(x), shape);
+    for (int64_t c = 0; c < shape.c; ++c) {
+      hi[c] = moments[c].hi;
+      lo[c] = moments[c].lo;
+      m2[c] = moments[c].m2;
+    }
+  });
+}
+
+void gradient_sums(DType dtype, const void* dy, const void* x, const Shape& shape, const double* mean,
+                   double* sum_dy, double* sum_dyx) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    grad_sums<T>(raw<T>(dy), raw<T>(x), shape, round_to_accumulation<T>(mean, shape.c), sum_dy, sum_dyx);
+  });
+}
+
+void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& shape, const double* mean,
+            const double* scale, const double* shift, const double* gain, bool round_mean) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Elem<T>::acc;
+    const std::vector<double> m =
+        round_mean ? round_to_accumulation<T>(mean, shape.c) : std::vector<double>(mean, mean + shape.c);
+    Affine<A> k(shape.c);
+    for (int64_t c = 0; c < shape.c; ++c) k.set(c, m[c], scale[c], shift[c], gain ? gain[c] : 0.0);
+    auto* o = static_cast<typename Elem<T>::raw*>(out);
+    if (gain) {
+      affine_pass<T, true>(raw<T>(x), raw<T>(dy), o, shape, k);
+    } else {
+      affine_pass<T, false>(raw<T>(x), nullptr, o, shape, k);
+    }
+  });
+}
+
+}  // namespace syncbn_native
+#endif  // part 1
+
+#if !defined(SYNCBN_NATIVE_PART) || SYNCBN_NATIVE_PART == 2
+// ===== Part 2: the operators (tensors in, tensors out) =====
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using syncbn_native::DType;
+using syncbn_native::Shape;
+
+DType dtype_of(const Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "syncbn_native::", op, ": unsupported dtype ", x.scalar_type());
+  }
+}
+
+// Whether x's channels are innermost and the rest dense around them: (N, *, C) contiguous, as
+// x.movedim(1, -1).is_contiguous() says (size-1 dims take any stride), without making the view.
+bool channels_innermost(const Tensor& x) {
+  int64_t expected = 1;
+  auto dense_dim = [&](int64_t d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense_dim(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!dense_dim(d)) return false;
+  }
+  return dense_dim(0);
+}
+
+// Whether t and the dense x share a memory layout (size-1 dims may differ in stride).
+bool same_layout(const Tensor& t, const Tensor& xc) {
+  return (t.is_contiguous() && xc.is_contiguous()) || (channels_innermost(t) && channels_innermost(xc));
+}
+
+// x in one of the two dense forms (a copy only if it is in neither) and its shape.
+std::pair<Tensor, Shape> dense(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, "syncbn_native::", op, ": expected (N, C, *) input, got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), "syncbn_native::", op, ": expected a CPU tensor");
+  Shape shape;
+  shape.c = x.size(1);
+  for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
+  Tensor xc = x;
+  if (!x.is_contiguous() && !channels_innermost(x)) xc = x.contiguous(x.suggest_memory_format());
+  if (shape.s == 1 || !xc.is_contiguous()) {  // channels innermost: rows of C values
+    shape.interleaved = true;
+    shape.n = x.size(0) * shape.s;
+    shape.s = 1;
+  } else {
+    shape.n = x.size(0);
+  }
+  return {xc, shape};
+}
+
+// t (e.g. dy) in the layout of the dense x, copied only if it has another.
+Tensor like(const Tensor& t, const Tensor& xc, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == xc.sizes(), "syncbn_native::", op, ": ", name, " has shape ", t.sizes(),
+              ", x has ", xc.sizes());
+  TORCH_CHECK(t.scalar_type() == xc.scalar_type(), "syncbn_native::", op, ": ", name, " is ",
+              t.scalar_type(), ", x is ", xc.scalar_type());
+  if (same_layout(t, xc)) return t;
+  Tensor copy = at::empty_like(xc);
+  copy.copy_(t);
+  return copy;
+}
+
+// Output in empty_like(x)'s layout; written through `work` (the dense form) when x has none.
+struct Output {
+  Tensor result, work;
+};
+
+Output output_like(const Tensor& x, const Tensor& xc) {
+  Tensor result = at::empty_like(x);
+  if (same_layout(result, xc)) return {result, result};
+  return {result, at::empty_like(xc)};
+}
+
+Tensor finish(Output& out) {
+  if (!out.work.is_same(out.result)) out.result.copy_(out.work);
+  return out.result;
+}
+
+// The value of a one-element tensor (a count) without a dispatch when it is a CPU double.
+double scalar_of(const Tensor& t) {
+  if (t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1) return *t.const_data_ptr<double>();
+  return t.item<double>();
+}
+
+// A tensor's values as fp64 (any float dtype, any layout), read in place where they already are.
+std::vector<double> doubles(const Tensor& t) {
+  const int64_t n = t.numel();
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kDouble) return {t.const_data_ptr<double>(), t.const_data_ptr<double>() + n};
+    if (t.scalar_type() == at::kFloat) return {t.const_data_ptr<float>(), t.const_data_ptr<float>() + n};
+  }
+  const Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
+  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + n};
+}
+
+// A (C,) per-channel vector as fp64, or `fill` where there is none.
+std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, double fill,
+                                   const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return std::vector<double>(channels, fill);
+  TORCH_CHECK(t->numel() == channels, "syncbn_native::", op, ": ", name, " has ", t->numel(),
+              " values, expected ", channels);
+  return doubles(*t);
+}
+
 // --- forward_payload ---------------------------------------------------------------------------
 
 Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
   auto [x, sh] = dense(x_in, "forward_payload");
   const int64_t C = sh.c;
   std::vector<double> k = channel_values(shift, C, 0.0, "forward_payload", "shift");
-  std::vector<Moments> mom;
-  if (sh.count() > 0 && C > 0) {
-    dispatch_dtype(x, "forward_payload", [&](auto tag) {
-      using T = decltype(tag);
-      mom = sh.interleaved ? interleaved_moments<T>(x, sh) : planar_moments<T>(x, sh);
-    });
-  } else {
-    mom.assign(C, Moments{});
-  }
+  const DType dtype = dtype_of(x, "forward_payload");
+  std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
+  const bool any = sh.count() > 0 && C > 0;
+  if (any) syncbn_native::local_moments(dtype, x.const_data_ptr(), sh, hi.data(), lo.data(), m2.data());
   Tensor payload = at::empty({4 * C + 3}, x.options().dtype(at::kDouble));
   double* p = payload.mutable_data_ptr<double>();
   const double n = static_cast<double>(sh.count());
   p[0] = n;
   for (int64_t c = 0; c < C; ++c) {
     // mean - K taken as (hi - K) + lo: no rounding of the mean to one double in between.
-    const double offset = mom[c].n > 0 ? (mom[c].hi - k[c]) + mom[c].lo : 0.0;
+    const double offset = any ? (hi[c] - k[c]) + lo[c] : 0.0;
     p[1 + c] = n * offset;
-    p[1 + C + c] = mom[c].m2 + n * offset * offset;
+    p[1 + C + c] = m2[c] + n * offset * offset;
     p[1 + 2 * C + c] = k[c];
     p[1 + 3 * C + c] = k[c] * k[c];
   }
@@ -905,82 +1204,6 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
 
 // --- normalize -----------------------------------------------------------------------------------
 
-// Per channel, in the accumulation dtype A, the coefficients of
-// out = [gain * dy +] (x - hi) * scale + shift: hi is the fp64 mean rounded to A (x - hi is exact
-// for x near the mean), and the rest of the mean, lo, is folded into the shift as - lo * scale.
-template <typename A>
-struct Affine {
-  std::vector<A> hi, scale, shift, gain;
-  explicit Affine(int64_t C) : hi(C), scale(C), shift(C), gain(C) {}
-  // out = gain * dy + (x - mean) * scale + shift, coefficients given in fp64.
-  void set(int64_t c, double mean, double scale_c, double shift_c, double gain_c = 0.0) {
-    hi[c] = static_cast<A>(mean);
-    const double lo = mean - static_cast<double>(hi[c]);
-    scale[c] = static_cast<A>(scale_c);
-    shift[c] = static_cast<A>(shift_c - lo * scale_c);
-    gain[c] = static_cast<A>(gain_c);
-  }
-};
-
-// One elementwise pass: out = [gain * dy +] (x - hi) * scale + shift in the accumulation dtype,
-// rounded once to x's. Planar: per run of one channel; interleaved: per group of rows.
-template <typename T, bool kGrad>
-void affine_pass(const Tensor& x, const Tensor& dy, Tensor& out, const Shape& sh,
-                 const Affine<typename Elem<T>::acc>& k) {
-  using A = typename Elem<T>::acc;
-  const auto* xp = in_ptr<T>(x);
-  const auto* dp = kGrad ? in_ptr<T>(dy) : nullptr;
-  auto* op = out_ptr<T>(out);
-  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data(), *ga = k.gain.data();
-  auto one = [&](int64_t i, int64_t c) {
-    A r = (Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c];
-    if constexpr (kGrad) r = ga[c] * Elem<T>::load(dp[i]) + r;
-    op[i] = Elem<T>::store(r);
-  };
-  const int64_t C = sh.c;
-  if (sh.interleaved) {
-    const int64_t whole = std::is_same_v<A, float> ? C - C % kLanes : 0;
-    for_tasks(sh.n, C, [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin; r0 < end; r0 += kRowGroup) {
-        const int64_t r1 = std::min(end, r0 + kRowGroup);
-        if constexpr (std::is_same_v<A, float>) {
-          for (int64_t c = 0; c < whole; c += kLanes) {
-            const f32v h = load_f32(hi + c), s = load_f32(sc + c), b = load_f32(sf + c);
-            const f32v g = kGrad ? load_f32(ga + c) : f32v{};
-            for (int64_t r = r0; r < r1; ++r) {
-              f32v v = (load_f32(xp + r * C + c) - h) * s + b;
-              if constexpr (kGrad) v = g * load_f32(dp + r * C + c) + v;
-              store_f32(op + r * C + c, v);
-            }
-          }
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-#pragma omp simd
-          for (int64_t c = whole; c < C; ++c) one(r * C + c, c);
-        }
-      }
-    });
-    return;
-  }
-  const int64_t S = sh.s;
-  for_tasks(sh.n * C, S, [&](int64_t begin, int64_t end) {
-    for (int64_t run = begin; run < end; ++run) {
-      const int64_t c = run % C, off = run * S;
-      int64_t i = 0;
-      if constexpr (std::is_same_v<A, float>) {
-        const float h = hi[c], s = sc[c], b = sf[c], g = ga[c];
-        for (; i + kLanes <= S; i += kLanes) {
-          f32v v = (load_f32(xp + off + i) - h) * s + b;
-          if constexpr (kGrad) v = g * load_f32(dp + off + i) + v;
-          store_f32(op + off + i, v);
-        }
-      }
-#pragma omp simd
-      for (int64_t j = i; j < S; ++j) one(off + j, c);
-    }
-  });
-}
-
 Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
                  const optional<Tensor>& bias, double eps) {
   auto [x, sh] = dense(x_in, "normalize");
@@ -989,167 +1212,16 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
   std::vector<double> v = channel_values(var, C, 0.0, "normalize", "var");
   std::vector<double> w = channel_values(weight, C, 1.0, "normalize", "weight");
   std::vector<double> b = channel_values(bias, C, 0.0, "normalize", "bias");
+  const DType dtype = dtype_of(x, "normalize");
   Output out = output_like(x_in, x);
-  dispatch_dtype(x, "normalize", [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Elem<T>::acc;
-    Affine<A> k(C);
-    for (int64_t c = 0; c < C; ++c) k.set(c, mu[c], w[c] / std::sqrt(v[c] + eps), b[c]);
-    affine_pass<T, false>(x, x, out.work, sh, k);
-  });
+  std::vector<double> scale(C);
+  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
+  syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.data(),
+                        b.data(), nullptr, false);
   return finish(out);
 }
 
 // --- backward_sums -------------------------------------------------------------------------------
-
-// The backward takes x - mean about the mean rounded to the accumulation dtype, as the
-// reference does: dx is then the exact gradient at the layer's own statistics (the mean its
-// running_mean holds), and x - mean is exact for x near it.
-template <typename T>
-void round_to_accumulation(std::vector<double>& mean) {
-  using A = typename Elem<T>::acc;
-  for (double& m : mean) m = static_cast<double>(static_cast<A>(m));
-}
-
-// [sum dy, sum dy * (x - mean)] over a planar block of runs, added to (sum_dy, sum_dyx); false
-// (nothing added) if a partial sum in P was not finite.
-template <typename T, typename P>
-bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t runs,
-                      int64_t stride, int64_t len, double mean, double& sum_dy, double& sum_dyx) {
-  using L = Lanes<P>;
-  using V = typename L::vec;
-  const P m = static_cast<P>(mean);  // exact: the mean is rounded to the accumulation dtype
-  f64v wide_a = {}, wide_b = {};
-  double tail_a = 0, tail_b = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const auto* dq = dy + r * stride;
-    const auto* xq = x + r * stride;
-    int64_t i = 0;
-    while (i + kLanes <= len) {
-      V a = {}, b = {};
-      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
-        const V g = L::load(dq + i);
-        a += g;
-        b += g * (L::load(xq + i) - m);
-      }
-      wide_a += widen(a);
-      wide_b += widen(b);
-    }
-    for (; i < len; ++i) {
-      const double g = static_cast<double>(Elem<T>::load(dq[i]));
-      tail_a += g;
-      tail_b += g * (static_cast<double>(Elem<T>::load(xq[i])) - mean);
-    }
-  }
-  const double a = lane_sum(wide_a) + tail_a, b = lane_sum(wide_b) + tail_b;
-  if (std::is_same_v<P, float> && !(std::isfinite(a) && std::isfinite(b))) return false;
-  sum_dy += a;
-  sum_dyx += b;
-  return true;
-}
-
-// The same over rows [r0, r1) of interleaved input, all channels at once, into (a, b) (C each):
-// kLanes channels at a time, kFlush rows per fp32 partial, the last channels in fp64.
-template <typename T, typename P>
-bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t C, int64_t r0,
-                   int64_t r1, const double* mean, P* m, double* a, double* b) {
-  using L = Lanes<P>;
-  using V = typename L::vec;
-  const int64_t whole = C - C % kLanes;
-  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<P>(mean[c]);  // exact, as above
-  std::fill(a, a + C, 0.0);
-  std::fill(b, b + C, 0.0);
-  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
-    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
-    for (int64_t c = 0; c < whole; c += kLanes) {
-      const V mv = L::load(m + c);
-      f64v wide_a, wide_b;
-      for (int64_t f0 = g0; f0 < g1; f0 += kFlush) {
-        V pa = {}, pb = {};
-        for (int64_t r = f0; r < std::min(g1, f0 + kFlush); ++r) {
-          const V g = L::load(dy + r * C + c);
-          pa += g;
-          pb += g * (L::load(x + r * C + c) - mv);
-        }
-        wide_a += widen(pa);
-        wide_b += widen(pb);
-      }
-      add_to(a + c, wide_a);
-      add_to(b + c, wide_b);
-    }
-    for (int64_t c = whole; c < C; ++c) {
-      for (int64_t r = g0; r < g1; ++r) {
-        const double g = static_cast<double>(Elem<T>::load(dy[r * C + c]));
-        a[c] += g;
-        b[c] += g * (static_cast<double>(Elem<T>::load(x[r * C + c])) - mean[c]);
-      }
-    }
-  }
-  double probe = 0;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t c = 0; c < C; ++c) probe += (a[c] + b[c]) * 0.0;
-  return !(std::is_same_v<P, float> && probe != 0.0);
-}
-
-template <typename T>
-void grad_sums(const Tensor& dy, const Tensor& x, const Shape& sh, const std::vector<double>& mean,
-               double* sum_dy, double* sum_dyx) {
-  const auto* dp = in_ptr<T>(dy);
-  const auto* xp = in_ptr<T>(x);
-  const int64_t C = sh.c;
-  if (sh.interleaved) {
-    const int64_t R = sh.n;
-    // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
-    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
-    Scratch<double, 4> scratch(tasks * 2 * C);
-    double* parts = scratch.data();
-    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-      Scratch<float, 5> narrow(std::is_same_v<T, double> ? 0 : C);
-      Scratch<double, 6> wide(C);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-        double* a = parts + task * 2 * C;
-        with_partials<T>([&]<typename P>() {
-          if constexpr (std::is_same_v<P, float>) {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow.data(), a, a + C);
-          } else {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide.data(), a, a + C);
-          }
-        });
-      }
-    });
-    for (int64_t task = 0; task < tasks; ++task) {
-      const double* part = parts + task * 2 * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sum_dy[c] += part[c];
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sum_dyx[c] += part[C + c];
-    }
-    return;
-  }
-  const int64_t N = sh.n, S = sh.s;
-  const int64_t per_channel = std::min(N, ceil_div(task_count(sh.numel(), C * N), C));
-  Scratch<double, 7> scratch(C * per_channel * 2);
-  double* parts = scratch.data();
-  std::fill(parts, parts + C * per_channel * 2, 0.0);
-  for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task / per_channel, part = task % per_channel;
-      const int64_t n0 = N * part / per_channel, n1 = N * (part + 1) / per_channel;
-      const int64_t off = (n0 * C + c) * S;
-      with_partials<T>([&]<typename P>() {
-        return planar_grad_sums<T, P>(dp + off, xp + off, n1 - n0, C * S, S, mean[c], parts[2 * task],
-                                      parts[2 * task + 1]);
-      });
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t p = 0; p < per_channel; ++p) {
-      sum_dy[c] += parts[2 * (c * per_channel + p)];
-      sum_dyx[c] += parts[2 * (c * per_channel + p) + 1];
-    }
-  }
-}
 
 Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& var, double eps) {
   auto [x, sh] = dense(x_in, "backward_sums");
@@ -1159,11 +1231,9 @@ Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean
   std::vector<double> v = channel_values(var, C, 0.0, "backward_sums", "var");
   Tensor sums = at::zeros({2 * C}, x.options().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
+  const DType dtype = dtype_of(x, "backward_sums");
   if (sh.count() > 0 && C > 0) {
-    dispatch_dtype(x, "backward_sums", [&](auto tag) {
-      round_to_accumulation<decltype(tag)>(mu);
-      grad_sums<decltype(tag)>(dy, x, sh, mu, s, s + C);
-    });
+    syncbn_native::gradient_sums(dtype, dy.const_data_ptr(), x.const_data_ptr(), sh, mu.data(), s, s + C);
   }
   for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
   return sums;
@@ -1184,18 +1254,19 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   const std::vector<double> sums = doubles(group_sums);
   const double* gs = sums.data();
   const double total = std::max(scalar_of(count), 1.0);
+  const DType dtype = dtype_of(x, "input_grad");
   Output out = output_like(x_in, x);
-  dispatch_dtype(x, "input_grad", [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Elem<T>::acc;
-    round_to_accumulation<T>(mu);
-    Affine<A> k(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
-      k.set(c, mu[c], -a * invstd * (gs[C + c] / total), -a * (gs[c] / total), a);
-    }
-    affine_pass<T, true>(x, dy, out.work, sh, k);
-  });
+  // dx = a dy + b (x - mean) + c per channel; x - mean about the mean rounded to the accumulation
+  // dtype, as backward_sums took it: dx is the exact gradient at the layer's own statistics.
+  std::vector<double> gain(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
+    gain[c] = a;
+    scale[c] = -a * invstd * (gs[C + c] / total);
+    shift[c] = -a * (gs[c] / total);
+  }
+  syncbn_native::affine(dtype, x.const_data_ptr(), dy.const_data_ptr(), out.work.mutable_data_ptr(), sh, mu.data(),
+                        scale.data(), shift.data(), gain.data(), true);
   return finish(out);
 }
 
@@ -1218,3 +1289,4 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("backward_sums", &backward_sums);
   m.impl("input_grad", &input_grad);
 }
+#endif  // part 2
