@@ -47,10 +47,12 @@ _LIBRARY_NAME = "syncbn_native.so"
 _available: Optional[bool] = None  # None: not tried yet in this process
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the native kernels are built and loaded (builds them on the first call).
 
-    On failure: one warning naming the reason, then False on every call.
+    On failure: one warning naming the reason, then False on every call. A constant of the
+    process, which torch.compile reads when it traces (it never traces the build).
     """
     global _available
     if _available is None:
