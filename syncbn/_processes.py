@@ -83,8 +83,9 @@ def describe_exit(returncode: int) -> str:
 # Why a wrapper: mpich's hydra labels output per write(), not per line, and puts every rank in
 # its own session, out of the launcher's reach. The wrapper runs the rank's command with its
 # stdout and stderr connected straight to the launcher (sockets, so lines arrive whole through
-# the launcher's own line reader), reports its process group and exit status, and ends the
-# rank when the launcher goes away.
+# the launcher's own line reader), reports its process group and exit status, SIGKILLs the
+# rank when the launcher asks (so that the status it reports is the signal the rank got), and
+# ends the rank when the launcher goes away.
 
 def _mpi_rank() -> int:
     for variable in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
@@ -100,17 +101,17 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _run_mpi_rank(command: List[str]) -> int:
+def _connect_to_launcher(kind: str) -> socket.socket:
+    """A channel to syncbn-launch, introduced by the job's token, this rank and its kind."""
     host, port = os.environ["SYNCBN_LAUNCH_ADDRESS"].rsplit(":", 1)
-    token = os.environ["SYNCBN_LAUNCH_TOKEN"]
-    rank = _mpi_rank()
+    channel = socket.create_connection((host, int(port)))
+    channel.sendall(f"{os.environ['SYNCBN_LAUNCH_TOKEN']} {_mpi_rank()} {kind}\n".encode())
+    return channel
 
-    def connect(kind: str) -> socket.socket:
-        channel = socket.create_connection((host, int(port)))
-        channel.sendall(f"{token} {rank} {kind}\n".encode())
-        return channel
 
-    out, err, status = connect("out"), connect("err"), connect("status")
+def _run_mpi_rank(command: List[str]) -> int:
+    out, err = _connect_to_launcher("out"), _connect_to_launcher("err")
+    status = _connect_to_launcher("status")
     if os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)  # lead a group, so one killpg from the launcher reaches the rank too
     # The launcher signals the whole group; the rank handles it, the wrapper only reports.
@@ -126,16 +127,20 @@ def _run_mpi_rank(command: List[str]) -> int:
 
     finished, released = threading.Event(), threading.Event()
 
-    def end_if_launcher_gone() -> None:
+    def obey_launcher() -> None:
+        # "kill": SIGKILL the rank alone, whose status then reaches the launcher as it would
+        # for a gloo rank. End of file (released, or the launcher died): end the whole group.
         try:
-            status.recv(1)  # the launcher never sends: this returns when it closes or dies
+            for line in status.makefile("rb"):
+                if line.strip() == b"kill" and not finished.is_set():
+                    child.kill()
         except OSError:
             pass
         released.set()
         if not finished.is_set():
             signal_group(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=end_if_launcher_gone, daemon=True).start()
+    threading.Thread(target=obey_launcher, daemon=True).start()
     returncode = child.wait()
     finished.set()
     try:
@@ -163,6 +168,7 @@ def _run_script(argv: List[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or exit_.code == 0:
+            _announce_finished()
             raise
         if not isinstance(exit_.code, int):
             print(exit_.code, file=sys.stderr)
@@ -171,10 +177,21 @@ def _run_script(argv: List[str]) -> None:
         traceback.print_exc()
         code = 1
     else:
+        _announce_finished()
         return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _announce_finished() -> None:
+    """Tell the launcher that the script returned normally, before MPI_Finalize, which in MPICH
+    waits for every other rank: a rank that returns while another still needs it then shows as
+    finished, and the launcher's --exit-grace applies (the process itself is still alive)."""
+    try:
+        _connect_to_launcher("finished").close()
+    except (OSError, KeyError):  # no launcher to tell (gone, or none): nothing to wait for
+        pass
 
 
 # --- the reaper of gloo/nccl ranks ------------------------------------------------------------

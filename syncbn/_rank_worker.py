@@ -1,14 +1,21 @@
 """One rank of a :class:`syncbn.testing.RankPool`: set up the group, then run what it is sent."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
+import signal
 import sys
+import threading
+import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Client
 
 import torch
+
+# How often a rank checks that the process that started it is still there.
+_PARENT_CHECK_S = 0.5
 
 
 def _init_group(backend: str) -> int:
@@ -58,13 +65,41 @@ def _shut_down(backend: str) -> None:
     os._exit(0)
 
 
+def _exit_when_orphaned() -> None:
+    """End this rank when its parent goes: the pool, or the MPI proxy the pool's mpiexec started.
+
+    A rank stuck in a collective never reads its connection again, so only this thread notices
+    that a pool killed by SIGKILL (or an mpiexec torn down) left it behind.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="syncbn-orphan-watch", daemon=True).start()
+
+
+def _dump_stack_on_request(rank: int) -> None:
+    """SIGUSR1 writes every thread's Python stack to the pool's stack file of this rank.
+
+    The pool sends it to a rank that did not finish in time, before killing it, to say where
+    the rank was stuck. The file object stays referenced by faulthandler while registered.
+    """
+    path = os.path.join(os.environ["SYNCBN_POOL_WORKDIR"], f"stack-rank{rank}.txt")
+    faulthandler.register(signal.SIGUSR1, file=open(path, "w"), all_threads=True)
+
+
 def main() -> None:
+    _exit_when_orphaned()
     backend = os.environ["SYNCBN_POOL_BACKEND"]
     torch.set_num_threads(int(os.environ["SYNCBN_POOL_THREADS"]))
     rank = _init_group(backend)
+    _dump_stack_on_request(rank)
     host, port = os.environ["SYNCBN_POOL_ADDRESS"].rsplit(":", 1)
     connection = Client((host, int(port)), authkey=bytes.fromhex(os.environ["SYNCBN_POOL_AUTHKEY"]))
-    connection.send_bytes(pickle.dumps(rank))
+    connection.send_bytes(pickle.dumps((rank, os.getpid())))
     while True:
         try:
             message = pickle.loads(connection.recv_bytes())

@@ -269,17 +269,20 @@ def _refuse_silent_single_process() -> None:
 
     Normalizing over this process alone would train with per-rank statistics and exit 0.
     """
-    for variable, launcher in _JOB_SIZE_VARIABLES.items():
-        value = os.environ.get(variable, "")
-        if value.isdigit() and int(value) > 1:
-            raise RuntimeError(
-                f"syncbn: the environment says this job has {value} ranks ({variable}={value}, "
-                f"set by {launcher}) but no process group is available: torch.distributed is "
-                "not initialized and no MPI launcher started this process. Call "
-                "torch.distributed.init_process_group(...) or syncbn.init_distributed() before "
-                "the first training step, or pass process_group= explicitly (an mpi4py "
-                "communicator, or syncbn.SingleProcessCommunicator() to normalize over this "
-                "process alone)")
+    announced = [f"{value} ranks ({variable}={value}, set by {launcher})"
+                 for variable, launcher in _JOB_SIZE_VARIABLES.items()
+                 for value in [os.environ.get(variable, "")] if value.isdigit() and int(value) > 1]
+    rank = os.environ.get("RANK", "")
+    if rank.isdigit() and int(rank) > 0:  # rank 1 of what? not of a job of one
+        announced.append(f"more than one rank (RANK={rank}, set by torchrun or syncbn-launch)")
+    if announced:
+        raise RuntimeError(
+            f"syncbn: the environment says this job has {announced[0]} but no process group is "
+            "available: torch.distributed is not initialized and no MPI launcher started this "
+            "process. Call torch.distributed.init_process_group(...) or syncbn.init_distributed() "
+            "before the first training step, or pass process_group= explicitly (an mpi4py "
+            "communicator, or syncbn.SingleProcessCommunicator() to normalize over this process "
+            "alone)")
 
 
 def _is_mpi_comm(obj: Any) -> bool:
@@ -292,9 +295,10 @@ def resolve_communicator(process_group: Any = None) -> Communicator:
 
     ``None`` means: the torch.distributed default group if one is initialized; else
     ``MPI.COMM_WORLD`` when an MPI launcher started more than one rank; else a single process,
-    unless the environment announces more than one rank (WORLD_SIZE from torchrun or
-    syncbn-launch, SLURM_STEP_NUM_TASKS from srun): then it raises ``RuntimeError`` saying
-    what to call, rather than silently normalizing over this process alone.
+    unless the environment announces more than one rank (WORLD_SIZE or a RANK above 0 from
+    torchrun or syncbn-launch, SLURM_STEP_NUM_TASKS from srun): then it raises
+    ``RuntimeError`` saying what to call, rather than silently normalizing over this process
+    alone.
     A torch.distributed ProcessGroup, an mpi4py communicator or a :class:`Communicator` is used
     as given.
     """

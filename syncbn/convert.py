@@ -34,12 +34,14 @@ _CLASS_BY_INPUT_DIM: Dict[int, Type[_BatchNorm]] = {
 _STOCK_FORWARDS = (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
 
 Converter = Callable[[_BatchNorm, Any, str], torch.nn.Module]
-Reverter = Callable[[SyncBatchNorm, str], torch.nn.Module]
+Reverter = Callable[[torch.nn.Module, str], torch.nn.Module]
+RevertCheck = Callable[[torch.nn.Module, str], None]
 # Keyed by the exact class's "module.QualName": a subclass of a registered class may change
 # its forward again, and a name lets syncbn register a converter for a class of an optional
 # package (timm's BatchNormAct2d) without importing that package.
 _CONVERTERS: Dict[str, Converter] = {}
 _REVERTERS: Dict[str, Reverter] = {}
+_REVERT_CHECKS: Dict[str, RevertCheck] = {}
 
 
 def _class_key(cls: Union[type, str]) -> str:
@@ -58,10 +60,15 @@ def register_converter(batchnorm_class: Union[type, str], converter: Converter) 
     _CONVERTERS[_class_key(batchnorm_class)] = converter
 
 
-def register_reverter(sync_class: Union[type, str], reverter: Reverter) -> None:
+def register_reverter(sync_class: Union[type, str], reverter: Reverter,
+                      check: Optional[RevertCheck] = None) -> None:
     """Make :func:`revert_sync_batchnorm` turn ``sync_class`` layers (a SyncBatchNorm subclass with
-    its own forward) into ``reverter(layer, path)``; such layers are refused otherwise."""
+    its own forward, or a module that stands in for one) into ``reverter(layer, path)``; such
+    SyncBatchNorm subclasses are refused otherwise. ``check(layer, path)``, if given, raises
+    for a layer that cannot be reverted, before anything is replaced."""
     _REVERTERS[_class_key(sync_class)] = reverter
+    if check is not None:
+        _REVERT_CHECKS[_class_key(sync_class)] = check
 
 
 def _move_state(source: _BatchNorm, target: _BatchNorm) -> None:
@@ -139,6 +146,10 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None) -
     Modules that are not BatchNorm subclasses (FrozenBatchNorm2d, say) are left alone.
     Nothing is replaced when a layer is refused.
     """
+    # syncbn's package loads its modules on first use: activated registers the converter of
+    # timm's BatchNormAct2d, which must be known before any layer is checked.
+    from . import activated  # noqa: F401
+
     _check_convertible(module)
     return _convert(module, process_group, "")
 
@@ -166,7 +177,10 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 
     Layers converted from torch.nn.SyncBatchNorm, and layers created directly as
     SyncBatchNorm, revert to BatchNorm1d/2d/3d by the dimensionality of the last input they saw.
-    Nothing is replaced when a layer cannot be reverted.
+    SyncBatchNormAct layers fused by :func:`syncbn.convert_sync_batchnorm_act` become that
+    plain BatchNorm again, and the activation goes back into its slot; those converted from
+    timm's BatchNormAct2d become that module; those built directly are left as they are.
+    Every layer is checked first: nothing is replaced when a layer cannot be reverted.
     """
     _check_revertible(module)
     return _revert(module, "")
@@ -175,7 +189,10 @@ def revert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
 def _check_revertible(model: torch.nn.Module) -> None:
     """Raise for the first layer reverting cannot keep, before anything is replaced."""
     for path, module in model.named_modules():
-        if not isinstance(module, SyncBatchNorm) or _class_key(type(module)) in _REVERTERS:
+        key = _class_key(type(module))
+        if key in _REVERT_CHECKS:
+            _REVERT_CHECKS[key](module, path)
+        if not isinstance(module, SyncBatchNorm) or key in _REVERTERS:
             continue
         if type(module).forward is not SyncBatchNorm.forward:
             raise _refusal("revert_sync_batchnorm", module, path, "BatchNorm", "register_reverter")

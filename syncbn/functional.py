@@ -450,7 +450,7 @@ def sync_batch_norm(
     try:
         comm_key, group_size = group_of(process_group)
     except RuntimeError as error:  # no group where the launcher says there is one: name the layer
-        raise RuntimeError(f"{layer}: {error}") from error
+        raise RuntimeError(f"{layer}: {error}") from None  # the message has the cause
     if group_size == 1:
         if problem is not None:
             raise problem

@@ -1,6 +1,7 @@
 """syncbn-launch: run N local ranks of a Python script over gloo, NCCL or MPI.
 
-    syncbn-launch --nprocs N [--backend gloo|nccl|mpi] [--timeout S] [--log-dir DIR] script.py [args]
+    syncbn-launch --nprocs N [--backend gloo|nccl|mpi] [--timeout S] [--exit-grace S]
+                  [--log-dir DIR] script.py [args]
     python -m syncbn.launch ...   (the same)
 
 gloo / nccl: each rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
@@ -20,13 +21,24 @@ Fail fast: when a rank exits non-zero or dies by a signal (the others get a seco
 their own errors), or ``--timeout`` passes, or the launcher gets SIGINT/SIGTERM/SIGHUP, every
 rank's process group gets SIGTERM, then SIGKILL after a grace period, and the launcher reports
 the first failing rank, its exit code or signal, the first Python exception in its output and
-its last lines. A launcher killed by SIGKILL leaves no rank behind either: gloo/nccl ranks are
-ended by a reaper process, MPI ranks by their wrappers (see :mod:`syncbn._processes`).
+its last lines (once for ranks whose errors differ only in the rank number).
+
+Never hang on a rank that finished: a rank that ends normally while another still waits for it
+(in a collective or the rendezvous) would leave that one waiting until its own timeout. Once a
+rank has finished normally, the ranks still running ``--exit-grace`` seconds later (default
+30) are stopped the same way, naming them. Ranks that end at different times after their last
+collective are fine within that time; a script that works on alone for longer (evaluation or
+saving on rank 0) ends every rank with ``torch.distributed.barrier()`` after that work, or
+raises ``--exit-grace``. Under MPI a rank counts as finished when its script returns, before
+MPI_Finalize, which in MPICH waits for the other ranks.
+
+A launcher killed by SIGKILL leaves no rank behind either: gloo/nccl ranks are ended by a
+reaper process, MPI ranks by their wrappers (see :mod:`syncbn._processes`).
 
 Exit status: 0 when every rank exited 0; the first failing rank's exit code; 128+N when it died
 by signal N, or when the launcher itself got signal N (1, not 134, for a rank that raised an
-uncaught exception and was then aborted by gloo at exit); 124 on ``--timeout``; 2 on a usage
-error (bad arguments, too few GPUs, no mpiexec).
+uncaught exception and was then aborted by gloo at exit); 124 on ``--timeout`` or
+``--exit-grace``; 2 on a usage error (bad arguments, too few GPUs, no mpiexec).
 
 End your script with ``torch.distributed.barrier()`` and ``destroy_process_group()``: without
 them gloo can abort ("terminate called without an active exception") or hang at interpreter
@@ -38,6 +50,7 @@ import argparse
 import collections
 import os
 import queue
+import re
 import secrets
 import signal
 import socket
@@ -56,6 +69,9 @@ __all__ = ["main", "launch", "UsageError"]
 GRACE_S = 3.0  # SIGTERM to SIGKILL
 SETTLE_S = 1.0  # after the first failure, time for the other ranks' own errors to get out
 TAIL_LINES = 20
+MAX_GROUPS_SHOWN = 4  # of ranks with different errors, in the report
+# A rank still running this long after another finished normally is taken to be waiting for it.
+EXIT_GRACE_S = 30.0
 EXIT_TIMEOUT = 124
 EXIT_USAGE = 2
 # torchrun's variables, dropped for MPI ranks so that scripts do not take the torch.distributed path.
@@ -70,6 +86,9 @@ _write_lock = threading.Lock()  # one line at a time on the launcher's streams
 
 class UsageError(Exception):
     """A launch that cannot start (bad arguments, too few GPUs, no mpiexec)."""
+
+
+_TRACEBACK = "Traceback (most recent call last):"
 
 
 class _ExceptionFinder:
@@ -90,7 +109,7 @@ class _ExceptionFinder:
 
     def feed(self, line: str) -> None:
         text = line.rstrip("\n")
-        if self._state in ("before", "chained") and text.startswith("Traceback (most recent call last):"):
+        if self._state in ("before", "chained") and text.startswith(_TRACEBACK):
             self.started_at = min(self.started_at, time.monotonic())
             self._state = "frames"
         elif self._state == "frames" and text and not text[0].isspace():
@@ -196,7 +215,7 @@ class _WrapperServer:
         self._outputs, self._events, self._groups, self._pumps = outputs, events, groups, pumps
         self._server = socket.create_server(("127.0.0.1", 0))
         self.token = secrets.token_hex(16)  # only this job's wrappers know it
-        self._channels: List[socket.socket] = []
+        self._channels: Dict[int, socket.socket] = {}  # rank -> its wrapper's status channel
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -206,8 +225,16 @@ class _WrapperServer:
     def release(self) -> None:
         """Let the wrappers exit; one still holding a rank kills it on this EOF."""
         self._server.close()
-        for channel in self._channels:
+        for channel in list(self._channels.values()):
             channel.close()
+
+    def kill(self, ranks: List[int]) -> None:
+        """Have the wrappers SIGKILL these ranks, and report that as each rank's exit status."""
+        for rank in ranks:
+            try:
+                self._channels[rank].sendall(b"kill\n")
+            except (KeyError, OSError):  # not connected yet, or gone: the group kill ends it
+                pass
 
     def _accept(self) -> None:
         while True:
@@ -231,7 +258,11 @@ class _WrapperServer:
             stream = sys.stdout.buffer if kind == "out" else sys.stderr.buffer
             self._pumps.append(self._outputs[rank].pump(reader, stream))
             return
-        self._channels.append(channel)  # closed at the end: a wrapper still running then ends its rank
+        if kind == "finished":  # the script returned; the rank now waits in MPI_Finalize
+            channel.close()
+            self._events.put(("finished", rank))
+            return
+        self._channels[rank] = channel  # closed at the end: a wrapper still running then ends its rank
         with reader:
             for line in iter(reader.readline, b""):
                 word, _, value = line.decode().partition(" ")
@@ -245,7 +276,11 @@ class _WrapperServer:
 
 class _FailureReport:
     """What the launcher says about a failed job once it is over: how each rank failed, the
-    first exception each raised and the last lines of those that failed on their own."""
+    first exception each raised, and the last lines of those that failed on their own.
+
+    Ranks whose exceptions differ only in the rank number are one group: the exception and
+    the last lines are shown once for it, from its first rank (all of them were shown live).
+    """
 
     def __init__(self, outputs: Dict[int, _Output], codes: Dict[int, Optional[int]],
                  signaled: Set[int]):
@@ -255,40 +290,77 @@ class _FailureReport:
 
     def text(self, status: int, reason: str, failed_rank: Optional[int]) -> str:
         # The first rank to exit is not always the culprit (its peers' errors can end it
-        # first), so every rank that failed on its own shows its last lines.
+        # first), so every rank that failed on its own is shown.
         own = [rank for rank, code in self._codes.items()
                if code != 0 and rank not in self._signaled and rank != failed_rank]
-        shown = [failed_rank] + own[:3]
+        groups = self._groups([failed_rank] + own)[:MAX_GROUPS_SHOWN]
         return (f"job failed (exit status {status}): {reason}{self._others(failed_rank)}"
-                + "".join(self.exception(rank) for rank in shown)
-                + "".join(self._tail(rank) for rank in shown))
+                + "".join(self._exceptions(group) for group in groups)
+                + "".join(self._tail(group) for group in groups))
 
     def exception(self, rank: Optional[int]) -> str:
         if rank is None or rank == -1 or rank not in self._outputs:
             return ""
-        exception = self._outputs[rank].first_exception()
-        return f"\nrank {rank} raised {exception}" if exception else ""
+        return self._outputs[rank].first_exception() or ""
+
+    def _groups(self, ranks: List[Optional[int]]) -> List[List[int]]:
+        """Ranks with the same exception but for the rank number, in order of first appearance;
+        ranks without an exception each alone."""
+        groups: Dict[object, List[int]] = {}
+        for rank in ranks:
+            if rank is None:  # the launcher stopped the job: no rank failed first
+                continue
+            exception = self.exception(rank)
+            key = _without_rank(exception, rank) if exception else ("alone", rank)
+            groups.setdefault(key, []).append(rank)
+        return list(groups.values())
+
+    def _exceptions(self, group: List[int]) -> str:
+        first, others = group[0], group[1:]
+        exception = self.exception(first)
+        if not exception:
+            return ""
+        text = f"\nrank {first} raised {exception}"
+        if others:
+            differ = any(self.exception(rank) != exception for rank in others)
+            text += (f"\nrank(s) {', '.join(map(str, others))} raised the same"
+                     + (" but for the rank number" if differ else ""))
+        return text
 
     def _others(self, failed_rank: Optional[int]) -> str:
         others = [f"rank {rank} {_describe(code)}" for rank, code in self._codes.items()
                   if code != 0 and rank != failed_rank]
         return "; then " + ", ".join(others) if others else ""
 
-    def _tail(self, rank: Optional[int]) -> str:
-        if rank is None or rank not in self._outputs or not self._outputs[rank].tail:
+    def _tail(self, group: List[int]) -> str:
+        rank = group[0]
+        if rank not in self._outputs or not self._outputs[rank].tail:
             return ""
+        lines = list(self._outputs[rank].tail)
+        if self.exception(rank):  # its last traceback only, not the chain that led to it again
+            starts = [index for index, line in enumerate(lines) if line.startswith(_TRACEBACK)]
+            lines = lines[starts[-1]:] if starts else lines
         name = "mpiexec" if rank == -1 else f"rank {rank}"
-        return f"\n--- last lines of {name} ---\n" + "".join(self._outputs[rank].tail).rstrip("\n")
+        also = f" (the same error as rank(s) {', '.join(map(str, group[1:]))})" if group[1:] else ""
+        return f"\n--- last lines of {name}{also} ---\n" + "".join(lines).rstrip("\n")
+
+
+def _without_rank(text: str, rank: int) -> str:
+    """``text`` with this rank's number taken out where it names the rank ("rank 1", "RANK=1",
+    "LOCAL_RANK=1", "[rank1]"), so that the same error on two ranks compares equal."""
+    return re.sub(rf"(?i)((?:\b|_)rank\s*[=:]?\s*){rank}(?!\d)", r"\1#", text)
 
 
 class _Job:
     """The ranks of one launch: start them, watch them, stop them, report."""
 
-    def __init__(self, script_argv: List[str], nprocs: int, backend: str, log_dir: Optional[str]):
+    def __init__(self, script_argv: List[str], nprocs: int, backend: str, log_dir: Optional[str],
+                 exit_grace: float = EXIT_GRACE_S):
         self.script_argv = script_argv  # the script and its arguments
         self.nprocs = nprocs
         self.backend = backend
         self.log_dir = log_dir
+        self.exit_grace = exit_grace
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
         self.outputs = {rank: _Output(f"rank{rank}", self._log(f"rank{rank}.log"))
@@ -297,6 +369,9 @@ class _Job:
         self.events: "queue.Queue[tuple]" = queue.Queue()
         self.groups: Dict[int, int] = {}  # rank -> the process group that holds it
         self.codes: Dict[int, Optional[int]] = {}  # Popen-style; None: lost (no status)
+        # rank -> when its script ended normally (its exit 0; under MPI, its return, reported
+        # before MPI_Finalize keeps the process waiting for the others)
+        self.finished: Dict[int, float] = {}
         self.signaled: Set[int] = set()  # ranks the launcher stopped
         self.processes: List[subprocess.Popen] = []
         self.threads: List[threading.Thread] = []
@@ -413,11 +488,15 @@ class _Job:
         while len(self.codes) < self.nprocs:
             if self.received_signal is not None:
                 return (128 + self.received_signal,
-                        f"received {signal_name(self.received_signal)}; stopping rank(s) "
-                        f"{self._running()}", None)
+                        f"received {signal_name(self.received_signal)}; sent SIGTERM to "
+                        f"rank(s) {self._running()} (SIGKILL to any left {GRACE_S:g} s later)",
+                        None)
             if deadline is not None and time.monotonic() > deadline:
                 return (EXIT_TIMEOUT, f"timed out after {timeout:g} s (--timeout); rank(s) "
                         f"{self._running()} still running were stopped", None)
+            stalled = self._stalled()
+            if stalled:
+                return EXIT_TIMEOUT, stalled, None
             if mpiexec_code is not None and time.monotonic() - mpiexec_gone_at > 5.0:
                 return (_exit_status(mpiexec_code) or 1,
                         f"mpiexec {describe_exit(mpiexec_code)} but rank(s) {self._running()} "
@@ -430,8 +509,13 @@ class _Job:
                 mpiexec_code, mpiexec_gone_at = event[1], time.monotonic()
                 continue
             rank = event[1]
+            if event[0] == "finished":
+                self.finished.setdefault(rank, time.monotonic())
+                continue
             code = event[2] if event[0] == "exit" else None
             self.codes[rank] = code
+            if code == 0:
+                self.finished.setdefault(rank, time.monotonic())
             if code != 0:
                 reason = f"rank {rank} {_describe(code)}"
                 self._say(f"{reason}; stopping rank(s) {self._running()}")
@@ -440,6 +524,22 @@ class _Job:
 
     def _running(self) -> List[int]:
         return [rank for rank in range(self.nprocs) if rank not in self.codes]
+
+    def _stalled(self) -> str:
+        """Why the job must stop when ranks still work ``exit_grace`` seconds after the first
+        rank finished normally: they are taken to wait for it (in a collective, or in the
+        rendezvous), which they would do until their own timeout. "" while that is not so."""
+        working = [rank for rank in self._running() if rank not in self.finished]
+        if not self.finished or not working:
+            return ""
+        first = min(self.finished, key=self.finished.__getitem__)
+        if time.monotonic() - self.finished[first] <= self.exit_grace:
+            return ""
+        return (f"rank {first} finished normally but rank(s) {working} still ran "
+                f"{self.exit_grace:g} s later (--exit-grace), taken to be waiting for it (in a "
+                "collective or the rendezvous it left, or hung at exit) and stopped. If a rank "
+                "works alone after the others finish (evaluation, saving), end every rank with "
+                "torch.distributed.barrier() after that work, or raise --exit-grace")
 
     def _drain(self, until: float) -> None:
         """Record exits until every rank has one or ``until`` passes."""
@@ -459,6 +559,14 @@ class _Job:
             if rank in self.groups:
                 signal_group(self.groups[rank], signal.SIGTERM)
         self._drain(time.monotonic() + GRACE_S)
+        if self.wrappers is not None:
+            # MPI ranks: their wrappers SIGKILL those left and report it, then exit on their
+            # own, so that neither this report nor mpiexec's shows a signal no rank got.
+            self.wrappers.kill(self._running())
+            self._drain(time.monotonic() + GRACE_S)
+            if len(self.codes) == self.nprocs:
+                self._release_wrappers()
+                self._finish_mpiexec(orderly=False)
         # Every group, the finished ranks' too: their own children must not outlive the job.
         for pid in self.groups.values():
             signal_group(pid, signal.SIGKILL)
@@ -512,8 +620,12 @@ def _describe(code: Optional[int]) -> str:
 
 
 def launch(script: str, script_args: Sequence[str], nprocs: int, backend: str = "gloo",
-           timeout: Optional[float] = None, log_dir: Optional[str] = None) -> int:
+           timeout: Optional[float] = None, log_dir: Optional[str] = None,
+           exit_grace: float = EXIT_GRACE_S) -> int:
     """Run ``python script *script_args`` on ``nprocs`` local ranks; return the exit status.
+
+    ``exit_grace``: seconds the other ranks may still run after one finished normally
+    (``--exit-grace``); then they are taken to wait for it and stopped (exit status 124).
 
     Raises :class:`UsageError` when the job cannot start (too few GPUs, no mpiexec).
     """
@@ -521,6 +633,9 @@ def launch(script: str, script_args: Sequence[str], nprocs: int, backend: str = 
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if nprocs < 1:
         raise UsageError(f"--nprocs must be at least 1, got {nprocs}")
+    if not exit_grace >= 0:
+        raise UsageError(f"--exit-grace must be 0 or more seconds (inf: wait forever), got "
+                         f"{exit_grace}")
     mpiexec = None
     if backend == "nccl":
         import torch
@@ -535,7 +650,7 @@ def launch(script: str, script_args: Sequence[str], nprocs: int, backend: str = 
         if mpiexec is None:
             raise UsageError("--backend mpi: no mpiexec found next to this Python or on PATH; "
                              f"install one with: {MPI_INSTALL_HINT}")
-    job = _Job([script] + list(script_args), nprocs, backend, log_dir)
+    job = _Job([script] + list(script_args), nprocs, backend, log_dir, exit_grace)
     handlers = _trap_signals(job)
     try:
         try:
@@ -571,7 +686,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run N local ranks of a Python script over gloo, NCCL or MPI; stop them all "
                     "as soon as one fails.",
         epilog="Exit status: 0 if every rank exited 0; else the failing rank's exit code, 128+N "
-               "for signal N, 124 on --timeout, 2 on a usage error.")
+               "for signal N, 124 on --timeout or --exit-grace, 2 on a usage error.")
     parser.add_argument("--nprocs", "--nproc-per-node", type=int, required=True,
                         help="number of ranks to start on this machine")
     parser.add_argument("--backend", choices=BACKENDS, default="gloo",
@@ -580,6 +695,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="stop every rank and exit 124 after this many seconds")
     parser.add_argument("--log-dir", default=None,
                         help="also write each rank's output to DIR/rankK.log")
+    parser.add_argument("--exit-grace", type=float, default=EXIT_GRACE_S, metavar="S",
+                        help="once a rank has finished normally, stop the ranks still running "
+                             "S seconds later and exit 124: they are taken to wait for it "
+                             f"(default {EXIT_GRACE_S:g}; inf: wait forever)")
     parser.add_argument("script", help="the Python script every rank runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
@@ -590,7 +709,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = _parser()
     options = parser.parse_args(argv)
     try:
-        status = launch(options.script, options.args, options.nprocs, options.backend, options.timeout, options.log_dir)
+        status = launch(options.script, options.args, options.nprocs, options.backend,
+                        options.timeout, options.log_dir, options.exit_grace)
     except UsageError as error:
         parser.exit(EXIT_USAGE, f"syncbn-launch: error: {error}\n")
     sys.exit(status)

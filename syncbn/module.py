@@ -15,7 +15,8 @@ __all__ = ["SyncBatchNorm"]
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm over (N, C, *) input whose training statistics cover every rank of a group.
 
-    Same constructor, parameters, buffers and state_dict keys as torch.nn.SyncBatchNorm.
+    Same constructor, parameters, buffers and state_dict keys as torch.nn.SyncBatchNorm
+    (``bias=False``: no bias parameter, as in torch).
     ``process_group`` may be None (the default group), a torch.distributed ProcessGroup, an
     mpi4py communicator or a :class:`syncbn.comm.Communicator`. In a single process it computes
     exactly what BatchNorm does. ``name`` labels the layer in error messages;
@@ -41,12 +42,17 @@ class SyncBatchNorm(_BatchNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
         name: Optional[str] = None,
         debug: Optional[bool] = None,
         check_finite: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
+        if affine and not bias:
+            # What torch's own ``bias=False`` does, also on the older torch versions without it.
+            self.register_parameter("bias", None)
         self.process_group = process_group
         self.name = name
         self.debug = debug

@@ -10,9 +10,13 @@ variance of the batch means (averaging batch variances alone misses the second t
 Each layer's per-channel count, sum and sum of squares are accumulated in fp64 about a
 shift that every rank shares (the group's average running mean before the run, close to the
 mean being measured), so neither the batches nor the ranks cancel digits when merged.
+
 Communication: one all-reduce for all the shifts before the first batch, and one for every
-layer's sums after the last, none per batch (the model's own SyncBatchNorm layers still
-synchronize their forward passes as in training).
+layer's sums after the last; none per batch or per layer. During the passes the model's
+syncbn layers (SyncBatchNorm, SyncBatchNormAct) normalize with their rank's own batch
+statistics, as torch's BatchNorm does, so their forward synchronizes nothing either; the
+statistics each layer records are still pooled over every rank. So ranks may also run
+different numbers of batches (a loader without padding): every value counts once.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm_math import channel_view, local_count, reduction_dims
-from .comm import Communicator, resolve_communicator
+from .comm import Communicator, SingleProcessCommunicator, resolve_communicator
+from .module import SyncBatchNorm
 
 __all__ = ["precise_bn"]
 
@@ -86,6 +91,10 @@ def _shared_shifts(layers: List[_BatchNorm], comm: Communicator) -> List[torch.T
             for shift, layer in zip(packed.split(sizes), layers)]
 
 
+# The group syncbn's layers normalize over during precise_bn's passes: this rank alone.
+_THIS_RANK_ALONE = SingleProcessCommunicator()
+
+
 def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int = 200,
                process_group: Any = None, *, progress: Optional[bool] = None) -> int:
     """Set every BatchNorm's running statistics to its inputs' population mean and variance.
@@ -97,11 +106,12 @@ def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int 
     for syncbn.SyncBatchNorm and torch's BatchNorm layers alike; layers without running
     statistics are skipped, and a layer that saw no values keeps its statistics.
 
-    Every rank must run the same number of batches when the model has SyncBatchNorm layers
-    (their forward passes synchronize, as in training). The training flags, momentum and
-    num_batches_tracked of the model are restored afterwards. ``progress``: show a tqdm bar
-    (default: on rank 0 when stderr is a terminal; needs tqdm). Returns the number of batches
-    this rank ran.
+    Two all-reduces in all, whatever the model: during the passes, syncbn's layers normalize
+    with this rank's batch statistics (torch's BatchNorm does the same), so ranks may run
+    different numbers of batches. The batches are never modified (a SyncBatchNormAct runs out
+    of place under no_grad). The training flags, momentum, num_batches_tracked and the layers'
+    process groups are restored afterwards. ``progress``: show a tqdm bar (default: on rank 0
+    when stderr is a terminal; needs tqdm). Returns the number of batches this rank ran.
     """
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not layers:
@@ -110,6 +120,7 @@ def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int 
     sums = [_PopulationSums(layer, shift) for layer, shift in zip(layers, _shared_shifts(layers, comm))]
     training = {module: module.training for module in model.modules()}
     saved = [(layer.momentum, layer.num_batches_tracked.clone()) for layer in layers]
+    synchronized = {m: m.process_group for m in model.modules() if isinstance(m, SyncBatchNorm)}
     hooks = [layer.register_forward_pre_hook(accumulator.add)
              for layer, accumulator in zip(layers, sums)]
     if progress is None:
@@ -123,6 +134,8 @@ def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int 
     try:
         for layer in layers:
             layer.momentum = 0.0  # the passes must not move the statistics being replaced
+        for layer in synchronized:
+            layer.process_group = _THIS_RANK_ALONE
         model.train()
         with torch.no_grad():
             for batch in itertools.islice(batches, num_batches):
@@ -140,6 +153,8 @@ def precise_bn(model: torch.nn.Module, batches: Iterable[Any], num_batches: int 
         for layer, (momentum, tracked) in zip(layers, saved):
             layer.momentum = momentum
             layer.num_batches_tracked.copy_(tracked)
+        for layer, group in synchronized.items():
+            layer.process_group = group
     payloads = [accumulator.payload() for accumulator in sums]
     packed = torch.cat([payload.to(payloads[0].device) for payload in payloads])
     comm.label = f"precise_bn's all-reduce of the population sums of {len(sums)} layers"

@@ -10,7 +10,10 @@ calls, so a test suite pays the start-up (importing torch, the rendezvous) once.
   syncbn's default group is ``MPI.COMM_WORLD``.
 
 A rank's exception is re-raised in the caller with the rank's traceback. A rank that does not
-answer within the timeout, or dies, fails the call with the rank named; every rank is killed.
+answer within the timeout, or dies, fails the call with the rank named (a stalled rank with its
+Python stack); every rank is killed. :meth:`RankPool.gather` says how each rank ended instead
+of raising (what the pytest plugin, :mod:`syncbn.pytest_plugin`, reports). Ranks whose pool
+process dies end too.
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import os
 import pickle
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 # Messages are pickled by hand: multiprocessing's own pickler would pass tensors as shared
 # file descriptors (torch registers such reducers), which breaks across these connections.
 from multiprocessing.connection import Connection, Listener, wait
@@ -30,12 +35,13 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-from ._processes import (BACKENDS, MPI_INSTALL_HINT, find_mpiexec, kill_session as _kill_session,
-                         tail as _tail)
+from ._processes import (BACKENDS, MPI_INSTALL_HINT, describe_exit, find_mpiexec,
+                         kill_session as _kill_session, tail as _tail)
 from .comm import Communicator
 
 __all__ = [
     "RankPool",
+    "RankOutcome",
     "run_on_ranks",
     "RankFailure",
     "RemoteTraceback",
@@ -45,6 +51,13 @@ __all__ = [
 
 # After one rank raises, how long the others get to finish before they count as stalled.
 _GRACE_AFTER_ERROR_S = 5.0
+# How long a rank's exit status may lag behind its closed connection.
+_EXIT_STATUS_WAIT_S = 2.0
+# How long stalled ranks get to write their stacks before they are killed.
+_STACK_DUMP_WAIT_S = 0.5
+# How long close() lets the ranks exit on their own before killing them.
+_EXIT_WAIT_S = 10.0
+_WORKER_FILE = os.sep + os.path.join("syncbn", "_rank_worker.py")
 
 
 class RankFailure(RuntimeError):
@@ -56,6 +69,26 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+@dataclass
+class RankOutcome:
+    """How one rank ended one :meth:`RankPool.gather` call.
+
+    ``status`` is one of:
+
+    - "returned": ``value`` is what the function returned;
+    - "raised": ``value`` is the exception (None when it could not be pickled), ``detail`` the
+      rank's formatted traceback;
+    - "exited": the rank's process ended during the call; ``detail`` says how;
+    - "stalled": still running when the call ended (at the timeout, or a few seconds after
+      another rank failed), then killed; ``detail`` is its Python stack at that moment.
+    """
+
+    rank: int
+    status: str
+    value: Any = None
+    detail: str = ""
 
 
 class RecordingCommunicator(Communicator):
@@ -94,6 +127,10 @@ class RankPool:
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.closed = False
+        # The tail of the ranks' output, kept by close() (a failed run closes the pool).
+        self.last_output = ""
+        self._mpiexec_exit = ""
+        self._pids: Dict[int, int] = {}
         self._workdir = tempfile.mkdtemp(prefix="syncbn-ranks-")
         self._processes: List[subprocess.Popen] = []
         self._logs: List[str] = []
@@ -107,6 +144,7 @@ class RankPool:
             SYNCBN_POOL_AUTHKEY=authkey.hex(),
             SYNCBN_POOL_BACKEND=backend,
             SYNCBN_POOL_STORE=os.path.join(self._workdir, "store"),
+            SYNCBN_POOL_WORKDIR=self._workdir,
             SYNCBN_POOL_THREADS=str(threads),
             SYNCBN_POOL_GROUP_TIMEOUT=str(max(timeout, 30.0)),
             PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
@@ -158,7 +196,9 @@ class RankPool:
                 raise RankFailure(f"{len(accepted)} of {self.world_size} ranks started within "
                                   f"{self.start_timeout:.0f} s{self._log_tails()}")
         for connection in accepted:
-            self._connections[pickle.loads(connection.recv_bytes())] = connection
+            rank, pid = pickle.loads(connection.recv_bytes())
+            self._connections[rank] = connection
+            self._pids[rank] = pid
 
     def _raise_if_exited(self, when: str) -> None:
         for label_index, process in enumerate(self._processes):
@@ -174,52 +214,129 @@ class RankPool:
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None,
             **kwargs: Any) -> List[Any]:
-        """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order."""
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order.
+
+        A rank's exception is re-raised here; a rank that stalled or exited raises
+        :class:`RankFailure` naming it, and the pool is closed.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        outcomes = self.gather(fn, *args, timeout=timeout, **kwargs)
+        ranks = {status: [o.rank for o in outcomes if o.status == status]
+                 for status in ("raised", "exited", "stalled")}
+        if ranks["exited"]:
+            first = outcomes[ranks["exited"][0]]
+            who = self._mpiexec_exit or f"rank {first.rank} {first.detail}"
+            raise RankFailure(f"{who} while running {_name(fn)}{_killed(ranks['stalled'])}"
+                              f"{self.last_output}")
+        if ranks["raised"]:
+            _reraise(fn, ranks["raised"], outcomes, ranks["stalled"])
+        if ranks["stalled"]:
+            finished = [o.rank for o in outcomes if o.status == "returned"]
+            raise RankFailure(
+                f"{_name(fn)}: rank(s) {ranks['stalled']} did not finish within {timeout:.0f} s "
+                f"(ranks {finished} did); all ranks were killed{_stacks(outcomes)}{self.last_output}")
+        return [outcome.value for outcome in outcomes]
+
+    def gather(self, fn: Callable[..., Any], *args: Any, timeout: Optional[float] = None,
+               **kwargs: Any) -> List[RankOutcome]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return how each rank ended, in rank order.
+
+        Unlike :meth:`run` it raises nothing for a rank's failure: each :class:`RankOutcome`
+        says whether its rank returned, raised, exited or stalled. It waits up to ``timeout``
+        seconds; once a rank has raised or exited, the others get a few seconds more (they may
+        be waiting for it in a collective). Ranks still running then are "stalled": their
+        Python stacks are taken, and the pool is closed (every rank killed), as it is when a
+        rank exited. :attr:`last_output` then holds the tail of the ranks' output.
+        """
         if self.closed:
             raise RankFailure("this RankPool is closed (an earlier call failed or close() ran)")
-        try:
-            return self._run(fn, args, kwargs, self.timeout if timeout is None else timeout)
-        except RankFailure:
-            self.close()
-            raise
-
-    def _run(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any],
-             timeout: float) -> List[Any]:
+        timeout = self.timeout if timeout is None else timeout
         task = pickle.dumps(("run", pickle.dumps((fn, tuple(args), kwargs))))
-        for connection in self._connections.values():
-            connection.send_bytes(task)
-        replies: Dict[int, tuple] = {}
+        outcomes: Dict[int, RankOutcome] = {}
+        for rank, connection in self._connections.items():
+            try:
+                connection.send_bytes(task)
+            except OSError:  # the rank is gone
+                outcomes[rank] = RankOutcome(rank, "exited", detail=self._how_rank_ended(rank))
         rank_of = {id(c): r for r, c in self._connections.items()}
         deadline = time.monotonic() + timeout
-        while len(replies) < self.world_size:
-            pending = [c for r, c in self._connections.items() if r not in replies]
+        while len(outcomes) < self.world_size:
+            pending = [c for r, c in self._connections.items() if r not in outcomes]
             for connection in wait(pending, timeout=0.1):
+                rank = rank_of[id(connection)]
                 try:
-                    replies[rank_of[id(connection)]] = pickle.loads(connection.recv_bytes())
-                except EOFError:
-                    pass  # the rank died; reported below from its exit code
-            errors = [r for r, reply in replies.items() if reply[0] == "error"]
-            if errors and time.monotonic() > deadline:
-                break
-            if errors and deadline - time.monotonic() > _GRACE_AFTER_ERROR_S:
+                    reply = pickle.loads(connection.recv_bytes())
+                except EOFError:  # the rank's process ended
+                    outcomes[rank] = RankOutcome(rank, "exited", detail=self._how_rank_ended(rank))
+                    continue
+                if reply[0] == "ok":
+                    outcomes[rank] = RankOutcome(rank, "returned", reply[1])
+                else:
+                    outcomes[rank] = RankOutcome(rank, "raised", reply[1], reply[2])
+            self._note_exited_processes(outcomes)
+            failed = any(o.status in ("raised", "exited") for o in outcomes.values())
+            if failed and deadline - time.monotonic() > _GRACE_AFTER_ERROR_S:
                 deadline = time.monotonic() + _GRACE_AFTER_ERROR_S
-            if len(replies) < self.world_size:
-                self._raise_if_exited(f"while running {_name(fn)}")
-                if time.monotonic() > deadline and not errors:
-                    stalled = sorted(set(range(self.world_size)) - set(replies))
-                    raise RankFailure(
-                        f"{_name(fn)}: rank(s) {stalled} did not finish within {timeout:.0f} s "
-                        f"(ranks {sorted(replies)} did); all ranks were killed{self._log_tails()}")
-        errors = sorted(r for r, reply in replies.items() if reply[0] == "error")
-        if errors:
-            stalled = sorted(set(range(self.world_size)) - set(replies))
-            if stalled:
-                self.close()  # the stalled ranks wait in a collective; the pool is unusable
-            _reraise(fn, errors, replies, stalled)
-        return [replies[r][1] for r in range(self.world_size)]
+            if time.monotonic() > deadline:
+                break
+        if self.backend == "mpi" and any(o.status == "exited" for o in outcomes.values()):
+            try:  # a rank that ended makes mpiexec end the job: say how, when it does soon
+                code = self._processes[0].wait(_EXIT_STATUS_WAIT_S)
+                self._mpiexec_exit = f"mpiexec {describe_exit(code)}"
+            except subprocess.TimeoutExpired:
+                pass
+        stalled = sorted(set(range(self.world_size)) - set(outcomes))
+        stacks = self._take_stacks(stalled)
+        for rank in stalled:
+            outcomes[rank] = RankOutcome(rank, "stalled", detail=stacks.get(rank, ""))
+        if any(o.status in ("exited", "stalled") for o in outcomes.values()):
+            self._stop(0.0)  # ranks may wait for a dead or stuck one in a collective: unusable
+        return [outcomes[rank] for rank in range(self.world_size)]
+
+    def _how_rank_ended(self, rank: int) -> str:
+        """Words for a rank whose connection closed: its exit status when this pool knows it."""
+        if self.backend == "mpi":
+            return "exited (its connection closed)"
+        try:
+            return describe_exit(self._processes[rank].wait(_EXIT_STATUS_WAIT_S))
+        except subprocess.TimeoutExpired:
+            return "closed its connection"
+
+    def _note_exited_processes(self, outcomes: Dict[int, RankOutcome]) -> None:
+        """Mark the ranks whose process ended without their connection saying so yet."""
+        for index, process in enumerate(self._processes):
+            code = process.poll()
+            if code is None:
+                continue
+            if self.backend == "mpi":
+                self._mpiexec_exit = f"mpiexec {describe_exit(code)}"
+                for rank in set(range(self.world_size)) - set(outcomes):
+                    outcomes[rank] = RankOutcome(rank, "exited", detail=self._mpiexec_exit)
+            elif index not in outcomes:
+                outcomes[index] = RankOutcome(index, "exited", detail=describe_exit(code))
+
+    def _take_stacks(self, ranks: List[int]) -> Dict[int, str]:
+        """Ask each rank to write its Python stack (SIGUSR1, see _rank_worker), then read them."""
+        for rank in ranks:
+            try:
+                os.kill(self._pids[rank], signal.SIGUSR1)
+            except OSError:
+                pass
+        if ranks:
+            time.sleep(_STACK_DUMP_WAIT_S)
+        stacks = {}
+        for rank in ranks:
+            stack = _trim_stack(_tail(os.path.join(self._workdir, f"stack-rank{rank}.txt"), lines=200))
+            if stack:
+                stacks[rank] = stack
+        return stacks
 
     def close(self) -> None:
         """Stop every rank (asking first, then killing) and remove the working folder."""
+        self._stop(_EXIT_WAIT_S)
+
+    def _stop(self, exit_wait_s: float) -> None:
+        """Ask the ranks to exit, give them ``exit_wait_s`` seconds, then kill what is left."""
         if self.closed:
             return
         self.closed = True
@@ -228,13 +345,14 @@ class RankPool:
                 connection.send_bytes(pickle.dumps(("exit",)))
             except OSError:
                 pass
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + exit_wait_s
         for process in self._processes:
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             _kill_session(process)
+        self.last_output = self._log_tails()
         for connection in self._connections.values():
             connection.close()
         self._listener.close()
@@ -251,15 +369,35 @@ def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
-def _reraise(fn: Callable[..., Any], errors: List[int], replies: Dict[int, tuple],
+def _trim_stack(dump: str) -> str:
+    """A faulthandler dump of a rank without the worker's own frames and its watch thread."""
+    threads = []
+    for block in dump.strip().split("\n\n"):
+        lines = block.splitlines()
+        worker = [i for i, line in enumerate(lines) if _WORKER_FILE in line]
+        if worker and worker[0] == 1:  # the worker's own thread (its orphan watch)
+            continue
+        threads.append("\n".join(lines[:worker[0]] if worker else lines))
+    return "\n\n".join(threads) + "\n" if threads else ""
+
+
+def _killed(stalled: List[int]) -> str:
+    return f"; rank(s) {stalled} were still waiting and were killed" if stalled else ""
+
+
+def _stacks(outcomes: List[RankOutcome]) -> str:
+    return "".join(f"\n--- rank {o.rank}: where it was ---\n{o.detail}"
+                   for o in outcomes if o.status == "stalled" and o.detail)
+
+
+def _reraise(fn: Callable[..., Any], errors: List[int], outcomes: List[RankOutcome],
              stalled: List[int]) -> None:
-    first = errors[0]
-    _, exception, formatted = replies[first]
-    note = f"raised on rank {first} in {_name(fn)}"
+    first = outcomes[errors[0]]
+    exception, formatted = first.value, first.detail
+    note = f"raised on rank {first.rank} in {_name(fn)}"
     if len(errors) > 1:
         note += f" (ranks {errors} raised)"
-    if stalled:
-        note += f"; rank(s) {stalled} were still waiting and were killed"
+    note += _killed(stalled)
     if exception is None:
         raise RankFailure(f"{note}:\n{formatted}")
     exception.add_note(note)

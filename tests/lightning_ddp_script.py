@@ -20,9 +20,11 @@ LEARNING_RATE = 0.1
 
 
 def make_network() -> torch.nn.Module:
+    """The oracle's network; the LightningModule fuses its second norm with its LeakyReLU."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.LeakyReLU(0.1),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
     ).double()
 
@@ -36,16 +38,20 @@ def make_data():
 def main(out_dir: str) -> None:
     import lightning.pytorch as pl
 
+    import syncbn
     from syncbn.lightning import SyncBatchNormPlugin
 
     class Classifier(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.network = make_network()
-            self.norm_class_in_training = None
+            # A fused layer in the model as built: the plugin keeps it while fitting, and
+            # reverting at teardown makes it BatchNorm2d + LeakyReLU again.
+            self.network = syncbn.convert_sync_batchnorm_act(make_network())
+            self.norm_class_in_training = self.fused_class_in_training = None
 
         def training_step(self, batch, batch_index):
             self.norm_class_in_training = type(self.network[1])
+            self.fused_class_in_training = type(self.network[4])
             images, labels = batch
             # The mean over the local batch: DDP averages it over the ranks' equal batches.
             return torch.nn.functional.cross_entropy(self.network(images), labels)
@@ -68,6 +74,8 @@ def main(out_dir: str) -> None:
         "norm_class_in_training": f"{module.norm_class_in_training.__module__}."
                                   f"{module.norm_class_in_training.__qualname__}",
         "norm_class_after_fit": type(module.network[1]).__name__,
+        "fused_class_in_training": module.fused_class_in_training.__name__,
+        "fused_classes_after_fit": [type(module.network[i]).__name__ for i in (4, 5)],
         "state": {k: v.detach().clone() for k, v in module.network.state_dict().items()},
     }, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
 

@@ -6,6 +6,7 @@ oracle agree on the global batch without communicating.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Type
 
@@ -103,6 +104,17 @@ def take_parameter_grads(layer: torch.nn.Module, dweight: List[torch.Tensor],
         layer.weight.grad = layer.bias.grad = None
 
 
+def training_step(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """Output, input gradient and parameter gradients of one step on the loss sum(y^2), from a
+    copy of ``x`` (which stays intact); the model's gradients are cleared afterwards."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return [y.detach(), x.grad] + grads
+
+
 def run_steps(layer: torch.nn.Module, scenario: Scenario, rows: slice) -> StepRecord:
     """Train ``layer`` for the scenario's steps on ``rows`` of each global batch."""
     record = StepRecord()
@@ -128,7 +140,7 @@ def run_sync_rank(scenario: Scenario) -> StepRecord:
 def run_oracle(scenario: Scenario) -> StepRecord:
     """float64 torch BatchNorm on the concatenated global batch."""
     cls = BATCHNORM_BY_DIM[scenario.ndim]
-    double = Scenario(**{**scenario.__dict__, "dtype": torch.float64, "channels_last": False})
+    double = dataclasses.replace(scenario, dtype=torch.float64, channels_last=False)  # keeps its type
     return run_steps(make_layer(cls, double), double, slice(None))
 
 

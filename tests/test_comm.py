@@ -74,36 +74,35 @@ class _BufferSpy:
         return self.comm.Allreduce(send, receive)
 
 
-def _mpi_reduces_cpu_tensors_in_place() -> tuple:
+@requires_mpi
+@pytest.mark.ranks(2, backend="mpi")
+def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies():
     from mpi4py import MPI
 
     spy = _BufferSpy(MPI.COMM_WORLD)
     tensor = torch.arange(5, dtype=torch.float64)
-    result = MPICommunicator(spy).all_reduce_sum_(tensor)
-    return result is tensor, spy.addresses == [tensor.data_ptr()], tensor.tolist()
-
-
-@requires_mpi
-def test_mpi_all_reduce_works_in_place_on_the_tensor_memory_without_copies(rank_pool):
-    for same_object, same_memory, values in rank_pool(2, "mpi").run(_mpi_reduces_cpu_tensors_in_place):
-        assert same_object and same_memory and values == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert MPICommunicator(spy).all_reduce_sum_(tensor) is tensor
+    assert spy.addresses == [tensor.data_ptr()] and tensor.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
 
 
 def _without_any_group(monkeypatch) -> None:
-    for variable in MPI_VARIABLES + ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+    for variable in MPI_VARIABLES + ("WORLD_SIZE", "RANK", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
         monkeypatch.delenv(variable, raising=False)
 
 
-@pytest.mark.parametrize("variable, launcher", [("WORLD_SIZE", "torchrun or syncbn-launch"),
-                                                ("SLURM_STEP_NUM_TASKS", "srun")])
+@pytest.mark.parametrize("variable, value, says", [
+    ("WORLD_SIZE", "2", "2 ranks (WORLD_SIZE=2, set by torchrun or syncbn-launch)"),
+    ("SLURM_STEP_NUM_TASKS", "2", "2 ranks (SLURM_STEP_NUM_TASKS=2, set by srun)"),
+    ("RANK", "1", "more than one rank (RANK=1, set by torchrun or syncbn-launch)"),  # rank 1 of what?
+])
 def test_several_ranks_announced_without_a_group_raise_instead_of_normalizing_alone(
-        monkeypatch, variable, launcher):
+        monkeypatch, variable, value, says):
     _without_any_group(monkeypatch)
-    monkeypatch.setenv(variable, "2")
+    monkeypatch.setenv(variable, value)
     with pytest.raises(RuntimeError) as info:
         resolve_communicator(None)
     message = str(info.value)
-    assert f"{variable}=2, set by {launcher}" in message
+    assert f"the environment says this job has {says} but no process group" in message
     assert "torch.distributed.init_process_group(" in message and "syncbn.init_distributed()" in message
     own = SingleProcessCommunicator()  # the way out the message names
     assert resolve_communicator(own) is own
@@ -112,6 +111,7 @@ def test_several_ranks_announced_without_a_group_raise_instead_of_normalizing_al
 def test_one_rank_announced_or_a_slurm_batch_script_is_a_single_process(monkeypatch):
     _without_any_group(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")  # the batch script of a 4-task allocation, not srun
     assert isinstance(resolve_communicator(None), SingleProcessCommunicator)
 
@@ -155,9 +155,10 @@ def _watchdog_outcome(completes: bool) -> tuple:
 
 
 @requires_mpi
+@pytest.mark.ranks(2, backend="mpi")
 @pytest.mark.parametrize("completes", [True, False])
-def test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice(rank_pool, completes):
-    for noticed, aborted, err in rank_pool(2, "mpi").run(_watchdog_outcome, completes):
-        assert noticed and aborted != completes
-        assert "watched test communicator (rank=0, size=1) waited longer than 0.1 s" in err
-        assert ("completed after all; not aborting" in err) == completes
+def test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice(completes):
+    noticed, aborted, err = _watchdog_outcome(completes)
+    assert noticed and aborted != completes
+    assert "watched test communicator (rank=0, size=1) waited longer than 0.1 s" in err
+    assert ("completed after all; not aborting" in err) == completes

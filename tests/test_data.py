@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS
+from conftest import ranks_over_each_backend, sync_group
 from syncbn.data import (ShardedSampler, average_gradients, rank_batch_stream, rank_batches,
                          shard_indices)
 
@@ -144,22 +144,13 @@ def test_average_gradients_alone_is_a_no_op():
     assert all(torch.equal(b, p.grad) for b, p in zip(before, layer.parameters()))
 
 
-def _average_rank(world: int) -> List[torch.Tensor]:
-    import syncbn
-
-    rank = syncbn.resolve_communicator().rank
+@ranks_over_each_backend(3)
+def test_average_gradients_over_ranks(rank, backend):
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)),
               torch.nn.Parameter(torch.zeros(1))]  # the last has no gradient
     params[0].grad = torch.full((2, 3), float(rank))
     params[1].grad = torch.arange(4.0) * (rank + 1)
-    average_gradients(params)
-    return [params[0].grad, params[1].grad, params[2].grad]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_average_gradients_over_ranks(rank_pool, backend):
-    world = 3
-    for grads in rank_pool(world, backend).run(_average_rank, world):
-        assert torch.allclose(grads[0], torch.full((2, 3), 1.0))  # mean of 0, 1, 2
-        assert torch.allclose(grads[1], torch.arange(4.0) * 2)    # mean of 1, 2, 3
-        assert grads[2] is None
+    average_gradients(params, sync_group(backend))
+    assert torch.allclose(params[0].grad, torch.full((2, 3), 1.0))  # mean of 0, 1, 2
+    assert torch.allclose(params[1].grad, torch.arange(4.0) * 2)    # mean of 1, 2, 3
+    assert params[2].grad is None

@@ -1,6 +1,7 @@
 """SyncBatchNorm on several ranks equals float64 BatchNorm on the concatenated global batch.
 
-Every case runs over gloo and over MPI on real processes (see conftest.rank_pool).
+Every case runs over gloo and over MPI on real processes: the cases judged on all ranks'
+records together through conftest.rank_pool, the others in the body of a test on ranks.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import syncbn
-from conftest import BACKENDS
+from conftest import BACKENDS, ranks_over_each_backend, sync_group
 from scenarios import Scenario, assert_matches_oracle, run_sync_rank
 from syncbn.testing import RecordingCommunicator
 
@@ -36,74 +37,44 @@ def test_three_ranks_equal_float64_batchnorm_on_the_global_batch(rank_pool, back
     assert_matches_oracle(records, scenario)
 
 
-def _empty_everywhere() -> dict:
-    layer = syncbn.SyncBatchNorm(3)
+@ranks_over_each_backend(3)
+def test_global_count_zero_gives_empty_output_zero_grads_and_untouched_stats(backend):
+    layer = syncbn.SyncBatchNorm(3, process_group=sync_group(backend))
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     y = layer(x)
     y.sum().backward()
-    return dict(shape=tuple(y.shape), dx_shape=tuple(x.grad.shape), weight_grad=layer.weight.grad,
-                bias_grad=layer.bias.grad, buffers={k: v.clone() for k, v in layer.named_buffers()})
+    assert y.shape == x.grad.shape == (0, 3, 4, 4)
+    assert torch.equal(layer.weight.grad, torch.zeros(3)) and torch.equal(layer.bias.grad, torch.zeros(3))
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+    assert layer.num_batches_tracked.item() == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_global_count_zero_gives_empty_output_zero_grads_and_untouched_stats(rank_pool, backend):
-    for result in rank_pool(3, backend).run(_empty_everywhere):
-        assert result["shape"] == (0, 3, 4, 4) and result["dx_shape"] == (0, 3, 4, 4)
-        assert torch.equal(result["weight_grad"], torch.zeros(3))
-        assert torch.equal(result["bias_grad"], torch.zeros(3))
-        assert torch.equal(result["buffers"]["running_mean"], torch.zeros(3))
-        assert torch.equal(result["buffers"]["running_var"], torch.ones(3))
-        assert result["buffers"]["num_batches_tracked"].item() == 0
+@ranks_over_each_backend(3, timeout=60)
+def test_global_count_one_raises_on_every_rank(rank, backend):
+    layer = syncbn.SyncBatchNorm(3, name="neck.bn", process_group=sync_group(backend))
+    with pytest.raises(ValueError, match=r"neck\.bn.*more than 1 value per channel"):
+        layer(torch.randn(1 if rank == 0 else 0, 3))
 
 
-def _single_value_in_group() -> str:
-    rank = syncbn.resolve_communicator().rank
-    layer = syncbn.SyncBatchNorm(3, name="neck.bn")
-    x = torch.randn(1 if rank == 0 else 0, 3)
-    try:
-        layer(x)
-    except ValueError as error:
-        return str(error)
-    return "no error"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_global_count_one_raises_on_every_rank(rank_pool, backend):
-    messages = rank_pool(3, backend).run(_single_value_in_group, timeout=60)
-    assert all("neck.bn" in m and "more than 1 value per channel" in m for m in messages), messages
-
-
-def _eval_on_rank_zero_only() -> bool:
-    rank = syncbn.resolve_communicator().rank
+@ranks_over_each_backend(3, timeout=30)
+def test_eval_on_one_rank_alone_returns_without_communicating(rank, backend):
     if rank == 0:  # the other ranks never call the layer: eval must not communicate
-        layer = syncbn.SyncBatchNorm(3).eval()
-        return bool(torch.isfinite(layer(torch.randn(2, 3, 4))).all())
-    return True
+        layer = syncbn.SyncBatchNorm(3, process_group=sync_group(backend)).eval()
+        assert torch.isfinite(layer(torch.randn(2, 3, 4))).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_eval_on_one_rank_alone_returns_without_communicating(rank_pool, backend):
-    assert rank_pool(3, backend).run(_eval_on_rank_zero_only, timeout=30) == [True] * 3
-
-
-def _count_collectives() -> dict:
-    recording = RecordingCommunicator(syncbn.resolve_communicator())
+@ranks_over_each_backend(2)
+def test_one_packed_collective_forward_one_backward_none_in_eval(backend):
+    recording = RecordingCommunicator(syncbn.resolve_communicator(sync_group(backend)))
     layer = syncbn.SyncBatchNorm(8, process_group=recording)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
     layer(x).sum().backward()
-    training = list(recording.calls)
+    # forward: count, C sums, C squared sums, C shifts and C squared shifts (the ranks'
+    # agreement per channel), invalid-input and fp64-input flags, in fp64; backward: 2C in fp64
+    assert recording.calls == [(35, torch.float64), (16, torch.float64)]
     layer.eval()
     layer(x)
-    return dict(training=training, eval=recording.calls[len(training):])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_packed_collective_forward_one_backward_none_in_eval(rank_pool, backend):
-    for result in rank_pool(2, backend).run(_count_collectives):
-        # forward: count, C sums, C squared sums, C shifts and C squared shifts (the ranks'
-        # agreement per channel), invalid-input and fp64-input flags, in fp64; backward: 2C in fp64
-        assert result["training"] == [(35, torch.float64), (16, torch.float64)]
-        assert result["eval"] == []
+    assert len(recording.calls) == 2  # none in eval
 
 
 def _small_convnet() -> torch.nn.Module:
@@ -132,20 +103,13 @@ def _train(model: torch.nn.Module, rows: slice, loss_scale: float = 1.0, steps: 
     return model
 
 
-def _ddp_rank(rows_per_rank: int) -> dict:
-    rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
+@pytest.mark.ranks(2)
+def test_ddp_training_equals_single_process_full_batch_training(rank, world_size):
+    rows = 3  # per rank
     model = torch.nn.parallel.DistributedDataParallel(syncbn.convert_sync_batchnorm(_small_convnet()))
     # DDP averages gradients over ranks; scaling the summed loss by the world size makes the
     # step equal full-batch SGD on the summed loss.
-    _train(model, slice(rank * rows_per_rank, (rank + 1) * rows_per_rank), loss_scale=world)
-    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-
-
-def test_ddp_training_equals_single_process_full_batch_training(rank_pool):
-    states = rank_pool(2, "gloo").run(_ddp_rank, 3)
-    reference = _train(_small_convnet(), slice(None)).state_dict()
-    for rank, state in enumerate(states):
-        for name, expected in reference.items():
-            torch.testing.assert_close(state[name], expected, atol=1e-9, rtol=1e-9,
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
+    _train(model, slice(rank * rows, (rank + 1) * rows), loss_scale=world_size)
+    state, reference = model.module.state_dict(), _train(_small_convnet(), slice(None)).state_dict()
+    for name, expected in reference.items():
+        torch.testing.assert_close(state[name], expected, atol=1e-9, rtol=1e-9, msg=lambda m: f"{name}: {m}")

@@ -2,7 +2,9 @@
 giving bitwise-identical results under syncbn-launch (gloo, mpi), torchrun, bare mpiexec and srun."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,7 +14,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ import syncbn.distributed as distributed
 import syncbn.launch
 from conftest import MPI_AVAILABLE
 from launch_scripts import train_everywhere
-from launch_scripts.harness import LIMIT_S, ROOT, SCRIPTS, launcher_command, launcher_env
+from launch_scripts.harness import (LIMIT_S, ROOT, SCRIPTS, launcher_command, launcher_env,
+                                    run_launcher)
 from syncbn.testing import find_mpiexec
 
 TRAIN = str(SCRIPTS / "train_everywhere.py")
@@ -32,8 +35,9 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
                     "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_RANK",
                     "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_RANK", "PMIX_SIZE",
                     "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
-                    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
-                    "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST")
+                    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
+                    "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",
+                    "TORCHELASTIC_USE_AGENT_STORE")
 
 
 @pytest.fixture
@@ -54,11 +58,18 @@ def bare_env(monkeypatch):
     ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}, "mpi"),  # Open MPI
     ({"PMIX_RANK": "1", "PMIX_SIZE": "4"}, "mpi"),
     ({"MV2_COMM_WORLD_RANK": "1", "MV2_COMM_WORLD_SIZE": "4"}, "mpi"),  # MVAPICH
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, "slurm"),
     # torchrun under srun, and Hydra's proxies started by srun: the inner launcher numbered the ranks
-    ({"RANK": "5", "WORLD_SIZE": "16", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "torchrun"),
-    ({"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "mpi"),
+    ({"RANK": "5", "WORLD_SIZE": "16", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "torchrun"),
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "mpi"),
     ({"SLURM_JOB_ID": "12"}, "single"),  # inside an allocation, but not started by srun
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, "single"),  # a batch script: it runs once
+    # half of torchrun's pair: a broken launch (init_distributed says so), unless another
+    # launcher numbered the ranks
+    ({"RANK": "1"}, "torchrun"),
+    ({"WORLD_SIZE": ""}, "torchrun"),
+    ({"WORLD_SIZE": "2", "PMI_RANK": "1", "PMI_SIZE": "2"}, "mpi"),
+    ({"RANK": "1", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}, "slurm"),
 ])
 def test_the_launcher_is_read_from_the_environment(bare_env, variables, launcher):
     for name, value in variables.items():
@@ -83,14 +94,6 @@ def test_without_a_variable_the_mpi_local_rank_is_counted_from_host_names():
     assert [distributed.local_rank_from_hosts(hosts, rank) for rank in range(5)] == [0, 0, 1, 2, 1]
 
 
-def test_the_mpi_rendezvous_is_loopback_on_one_host_else_rank_zeros_host_on_a_free_port(bare_env):
-    assert distributed.mpi_rendezvous_address(["a", "a"]) == ("127.0.0.1", 0)  # 0: the OS picks
-    assert distributed.mpi_rendezvous_address(["a", "b", "a"]) == ("a", 0)
-    bare_env.setenv("MASTER_ADDR", "10.1.2.3")
-    bare_env.setenv("MASTER_PORT", "29500")
-    assert distributed.mpi_rendezvous_address(["a", "b"]) == ("10.1.2.3", 29500)
-
-
 def test_a_single_process_initializes_nothing_and_says_so(bare_env):
     assert syncbn.init_distributed() == syncbn.DistInfo(rank=0, world_size=1, local_rank=0,
                                                         launcher="single")
@@ -98,13 +101,22 @@ def test_a_single_process_initializes_nothing_and_says_so(bare_env):
     assert isinstance(syncbn.resolve_communicator(), syncbn.SingleProcessCommunicator)
 
 
+STORE = "the rendezvous store"  # what the recording _env_store hands on
+
+
 def _record_init(env, calls: List[tuple]) -> None:
     """Record instead of starting a group (no GPU, no peers here): the wiring only."""
     env.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     env.setattr(torch.cuda, "device_count", lambda: 8)
+    env.setattr(distributed, "_env_store",
+                lambda info, address, port, timeout: calls.append(("store", address, port, timeout))
+                or STORE)
+    env.setattr(distributed, "_wait_for_every_rank",
+                lambda store, info, where: calls.append(("arrival", store, info.rank)))
     env.setattr(torch.distributed, "init_process_group",
                 lambda backend, **options: calls.append(("init", backend, options)))
-    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+    for name, value in {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.items():
         env.setenv(name, value)
 
 
@@ -113,7 +125,9 @@ def test_nccl_puts_each_rank_on_the_gpu_of_its_local_rank_before_the_group_start
     _record_init(bare_env, calls)
     info = syncbn.init_distributed("nccl", timeout=5)
     assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
-    assert calls == [("set_device", 1), ("init", "nccl", {"timeout": timedelta(seconds=5)})]
+    five = timedelta(seconds=5)
+    assert calls == [("store", "127.0.0.1", 29511, five), ("arrival", STORE, 5), ("set_device", 1),
+                     ("init", "nccl", {"store": STORE, "rank": 5, "world_size": 8, "timeout": five})]
 
 
 def test_a_rank_that_sees_one_gpu_uses_it(bare_env):
@@ -121,7 +135,7 @@ def test_a_rank_that_sees_one_gpu_uses_it(bare_env):
     _record_init(bare_env, calls)
     bare_env.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
     assert syncbn.init_distributed("nccl").local_rank == 1
-    assert calls[0] == ("set_device", 0)
+    assert ("set_device", 0) in calls
 
 
 def test_the_default_backend_is_gloo_without_cuda(bare_env):
@@ -129,7 +143,8 @@ def test_the_default_backend_is_gloo_without_cuda(bare_env):
     _record_init(bare_env, calls)
     bare_env.setattr(torch.cuda, "is_available", lambda: False)
     syncbn.init_distributed(timeout=timedelta(minutes=2))
-    assert calls == [("init", "gloo", {"timeout": timedelta(minutes=2)})]
+    assert calls[-1] == ("init", "gloo", {"store": STORE, "rank": 5, "world_size": 8,
+                                          "timeout": timedelta(minutes=2)})
 
 
 def test_an_existing_group_is_reported_not_initialized_again(bare_env):
@@ -141,6 +156,163 @@ def test_an_existing_group_is_reported_not_initialized_again(bare_env):
     info = syncbn.init_distributed()
     assert info == syncbn.DistInfo(rank=5, world_size=8, local_rank=1, launcher="torchrun")
     assert calls == []
+
+
+# --- an environment that cannot make a group: at once, or at the timeout --------------------
+
+INIT_CASES = str(SCRIPTS / "init_cases.py")
+TORCHRUN_FIX = "Fix: start every rank with torchrun or syncbn-launch, which set RANK, WORLD_SIZE"
+SRUN_FIX = "Fix: start the tasks with srun, which sets SLURM_PROCID, SLURM_STEP_NUM_TASKS"
+MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+BROKEN = {  # case -> (the environment, what the error must say, the fix it must name)
+    "a rank outside the world": ({"RANK": "3", "WORLD_SIZE": "2", **MASTER},
+                                 ["RANK=3 is outside a job of WORLD_SIZE=2 ranks (0 to 1)"], TORCHRUN_FIX),
+    "RANK without WORLD_SIZE": ({"RANK": "1"}, ["WORLD_SIZE is not set", "RANK=1"], TORCHRUN_FIX),
+    "WORLD_SIZE without RANK": ({"WORLD_SIZE": "2", **MASTER}, ["RANK is not set", "WORLD_SIZE=2"],
+                                TORCHRUN_FIX),
+    "an empty RANK": ({"RANK": "", "WORLD_SIZE": "2", **MASTER},
+                      ["RANK is set but empty", "RANK=''"], TORCHRUN_FIX),
+    "an empty RANK alone": ({"RANK": ""}, ["RANK is set but empty"], TORCHRUN_FIX),
+    "an empty WORLD_SIZE": ({"RANK": "0", "WORLD_SIZE": " "}, ["WORLD_SIZE is set but empty"],
+                            TORCHRUN_FIX),
+    "a non-integer WORLD_SIZE": ({"RANK": "0", "WORLD_SIZE": "2.0", **MASTER},
+                                 ["WORLD_SIZE='2.0' is not a whole number"], TORCHRUN_FIX),
+    "a negative RANK": ({"RANK": "-1", "WORLD_SIZE": "2", **MASTER},
+                        ["RANK='-1' is not a whole number"], TORCHRUN_FIX),
+    "a world of 0": ({"RANK": "0", "WORLD_SIZE": "0", **MASTER},
+                     ["WORLD_SIZE=0: a job has at least one rank"], TORCHRUN_FIX),
+    "no MASTER_PORT": ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"},
+                       ["MASTER_PORT is not set"], TORCHRUN_FIX),
+    "an srun task outside its step": ({"SLURM_PROCID": "4", "SLURM_STEP_NUM_TASKS": "4"},
+                                      ["SLURM_PROCID=4 is outside a job of SLURM_STEP_NUM_TASKS=4"],
+                                      SRUN_FIX),
+    "an empty srun variable": ({"SLURM_PROCID": "", "SLURM_STEP_NUM_TASKS": "2"},
+                               ["SLURM_PROCID is set but empty"], SRUN_FIX),
+}
+BATCH_SCRIPT = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77",
+                "SLURM_JOB_NODELIST": "cn[1-4]"}  # python train.py run by sbatch, without srun
+NO_STORE_TIMEOUT_S = 1.0
+
+
+def _run_processes(commands: List[List[str]], envs: List[Dict[str, str]]) -> List[Tuple[int, str, str]]:
+    """Run processes side by side; past LIMIT_S kill them all and name the ones that stalled."""
+    processes = [subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+                 for command, env in zip(commands, envs)]
+    results, stalled = [], []
+    try:
+        deadline = time.monotonic() + LIMIT_S
+        for index, process in enumerate(processes):
+            try:
+                out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stalled.append(index)
+                os.killpg(process.pid, signal.SIGKILL)
+                out, err = process.communicate()
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert not stalled, f"process(es) {stalled} stalled past {LIMIT_S} s: {results}"
+    return results
+
+
+def _cases(output: str) -> Dict[str, dict]:
+    found = re.findall(r"^case (.+?) (\{.*\})$", output, re.M)
+    return {name: json.loads(outcome) for name, outcome in found}
+
+
+@pytest.fixture(scope="module")
+def init_outcomes() -> Dict[str, dict]:
+    """What init_distributed did under every broken environment, the batch script's and one
+    whose store nobody hosts: one process for them all, in order."""
+    cases = {name: {"env": env} for name, (env, _, _) in BROKEN.items()}
+    cases["batch script"] = {"env": BATCH_SCRIPT}
+    cases["no store"] = {"env": {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                 "MASTER_PORT": str(_free_port())}, "timeout": NO_STORE_TIMEOUT_S}
+    spec = {"clear": list(LAUNCH_VARIABLES), "cases": cases}
+    code, out, err = _run_processes([[sys.executable, INIT_CASES, "cases", json.dumps(spec)]],
+                                    [launcher_env()])[0]
+    outcomes = _cases(out)
+    missing = [name for name in cases if name not in outcomes]
+    assert code == 0 and not missing, f"no outcome for {missing} (exit {code})\n{out}\n{err[-3000:]}"
+    return outcomes
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_an_environment_that_cannot_make_a_group_raises_at_once_naming_the_variables_and_the_fix(
+        init_outcomes, case):
+    _, says, fix = BROKEN[case]
+    outcome = init_outcomes[case]
+    assert outcome.get("error", "").startswith(
+        "RuntimeError: init_distributed: this environment cannot make a process group: "), outcome
+    for words in says + [fix]:
+        assert words in outcome["error"], (words, outcome)
+    assert outcome["elapsed"] < 1.0 and not outcome["group"], outcome
+
+
+def test_a_slurm_batch_script_without_srun_is_one_process_at_once_and_the_warning_names_srun(
+        init_outcomes):
+    outcome = init_outcomes["batch script"]
+    assert outcome.get("info") == {"rank": 0, "world_size": 1, "local_rank": 0,
+                                   "launcher": "single"}, outcome
+    assert outcome["elapsed"] < 1.0 and not outcome["group"], outcome
+    assert any("SLURM_NTASKS=4" in warning and "srun" in warning
+               for warning in outcome["warnings"]), outcome
+
+
+def test_a_rank_that_finds_no_store_says_where_it_looked_at_the_timeout(init_outcomes):
+    outcome = init_outcomes["no store"]
+    error = outcome.get("error", "")
+    assert re.search(r"init_distributed: rank 1 found no rendezvous store at 127\.0\.0\.1:\d+ "
+                     r"\(RANK=1, WORLD_SIZE=2, MASTER_ADDR=127\.0\.0\.1, MASTER_PORT=\d+\): it is "
+                     r"hosted by rank 0", error), outcome
+    # torch's client tries twice, each for the timeout
+    assert NO_STORE_TIMEOUT_S * 0.9 < outcome["elapsed"] < NO_STORE_TIMEOUT_S * 2 + 10, outcome
+
+
+def test_a_rank_that_never_comes_ends_the_wait_at_the_timeout_on_every_rank_naming_those_that_came():
+    timeout = 3.0
+    env = launcher_env(WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    spec = {"clear": [], "cases": {"wait": {"env": {}, "timeout": timeout}}}
+    command = [sys.executable, INIT_CASES, "cases", json.dumps(spec)]
+    results = _run_processes([command] * 2, [dict(env, RANK=str(rank)) for rank in range(2)])
+    for rank, (code, out, err) in enumerate(results):  # rank 2 never started
+        outcome = _cases(out).get("wait", {})
+        error = outcome.get("error", "")
+        assert re.match(rf"RuntimeError: init_distributed: rank {rank} waited 3 s \(the rendezvous "
+                        r"timeout: init_distributed\(timeout=\.\.\.\), else SYNCBN_TIMEOUT seconds\) at "
+                        r"the store at 127\.0\.0\.1:\d+ \(MASTER_ADDR:MASTER_PORT\) for all 3 ranks; "
+                        r"arrived: rank\(s\) 0, 1; never arrived: rank\(s\) 2 \(", error), (out, err[-3000:])
+        assert f"RANK={rank}, WORLD_SIZE=3, MASTER_ADDR=127.0.0.1, MASTER_PORT=" in error, error
+        assert TORCHRUN_FIX in error, error
+        # rank 0 hosts the store and waited longest; rank 1 read rank 0's verdict
+        assert outcome["elapsed"] < timeout + 10, outcome
+    assert _cases(results[0][1])["wait"]["elapsed"] > timeout * 0.95
+
+
+def test_under_syncbn_launch_a_rank_that_never_comes_is_named_by_every_rank_that_came():
+    """The launcher hosts the store (torchrun's agent store): the ranks that came raise the same
+    error at the timeout, and the launcher's summary shows it once."""
+    result = run_launcher("--nprocs", "3", INIT_CASES, "absent", "2", "3")
+    assert result.returncode == 1, result
+    summary = result.stderr[result.stderr.index("syncbn-launch: job failed"):]
+    waited = {int(rank): float(seconds) for rank, seconds in
+              re.findall(r"^\[rank\d\] rank (\d) waited (\d+\.\d+) s$", result.stdout, re.M)}
+    assert set(waited) == {0, 1} and all(seconds < 3 + 10 for seconds in waited.values()), result
+    first = re.search(r"^rank (\d) raised RuntimeError: init_distributed: rank \1 waited 3 s \(the "
+                      r"rendezvous timeout: .*? seconds\) at the store at [\d.]+:\d+ \(MASTER_ADDR:MASTER_PORT\) "
+                      r"for all 3 ranks; arrived: rank\(s\) 0, 1; never arrived: "
+                      r"rank\(s\) 2 \(RANK=\1, WORLD_SIZE=3", summary, re.M)
+    assert first, summary
+    assert "rank 2 was killed by SIGTERM" in summary, summary  # the one that never came
+    other = 1 - int(first.group(1))
+    if f"rank {other} exited with code 1" in summary:  # it ended on its own before being stopped
+        assert f"rank(s) {other} raised the same but for the rank number" in summary, summary
+        assert summary.count(" raised RuntimeError") == 1, summary
 
 
 # --- Slurm ----------------------------------------------------------------------------------

@@ -216,18 +216,22 @@ def test_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path):
 PRINTED_SIGNATURES = {
     "syncbn.init_distributed": syncbn.init_distributed,
     "syncbn.SyncBatchNorm": syncbn.SyncBatchNorm,
+    "syncbn.SyncBatchNormAct": syncbn.SyncBatchNormAct,
     "syncbn.functional.sync_batch_norm": syncbn.functional.sync_batch_norm,
 }
 
 
 def printed_signature(text: str, name: str) -> List[Tuple[str, Optional[str], bool]]:
-    """(parameter, default as printed or None, keyword-only) of README's ``name(...)``."""
+    """(parameter, default as printed or None, keyword-only) of README's ``name(...)``; a
+    printed ``...`` stands for parameters left out."""
     match = re.search(r"`%s\(([^`]*)\)`" % re.escape(name), text)
     assert match, f"README no longer prints the signature of {name}"
     out, keyword_only = [], False
     for part in (p.strip() for p in match.group(1).replace("\n", " ").split(",")):
         if part == "*":
             keyword_only = True
+            continue
+        if part == "...":
             continue
         parameter, _, default = part.partition("=")
         out.append((parameter.strip(), default.strip() or None, keyword_only))
@@ -246,6 +250,17 @@ def test_readme_prints_signatures_as_the_code_has_them(name):
         assert (real[parameter].kind is inspect.Parameter.KEYWORD_ONLY) == keyword_only, parameter
         if default is not None:
             assert ast.literal_eval(default) == real[parameter].default, parameter
+
+
+def test_documented_exit_grace_default_is_the_launcher_s():
+    """README and launch/README.md give syncbn-launch's --exit-grace default in seconds."""
+    import syncbn.launch
+
+    default = syncbn.launch._parser().parse_args(["--nprocs", "2", "train.py"]).exit_grace
+    for name in ("README.md", "launch/README.md"):
+        text = " ".join((ROOT / name).read_text().split())
+        documented = re.findall(r"`--exit-grace` seconds later \(default (\d+(?:\.\d+)?)\)", text)
+        assert documented and {float(d) for d in documented} == {default}, (name, documented, default)
 
 
 def test_project_layout_names_paths_that_exist():

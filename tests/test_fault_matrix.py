@@ -265,18 +265,38 @@ def test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job():
     assert "step 2 done" not in result.stdout, result
 
 
+@requires_mpi
+@pytest.mark.mpi
+def test_row4_mpi_after_init_distributed_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job():
+    """init_distributed builds a gloo group under MPI, so syncbn never creates its MPI
+    communicator; init_distributed itself makes an uncaught exception abort the MPI job. Rank 0
+    works on without noticing (a sleep, as a rank in an NCCL collective would): only the abort
+    can end the job in time."""
+    result = _job(run_command, _mpiexec(FAULT_JOB, "uncaught-after-init"))
+    assert result.returncode != 0, result
+    assert "ValueError: rank 1: a broken batch, uncaught" in result.stderr, result
+    assert "syncbn: uncaught ValueError on MPI rank 1: aborting every rank of the job" in result.stderr, result
+    assert "step 2 done" not in result.stdout, result
+
+
 def test_row5_gloo_a_launched_script_that_never_initializes_a_group_raises_on_every_rank():
     result = _job(run_launcher, "--nprocs", "2", FAULT_JOB, "forget-init")
     assert result.returncode == 1, result
     summary = _summary(result)
-    for rank in _ranks_that_ended_on_their_own(summary):
+    ended = _ranks_that_ended_on_their_own(summary)
+    for rank in ended:
         assert f"[rank{rank}] rank {rank}: running statistics unchanged: True" in result.stdout
-        raised = re.search(rf"^rank {rank} raised RuntimeError: (.*)$", summary, re.M)
-        assert raised, summary
-        assert raised.group(1).startswith("SyncBatchNorm(4) 'fault.bn': "), summary
-        assert "WORLD_SIZE=2" in raised.group(1), summary
-        assert "torch.distributed.init_process_group(" in raised.group(1), summary
-        assert "syncbn.init_distributed()" in raised.group(1), summary
+    # the same error on both ranks: shown once, from the first rank that ended
+    raised = re.findall(r"^rank (\d) raised RuntimeError: (.*)$", summary, re.M)
+    assert len(raised) == 1 and int(raised[0][0]) in ended, summary
+    error = raised[0][1]
+    assert error.startswith("SyncBatchNorm(4) 'fault.bn': "), summary
+    assert "WORLD_SIZE=2" in error, summary
+    assert "torch.distributed.init_process_group(" in error, summary
+    assert "syncbn.init_distributed()" in error, summary
+    if len(ended) == 2:
+        assert f"rank(s) {1 - int(raised[0][0])} raised the same\n" in summary, summary
+    assert summary.count(error) == 2, summary  # the exception line and its traceback's last line
 
 
 @requires_mpi
@@ -333,6 +353,42 @@ def test_row6_sigkill_of_the_launcher_leaves_no_rank_or_child_of_a_rank_behind(b
             launcher.kill()
             launcher.wait()
         _assert_nothing_left(tag)
+
+
+# --- a rank that finishes normally while another still needs it: --exit-grace ----------------
+
+EXIT_GRACE = "2"
+STALLED = ("rank 1 finished normally but rank(s) [0] still ran 2 s later (--exit-grace), taken "
+           "to be waiting for it")
+
+
+@requires_mpi
+@pytest.mark.mpi
+def test_mpi_a_rank_that_returns_while_another_waits_for_it_ends_the_job_after_the_exit_grace():
+    # Without the grace: rank 1 waits in MPI_Finalize, rank 0 in the collective, until
+    # SYNCBN_TIMEOUT (1800 s).
+    result = _job(run_launcher, "--nprocs", "2", "--backend", "mpi", "--exit-grace", EXIT_GRACE,
+                  FAULT_JOB, "return-early")
+    assert result.returncode == 124, result
+    assert _summary(result).startswith(f"syncbn-launch: job failed (exit status 124): {STALLED}"), result
+    assert "rank 1: done" in result.stdout and "rank 0: done" not in result.stdout, result
+
+
+def test_gloo_a_rank_that_exits_0_before_the_group_exists_ends_the_job_after_the_exit_grace():
+    # Without the grace: rank 0 waits in the rendezvous for the store's timeout (30 min).
+    result = _job(run_launcher, "--nprocs", "2", "--exit-grace", EXIT_GRACE, FAULT_JOB,
+                  "exit-before-group")
+    assert result.returncode == 124, result
+    assert _summary(result).startswith(f"syncbn-launch: job failed (exit status 124): {STALLED}"), result
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("mpi", marks=[requires_mpi, pytest.mark.mpi])])
+def test_ranks_that_finish_apart_after_their_last_collective_succeed_within_the_default_grace(backend):
+    tag = uuid.uuid4().hex
+    result = run_launcher("--nprocs", "2", "--backend", backend, FAULT_JOB, "finish-apart", **{TAG: tag})
+    _assert_nothing_left(tag)
+    assert result.returncode == 0, result
+    assert "[rank0] rank 0: done" in result.stdout and "[rank1] rank 1: done" in result.stdout
 
 
 @pytest.mark.parametrize("backend, status", [

@@ -1,6 +1,7 @@
 """Failures are loud, fast and raised on every rank: the guard, group-wide errors, timeouts."""
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -9,7 +10,7 @@ import torch
 import torch.utils.checkpoint
 
 import syncbn
-from conftest import BACKENDS, requires_mpi
+from conftest import ranks_over_each_backend, requires_mpi, sync_group
 from scenarios import IdenticalPeers
 from syncbn.comm import Communicator
 from syncbn.testing import RankFailure, RecordingCommunicator, run_on_ranks
@@ -23,89 +24,65 @@ def _outcome(action) -> str:
     return "no error"
 
 
-def _rank_one_skips_a_layer() -> str:
-    rank = syncbn.resolve_communicator().rank
-    first = syncbn.SyncBatchNorm(4, name="block.bn1", debug=True)
-    second = syncbn.SyncBatchNorm(4, name="block.bn2", debug=True)
-
-    def step():
+@ranks_over_each_backend(2, timeout=60)
+def test_debug_guard_turns_a_skipped_layer_into_an_error_on_every_rank(rank, backend):
+    first = syncbn.SyncBatchNorm(4, name="block.bn1", debug=True, process_group=sync_group(backend))
+    second = syncbn.SyncBatchNorm(4, name="block.bn2", debug=True, process_group=sync_group(backend))
+    with pytest.raises(syncbn.CollectiveMismatchError) as info:
         y = first(torch.randn(3, 4, 2, 2, requires_grad=True))
         if rank == 0:  # a data-dependent branch taken on one rank only
             y = second(y)
         y.sum().backward()
-
-    return _outcome(step)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_debug_guard_turns_a_skipped_layer_into_an_error_on_every_rank(rank_pool, backend):
-    messages = rank_pool(2, backend).run(_rank_one_skips_a_layer, timeout=60)
-    assert messages[0].startswith("CollectiveMismatchError: SyncBatchNorm(4) 'block.bn2'")
-    assert messages[1].startswith("CollectiveMismatchError: SyncBatchNorm(4) 'block.bn1'")
-    assert "rank(s) [1] disagree" in messages[0] and "rank(s) [0] disagree" in messages[1]
-    assert all("direction=forward" in m and "direction=backward" in m for m in messages)
+    message = str(info.value)
+    # rank 0 waits in bn2's forward, rank 1 in bn1's backward; each names the other
+    assert message.startswith(f"SyncBatchNorm(4) 'block.bn{2 - rank}'")
+    assert f"rank(s) [{1 - rank}] disagree" in message
+    assert "direction=forward" in message and "direction=backward" in message
 
 
-def _channel_counts_differ() -> str:
-    rank = syncbn.resolve_communicator().rank
+@pytest.mark.ranks(2, timeout=60)
+def test_debug_guard_names_different_channel_counts_across_ranks(rank):
     channels = 4 if rank == 0 else 6
     layer = syncbn.SyncBatchNorm(channels, name="stem.bn", debug=True)
-    return _outcome(lambda: layer(torch.randn(2, channels)))
+    with pytest.raises(syncbn.CollectiveMismatchError, match=r"stem\.bn") as info:
+        layer(torch.randn(2, channels))
+    assert "channels=4" in str(info.value) and "channels=6" in str(info.value)
 
 
-def test_debug_guard_names_different_channel_counts_across_ranks(rank_pool):
-    messages = rank_pool(2, "gloo").run(_channel_counts_differ, timeout=60)
-    assert all("stem.bn" in m and "channels=4" in m and "channels=6" in m for m in messages)
-
-
-def _count_guarded_collectives() -> list:
+@pytest.mark.ranks(2)
+def test_debug_guard_adds_one_small_cross_check_before_each_collective():
     recording = RecordingCommunicator(syncbn.resolve_communicator())
     layer = syncbn.SyncBatchNorm(3, process_group=recording, debug=True)
     layer(torch.randn(2, 3, requires_grad=True)).sum().backward()
-    return recording.calls
+    # a (world size x 5) fingerprint table before the 4C+3 forward and 2C backward payloads
+    assert recording.calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
 
 
-def test_debug_guard_adds_one_small_cross_check_before_each_collective(rank_pool):
-    for calls in rank_pool(2, "gloo").run(_count_guarded_collectives):
-        # a (world size x 5) fingerprint table before the 4C+3 forward and 2C backward payloads
-        assert calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
+@ranks_over_each_backend(3, timeout=60)
+def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank, backend):
+    layer = syncbn.SyncBatchNorm(3, name="head.bn", process_group=sync_group(backend))
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"^SyncBatchNorm\(3\) 'head\.bn': expected 3 channels"):
+            layer(torch.randn(4, 5, 2))
+    else:
+        # the healthy ranks are told which rank's input was bad
+        with pytest.raises(syncbn.CollectiveError,
+                           match=r"^SyncBatchNorm\(3\) 'head\.bn': rank 1 \(1 of 3\) gave this layer invalid input"):
+            layer(torch.randn(4, 3, 2))
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.num_batches_tracked.item() == 0
 
 
-def _rank_one_gives_bad_input() -> dict:
-    rank = syncbn.resolve_communicator().rank
-    layer = syncbn.SyncBatchNorm(3, name="head.bn")
-    x = torch.randn(4, 3 if rank != 1 else 5, 2)
-    return dict(error=_outcome(lambda: layer(x)), mean=layer.running_mean.clone(),
-                tracked=layer.num_batches_tracked.item())
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank_pool, backend):
-    results = rank_pool(3, backend).run(_rank_one_gives_bad_input, timeout=60)
-    assert results[1]["error"].startswith("ValueError: SyncBatchNorm(3) 'head.bn': expected 3 channels")
-    for rank in (0, 2):  # the healthy ranks are told which rank's input was bad
-        assert results[rank]["error"].startswith(
-            "CollectiveError: SyncBatchNorm(3) 'head.bn': rank 1 (1 of 3) gave this layer invalid input")
-    assert all(torch.equal(r["mean"], torch.zeros(3)) and r["tracked"] == 0 for r in results)
-
-
-def _nan_on_rank_zero(check_finite: bool) -> dict:
-    rank = syncbn.resolve_communicator().rank
-    layer = syncbn.SyncBatchNorm(2, name="bn", check_finite=check_finite)
+@ranks_over_each_backend(2)
+def test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats(rank, backend):
+    layer = syncbn.SyncBatchNorm(2, name="bn", check_finite=True, process_group=sync_group(backend))
     x = torch.randn(3, 2, 4)
     if rank == 0:
         x[0, 1, 0] = float("nan")
-    return dict(error=_outcome(lambda: layer(x)), var=layer.running_var.clone(),
-                tracked=layer.num_batches_tracked.item())
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats(rank_pool, backend):
-    results = rank_pool(2, backend).run(_nan_on_rank_zero, True)
-    assert results[0]["error"].startswith("FloatingPointError: SyncBatchNorm(2) 'bn': the batch has NaN "
-                                          "or Inf values (including this rank's)")
-    assert "(not this rank's)" in results[1]["error"]
-    assert all(torch.equal(r["var"], torch.ones(2)) and r["tracked"] == 0 for r in results)
+    whose = "(including this rank's)" if rank == 0 else "(not this rank's)"
+    with pytest.raises(FloatingPointError, match=r"^SyncBatchNorm\(2\) 'bn': the batch has NaN or Inf "
+                                                 r"values " + re.escape(whose)):
+        layer(x)
+    assert torch.equal(layer.running_var, torch.ones(2)) and layer.num_batches_tracked.item() == 0
 
 
 @pytest.mark.parametrize("group", ["plain_process", "single_process_communicator"])

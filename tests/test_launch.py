@@ -1,6 +1,7 @@
 """syncbn-launch and the launch/ recipes: ranks, output, exit codes, stopping, no orphans."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import time
 import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -66,6 +67,46 @@ def test_lines_arrive_whole_on_their_own_stream_and_in_the_log_dir(backend, tmp_
         assert len({match.group(1) for match in found}) == 1
 
 
+def _rank_environments(output: str) -> dict:
+    """Each rank's launcher variables, from tiny.py's "env" lines, by RANK (or PMI_RANK)."""
+    found = [json.loads(text) for text in re.findall(r"^(?:\[rank\d\] )?env (\{.*\})$", output, re.M)]
+    return {int(env["RANK"] if env["RANK"] is not None else env["PMI_RANK"]): env for env in found}
+
+
+def test_gloo_ranks_get_the_variables_torchrun_gives_them():
+    """LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK and the rest, rank by rank as torchrun
+    --standalone sets them (the oracle); only the rendezvous address and the run id differ."""
+    ours = run_launcher("--nprocs", "3", TINY, "env")
+    assert ours.returncode == 0, ours
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", "3", TINY, "env"], cwd=ROOT, env=launcher_env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=LIMIT_S)
+    assert torchrun.returncode == 0, torchrun.stdout + torchrun.stderr
+    expected, got = _rank_environments(torchrun.stdout), _rank_environments(ours.stdout)
+    assert sorted(got) == sorted(expected) == [0, 1, 2], ours
+    differ = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    for rank in range(3):
+        assert {k: v for k, v in got[rank].items() if k not in differ} == \
+               {k: v for k, v in expected[rank].items() if k not in differ}, rank
+        assert got[rank]["LOCAL_WORLD_SIZE"] == "3" and got[rank]["GROUP_RANK"] == "0"
+        assert got[rank]["ROLE_RANK"] == str(rank) and got[rank]["MASTER_ADDR"] == "127.0.0.1"
+    for name in differ[1:]:  # one store and one run for the whole job
+        assert len({got[rank][name] for rank in range(3)}) == 1, name
+
+
+@requires_mpi
+@pytest.mark.mpi
+def test_mpi_ranks_get_mpiexecs_variables_and_none_of_torchruns():
+    result = run_launcher("--nprocs", "2", "--backend", "mpi", TINY, "env")
+    assert result.returncode == 0, result
+    got = _rank_environments(result.stdout)
+    assert sorted(got) == [0, 1], result
+    for rank, env in got.items():
+        assert env.pop("PMI_RANK") == str(rank) and env.pop("PMI_SIZE") == "2"
+        assert set(env.values()) == {None}, env
+
+
 def test_the_user_thread_setting_wins(monkeypatch):
     job = syncbn.launch._Job(["x.py"], 2, "gloo", None)
     assert job._base_env()["OMP_NUM_THREADS"] == str(max(1, _cores() // 2))
@@ -93,6 +134,42 @@ def test_a_rank_dying_before_a_collective_fails_the_job_fast():
     assert "terminate called" not in result.stderr
 
 
+def test_the_summary_shows_each_error_once_grouping_ranks_that_differ_only_in_the_rank(tmp_path):
+    """Ranks 0 and 1 raise the same chained error but for the rank number, rank 2 another: the
+    summary has one exception line and one traceback per group, each traceback the last of
+    its chain (the whole chain was shown live, once per rank)."""
+    result = run_launcher("--nprocs", "3", TINY, "raise", str(tmp_path))
+    assert result.returncode == 1, result
+    summary = result.stderr[result.stderr.index("syncbn-launch: job failed"):]
+    # On a loaded machine a rank can be stopped by the launcher before it ends on its own
+    # (after its traceback): such ranks are not in the summary's groups.
+    ended = [rank for rank in range(3) if f"rank {rank} was killed" not in summary]
+    same = [rank for rank in (0, 1) if rank in ended]
+    assert ended, summary
+    shown = [int(rank) for rank in re.findall(
+        r"^rank ([01]) raised RuntimeError: rank \1: the same error, chained$", summary, re.M)]
+    if same:  # one line for the group, from whichever of its ranks the launcher saw end first
+        assert len(shown) == 1 and shown[0] in same, summary
+        assert summary.count(" raised RuntimeError") == 1, summary
+    if len(same) == 2:
+        assert f"\nrank(s) {1 - shown[0]} raised the same but for the rank number\n" in summary, summary
+    if 2 in ended:
+        assert summary.count("\nrank 2 raised KeyError: 'a different error'\n") == 1, summary
+    assert summary.count("--- last lines of rank") == bool(same) + (2 in ended), summary
+    assert summary.count("Traceback (most recent call last):") == bool(same) + (2 in ended)
+    assert "its cause" not in summary and "direct cause" not in summary, summary  # the chain's start
+    for rank in ended:  # each rank's own traceback, with its chain, was shown live
+        assert result.stderr.count(f"[rank{rank}] Traceback (most recent call last):") == (
+            2 if rank < 2 else 1), result
+
+
+def test_a_negative_exit_grace_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        syncbn.launch.main(["--nprocs", "2", "--exit-grace", "-1", TINY, "lines"])
+    assert info.value.code == 2
+    assert "--exit-grace must be 0 or more seconds" in capsys.readouterr().err
+
+
 def test_timeout_stops_the_job_and_names_the_ranks_still_running():
     # rank 1 exits 0 at once; rank 0 sleeps until the launcher gives up.
     result = run_launcher("--nprocs", "2", "--timeout", "2", TINY, "exit", "0")
@@ -114,6 +191,47 @@ def _processes_with(marker: str) -> List[int]:
     return found
 
 
+class _Running:
+    """A launcher started in the background whose ranks have all said "ready"."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen(
+            launcher_command(*args), cwd=ROOT, env=launcher_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.stdout: List[str] = []
+        ready = threading.Semaphore(0)
+
+        def read() -> None:
+            for line in self.process.stdout:
+                self.stdout.append(line)
+                if " ready " in line:
+                    ready.release()
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+        nprocs = int(args[args.index("--nprocs") + 1])
+        for _ in range(nprocs):
+            if not ready.acquire(timeout=LIMIT_S):
+                self.kill()
+                raise AssertionError("a rank never started: " + "".join(self.stdout))
+
+    def finish(self, sig: int) -> Tuple[int, str, str]:
+        """Send ``sig``; the exit status, stdout and stderr once the launcher has ended."""
+        self.process.send_signal(sig)
+        try:
+            status = self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the launcher did not end within 30 s of {sig.name}")
+        self.reader.join(10)
+        return status, "".join(self.stdout), self.process.stderr.read()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="scans /proc for survivors")
 @pytest.mark.parametrize("backend, sig", [
     ("gloo", signal.SIGTERM),
@@ -121,26 +239,11 @@ def _processes_with(marker: str) -> List[int]:
 ])
 def test_a_signal_to_the_launcher_stops_every_rank_and_leaves_no_orphan(backend, sig):
     marker = f"syncbn-orphan-check-{uuid.uuid4().hex}"
-    launcher = subprocess.Popen(
-        launcher_command("--nprocs", "2", "--backend", backend, TINY, "hang", marker), cwd=ROOT,
-        env=launcher_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ready = threading.Semaphore(0)
-    stdout: List[str] = []
-
-    def read() -> None:
-        for line in launcher.stdout:
-            stdout.append(line)
-            if " ready " in line:
-                ready.release()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        for _ in range(2):  # each rank and its grandchild are running
-            assert ready.acquire(timeout=LIMIT_S), "".join(stdout)
-        launcher.send_signal(sig)
-        assert launcher.wait(30) == 128 + sig
-        assert f"received {sig.name}" in launcher.stderr.read()
+    launcher = _Running("--nprocs", "2", "--backend", backend, TINY, "hang", marker)
+    try:  # each rank and its grandchild are running
+        status, _, stderr = launcher.finish(sig)
+        assert status == 128 + sig
+        assert f"received {sig.name}" in stderr
         deadline = time.monotonic() + 10
         while _processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -148,9 +251,27 @@ def test_a_signal_to_the_launcher_stops_every_rank_and_leaves_no_orphan(backend,
     finally:
         for pid in _processes_with(marker):
             os.kill(pid, signal.SIGKILL)
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
+        launcher.kill()
+
+
+@pytest.mark.parametrize("backend", LAUNCH_BACKENDS)
+def test_after_ctrl_c_the_summary_states_the_signal_each_rank_really_got(backend):
+    """Rank 0 dies by the SIGTERM the launcher sends; rank 1 ignores it and gets SIGKILL. Each
+    rank prints what it got; the summary must say the same, under MPI too (where mpiexec's
+    wrappers stand between the launcher and the ranks)."""
+    launcher = _Running("--nprocs", "2", "--backend", backend, TINY, "signals")
+    try:
+        status, stdout, stderr = launcher.finish(signal.SIGINT)
+    finally:
+        launcher.kill()
+    assert status == 130, stderr
+    for rank in range(2):
+        assert f"[rank{rank}] rank {rank} got SIGTERM" in stdout, stdout
+    summary = stderr[stderr.index("syncbn-launch: job failed"):]
+    assert summary.startswith("syncbn-launch: job failed (exit status 130): received SIGINT; sent "
+                              "SIGTERM to rank(s) [0, 1] (SIGKILL to any left 3 s later); then "), summary
+    assert "rank 0 was killed by SIGTERM" in summary and "rank 1 was killed by SIGKILL" in summary
+    assert "signal 9" not in stderr.replace(summary, ""), stderr  # mpiexec: no wrapper was killed
 
 
 @requires_mpi
@@ -213,12 +334,12 @@ def _free_port() -> int:
 def test_torchrun_recipe_on_two_nodes_over_loopback():
     """Two torchrun agents ("nodes"), one gloo rank each, rendezvous on a free loopback port."""
     env = launcher_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NNODES="2",
-                       NPROC_PER_NODE="1", RDZV_ID=uuid.uuid4().hex, PYTHON=sys.executable,
-                       SCRIPT=SBN_CHECK)
+                       NPROC_PER_NODE="1", PYTHON=sys.executable, SCRIPT=SBN_CHECK)
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch" / "torchrun_multinode.sh"), "ok"],
-                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _ in range(2)]
+                              cwd=ROOT, env=dict(env, NODE_RANK=str(node)), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+             for node in range(2)]
     try:
         outputs = [node.communicate(timeout=LIMIT_S) for node in nodes]
     finally:

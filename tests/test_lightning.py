@@ -1,4 +1,5 @@
-"""SyncBatchNormPlugin: Lightning's DDP strategy on 2 CPU processes trains with syncbn's layers.
+"""SyncBatchNormPlugin: Lightning's DDP strategy on 2 CPU processes trains with syncbn's layers,
+a fused SyncBatchNormAct among them, and reverts them all at teardown.
 
 Oracle: the same network with torch BatchNorm2d taking one SGD step in one process on the
 4-sample global batch (what 2 ranks x 2 samples with synchronized statistics equal).
@@ -56,6 +57,8 @@ def test_ddp_on_two_cpu_processes_trains_with_syncbn_layers_that_equal_the_globa
     for rank, result in enumerate(results):
         assert result["norm_class_in_training"] == "syncbn.module.SyncBatchNorm"
         assert result["norm_class_after_fit"] == "BatchNorm2d"  # reverted at teardown
+        assert result["fused_class_in_training"] == "SyncBatchNormAct"
+        assert result["fused_classes_after_fit"] == ["BatchNorm2d", "LeakyReLU"]
         for key, value in expected.items():
             torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-12,
                                        msg=lambda m: f"rank {rank}, {key}: {m}")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import syncbn
-from scenarios import BATCHNORM_BY_DIM, Scenario, assert_matches_oracle, layout, run_sync_rank
+from scenarios import (BATCHNORM_BY_DIM, IdenticalPeers, Scenario, assert_matches_oracle, layout,
+                       run_sync_rank)
 
 SPATIAL = {"N,C": (), "N,C,L": (7,), "N,C,H,W": (4, 5), "N,C,D,H,W": (2, 3, 4)}
 
@@ -133,3 +134,37 @@ def test_state_dict_keys_and_constructor_match_torch_syncbatchnorm():
     ours.load_state_dict(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     assert ours.running_mean.dtype == torch.float64
+
+
+def test_bias_and_options_are_keyword_only_as_readme_prints_them():
+    import inspect
+
+    parameters = inspect.signature(syncbn.SyncBatchNorm).parameters
+    kinds = {name: p.kind.name for name, p in parameters.items()}
+    assert [n for n, k in kinds.items() if k == "POSITIONAL_OR_KEYWORD"] == [
+        "num_features", "eps", "momentum", "affine", "track_running_stats", "process_group",
+        "device", "dtype"]
+    keyword_only = {n for n, k in kinds.items() if k == "KEYWORD_ONLY"}
+    assert keyword_only == {"bias", "name", "debug", "check_finite"}
+    with pytest.raises(TypeError):
+        syncbn.SyncBatchNorm(5, 1e-5, 0.1, True, True, None, None, None, "name given by position")
+
+
+def test_bias_false_has_torch_s_parameters_and_keys_and_trains_like_batchnorm():
+    ours = syncbn.SyncBatchNorm(3, bias=False, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(3, bias=False, dtype=torch.float64)
+    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    with torch.no_grad():
+        ours.weight.copy_(torch.tensor([0.5, -2.0, 1.5]))
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for layer in (ours, theirs):
+        layer(x).square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+    # The group path (two ranks holding the same batch): BatchNorm on the batch twice.
+    grouped = syncbn.SyncBatchNorm(3, bias=False, dtype=torch.float64,
+                                   process_group=IdenticalPeers(2))
+    grouped.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(grouped(x), theirs(torch.cat([x, x]))[:4], rtol=1e-12, atol=1e-12)

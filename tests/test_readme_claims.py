@@ -74,13 +74,16 @@ FUNCTIONAL, GPU, ONE, GROUPS = T + "test_functional.py::", T + "test_gpu.py::", 
 GUARD, LAUNCHER, MODULE, NUMERICS = T + "test_guard.py::", T + "test_launch.py::", T + "test_module.py::", T + "test_numerics.py::"
 PRECISE, SOAK, TESTING, TRITON = T + "test_precise_bn.py::", T + "test_soak.py::", T + "test_testing.py::", T + "test_triton_kernels.py::"
 ACT, MODELS, LIGHTNING, BENCH = T + "test_activated.py::", T + "test_real_models.py::", T + "test_lightning.py::", T + "test_benchmarks_smoke.py::"
+MULTIHOST, RENDEZVOUS, NETNS = T + "test_multihost.py::", T + "test_rendezvous.py::", T + "test_netns.py::"
 ACCURACY, BENCH_NUMERICS, SELF = T + "test_accuracy_smoke.py::", T + "test_benchmarks_numerics.py::", T + "test_readme_claims.py::"
+PLUGIN = T + "test_pytest_plugin.py::"
 
 PARITY = MODELS + "test_two_ranks_of_two_images_under_ddp_equal_one_process_on_the_global_batch"
 SAME_FUNCTION = MODELS + "test_converted_model_computes_the_same_function_in_train_and_eval"
 SKIPPED_LAYER = (GUARD + "test_debug_guard_turns_a_skipped_layer_into_an_error_on_every_rank",
                  FAULTS + "test_a_skipped_layer_raises_the_guard_error_on_every_rank")
 CHECKPOINTING = (GUARD + "test_activation_checkpointing_updates_running_stats_once_per_step",
+                 GUARD + "test_nested_checkpoints_update_running_stats_once_per_step",
                  MATRIX + "test_row7_running_stats_update_once_per_step_also_when_the_forward_runs_in_backward")
 BAD_INPUT = (MODULE + "test_bad_input_raises_clear_error_naming_the_layer",
              GUARD + "test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging",
@@ -104,6 +107,37 @@ NO_GROUP = (COMM + "test_several_ranks_announced_without_a_group_raise_instead_o
             MATRIX + "test_row5_gloo_a_launched_script_that_never_initializes_a_group_raises_on_every_rank",
             MATRIX + "test_row5_srun_tasks_that_never_initialize_a_group_raise_on_every_rank")
 TORCH_REFUSES_CPU = SELF + "test_torch_syncbatchnorm_refuses_cpu_training_once_a_group_is_initialized"
+BROKEN_ENVIRONMENT = INIT + "test_an_environment_that_cannot_make_a_group_raises_at_once_naming_the_variables_and_the_fix"
+BATCH_SCRIPT = INIT + "test_a_slurm_batch_script_without_srun_is_one_process_at_once_and_the_warning_names_srun"
+MISSING_RANK = (INIT + "test_a_rank_that_never_comes_ends_the_wait_at_the_timeout_on_every_rank_naming_those_that_came",
+                INIT + "test_under_syncbn_launch_a_rank_that_never_comes_is_named_by_every_rank_that_came")
+NO_STORE = INIT + "test_a_rank_that_finds_no_store_says_where_it_looked_at_the_timeout"
+ABORT_AFTER_INIT = MATRIX + "test_row4_mpi_after_init_distributed_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job"
+EXIT_GRACE = (MATRIX + "test_mpi_a_rank_that_returns_while_another_waits_for_it_ends_the_job_after_the_exit_grace",
+              MATRIX + "test_gloo_a_rank_that_exits_0_before_the_group_exists_ends_the_job_after_the_exit_grace",
+              MATRIX + "test_ranks_that_finish_apart_after_their_last_collective_succeed_within_the_default_grace",
+              LAUNCHER + "test_a_negative_exit_grace_is_a_usage_error",
+              DOCS + "test_documented_exit_grace_default_is_the_launcher_s")
+GROUPED_ERRORS = LAUNCHER + "test_the_summary_shows_each_error_once_grouping_ranks_that_differ_only_in_the_rank"
+SIGNAL_AFTER_CTRL_C = LAUNCHER + "test_after_ctrl_c_the_summary_states_the_signal_each_rank_really_got"
+# SyncBatchNormAct gives the values and gradients of SyncBatchNorm followed by the activation.
+ACT_PARITY = (ACT + "test_one_process_equals_float64_batchnorm_then_activation_in_place",
+              ACT + "test_layouts_and_options_equal_the_oracle_and_keep_the_layout",
+              ACT + "test_ranks_equal_float64_batchnorm_then_activation_on_the_global_batch",
+              ACT + "test_input_autograd_still_needs_runs_out_of_place_with_the_gradients_of_the_original",
+              ACT + "test_weight_near_zero_falls_back_out_of_place_with_correct_grads",
+              ACT + "test_half_precision_gradients_are_those_of_syncbatchnorm_then_the_activation",
+              ACT + "test_any_activation_module_runs_out_of_place_and_equals_the_oracle",
+              ACT + "test_bias_false_trains_fused_with_the_gradients_of_batchnorm_without_bias",
+              ACT + "test_checkpointing_gives_the_gradients_and_statistics_of_the_plain_model",
+              ACT + "test_compiles_whole_with_fullgraph_and_trains_like_eager",
+              MODELS + "test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original")
+PRECISE_RANKS = (PRECISE + "test_two_ranks_with_uneven_batches_equal_the_global_population_in_two_collectives",
+                 PRECISE + "test_ranks_with_different_batch_counts_pool_every_batch_without_a_mismatch")
+PLUGIN_OUTCOMES = PLUGIN + "test_results_are_ordinary_pytest_results_naming_each_failing_rank"
+PLUGIN_FRESH_RANKS = PLUGIN + "test_a_skip_on_some_ranks_only_fails_and_a_broken_group_gets_fresh_ranks"
+PLUGIN_STALLS = PLUGIN + "test_a_hang_or_early_exit_fails_within_the_timeout_naming_the_stalled_rank"
+PLUGIN_OPTIONS = PLUGIN + "test_options_select_stop_and_format_as_usual_and_fifty_tests_share_one_pool"
 
 CLAIMS: List[Claim] = [
     # --- README: introduction ------------------------------------------------------------
@@ -152,8 +186,21 @@ CLAIMS: List[Claim] = [
           EVERY_LAUNCHER),
     claim("Checked in that order, so torchrun or mpiexec started by srun wins over srun",
           INIT + "test_the_launcher_is_read_from_the_environment"),
+    claim("`\"slurm\"` (srun: `SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`)",
+          INIT + "test_the_launcher_is_read_from_the_environment", EVERY_LAUNCHER,
+          MATRIX + "test_row5_srun_tasks_that_never_initialize_a_group_raise_on_every_rank"),
+    claim("A Slurm batch script run without srun (`SLURM_NTASKS` but no `SLURM_STEP_NUM_TASKS`) runs "
+          "once: a single process, with a warning naming srun", BATCH_SCRIPT,
+          INIT + "test_the_launcher_is_read_from_the_environment"),
+    claim("A rendezvous that cannot complete ends on every rank within `init_distributed(timeout=...)`, "
+          "else `SYNCBN_TIMEOUT` seconds, naming the address tried",
+          RENDEZVOUS + "test_rank_0_left_waiting_for_a_rank_ends_at_syncbn_timeout_naming_the_store",
+          RENDEZVOUS + "test_a_rank_that_cannot_reach_rank_0_gives_up_at_the_timeout_naming_the_address",
+          MULTIHOST + "test_an_mpi_rendezvous_at_an_unreachable_address_fails_on_every_rank_naming_it"),
     claim("Under MPI, rank 0 hosts the rendezvous on a port the OS picks",
-          INIT + "test_the_mpi_rendezvous_is_loopback_on_one_host_else_rank_zeros_host_on_a_free_port"),
+          RENDEZVOUS + "test_ranks_on_rank_0s_network_stack_meet_it_over_loopback",
+          RENDEZVOUS + "test_other_hosts_are_offered_every_address_but_loopback_the_host_names_first",
+          MULTIHOST + "test_mpi_ranks_on_hosts_with_their_own_unresolvable_names_meet_at_rank_0s_address"),
     claim("`local_rank` comes from the launcher's variable, else from the ranks' host names",
           INIT + "test_the_mpi_local_rank_comes_from_the_launchers_variable",
           INIT + "test_without_a_variable_the_mpi_local_rank_is_counted_from_host_names"),
@@ -167,6 +214,13 @@ CLAIMS: List[Claim] = [
           INIT + "test_a_rank_that_sees_one_gpu_uses_it"),
     claim("Idempotent: with a group already initialized it returns this rank's place in it",
           INIT + "test_an_existing_group_is_reported_not_initialized_again"),
+    claim("An environment that cannot make a group (a rank outside the world; `RANK` or `WORLD_SIZE` "
+          "missing, empty or not a whole number; a world of 0; no `MASTER_PORT`) raises a "
+          "`RuntimeError` at once, naming the variables and the fix", BROKEN_ENVIRONMENT),
+    claim("a rank that never comes ends the wait at the timeout on every rank that came, naming the "
+          "missing rank(s)", *MISSING_RANK),
+    claim("a rank that finds no store says where it looked", NO_STORE),
+    claim("Under MPI it also makes an uncaught exception abort the job", ABORT_AFTER_INIT),
     claim("Afterwards syncbn's default group is that torch.distributed group under every launcher",
           EVERY_LAUNCHER, INIT + "test_an_mpi_communicator_passed_explicitly_still_syncs_over_mpi"),
     claim("The same script gives bitwise-identical weights and running statistics under",
@@ -176,7 +230,9 @@ CLAIMS: List[Claim] = [
     claim("debug=None, check_finite=False)` takes torch.nn.SyncBatchNorm's arguments, parameters, "
           "buffers and state_dict keys",
           DOCS + "test_readme_prints_signatures_as_the_code_has_them[syncbn.SyncBatchNorm]",
-          MODULE + "test_state_dict_keys_and_constructor_match_torch_syncbatchnorm"),
+          MODULE + "test_state_dict_keys_and_constructor_match_torch_syncbatchnorm",
+          MODULE + "test_bias_and_options_are_keyword_only_as_readme_prints_them",
+          MODULE + "test_bias_false_has_torch_s_parameters_and_keys_and_trains_like_batchnorm"),
     claim("`None`: the torch.distributed default group if it is initialized; else `MPI.COMM_WORLD`",
           COMM + "test_default_group_is_torch_distributed_if_initialized_else_mpi_world",
           COMM + "test_mpi_launch_is_detected_from_the_environment",
@@ -203,7 +259,7 @@ CLAIMS: List[Claim] = [
     claim("with a group initialized, CPU training raises `ValueError` (checked on torch 2.13) | CPU and CUDA",
           TORCH_REFUSES_CPU, *GLOBAL_BATCH, GPU + "test_gpu_parity_with_float64_batchnorm"),
     claim("| Backends | torch.distributed | torch.distributed (gloo, NCCL, any group) and mpi4py", *GLOBAL_BATCH),
-    claim("one all-reduce of 2C+5 fp64 values (independent of W); on CPU a second one when the first "
+    claim("one all-reduce of 4C+3 fp64 values (independent of W); on CPU a second one when the first "
           "shows the merge lost precision", COLLECTIVES,
           NUMERICS + "test_named_case_on_two_uneven_ranks_is_within_twice_torch_error_plus_floor"),
     claim("one all-reduce of 2C fp64 values (so ranks with different input dtypes still agree)",
@@ -228,11 +284,15 @@ CLAIMS: List[Claim] = [
           DOUBLE + "test_second_order_grads_on_uneven_ranks_equal_float64_batchnorm",
           DOUBLE + "test_gradgradcheck_functional_with_weight_and_bias_in_one_process",
           DOUBLE + "test_gradgradcheck_module_in_train_mode_with_running_stats_in_one_process"),
+    claim("`SyncBatchNormAct` raises a clear error in training, on every path alike",
+          ACT + "test_double_backward_raises_a_clear_error_on_every_training_path"),
     claim("its backward is not differentiable (per the project's field notes; not checked here: it "
           "needs CUDA)", source=UPSTREAM),
     claim("no graph break (`fullgraph=True` works): collectives and host checks are custom operators; "
           "compiled equals eager on 2 gloo ranks", COMPILE + "test_dynamo_finds_no_graph_break",
           COMPILE + "test_compiled_training_equals_eager_on_two_gloo_ranks"),
+    claim("`SyncBatchNormAct` compiles with `fullgraph=True` too, running unfused, and trains as in eager",
+          ACT + "test_compiles_whole_with_fullgraph_and_trains_like_eager"),
     claim("harmless: both payloads are fp64, every rank equals float64 BatchNorm to its dtype's precision",
           FUNCTIONAL + "test_float64_on_one_rank_float32_on_another_is_harmless"),
     claim("| fp16 / bf16 input with fp32 parameters | | yes, statistics in fp32 or wider",
@@ -242,10 +302,11 @@ CLAIMS: List[Claim] = [
           "debug guard or `check_finite`, else no rank raises",
           DIST + "test_global_count_one_raises_on_every_rank", GPU + "test_training_step_reads_no_device_value",
           GPU + "test_meta_device_catches_a_host_read"),
-    claim("every rank raises, naming the layer, before running stats change",
+    claim("every rank raises, naming the layer and the channel(s), before running stats change",
           FUNCTIONAL + "test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change",
           FUNCTIONAL + "test_running_means_that_differ_only_by_their_dtype_rounding_train_on"),
-    claim("that rank raises naming the layer, and on CPU every other rank too; on GPU the others raise "
+    claim("that rank raises naming the layer, and on CPU every other rank too, naming the bad rank(s); "
+          "on GPU the others raise "
           "only with the debug guard or `check_finite`", *BAD_INPUT),
     claim("with the debug guard: an error on every rank naming the layer and ranks", *SKIPPED_LAYER),
     claim("| Activation checkpointing | running stats updated twice | once per logical step", *CHECKPOINTING),
@@ -264,7 +325,7 @@ CLAIMS: List[Claim] = [
     claim("Running stats stay identical across ranks over 2,000 steps",
           SOAK + "test_running_stats_stay_bitwise_identical_across_ranks_and_match_float64_replay"),
     # --- README: launching jobs --------------------------------------------------------------
-    claim("starts N local workers and never leaves a job hanging", *FAIL_FAST),
+    claim("starts N local workers and never leaves a job hanging", *FAIL_FAST, *EXIT_GRACE),
     claim("(also `python -m syncbn.launch`)",
           LAUNCHER + "test_the_syncbn_launch_console_script_is_installed_and_runs",
           LAUNCHER + "test_three_gloo_ranks_match_the_full_batch_with_each_line_prefixed"),
@@ -272,6 +333,8 @@ CLAIMS: List[Claim] = [
           "and one MASTER_PORT for all, a free port)",
           LAUNCHER + "test_lines_arrive_whole_on_their_own_stream_and_in_the_log_dir",
           LAUNCHER + "test_three_gloo_ranks_match_the_full_batch_with_each_line_prefixed"),
+    claim("the rendezvous store lives in the launcher, as torchrun's agent hosts it, so workers may exit "
+          "at different times (within `--exit-grace`, below)", EXIT_GRACE[2], MISSING_RANK[1]),
     claim("mpi workers run under the mpiexec of the mpich wheel",
           LAUNCHER + "test_mpi_backend_two_ranks_match_the_full_batch",
           LAUNCHER + "test_mpi_backend_without_mpiexec_names_the_fix"),
@@ -279,6 +342,14 @@ CLAIMS: List[Claim] = [
           "one file per rank", LAUNCHER + "test_lines_arrive_whole_on_their_own_stream_and_in_the_log_dir"),
     claim("Fail fast: when a worker exits non-zero or dies by a signal, or `--timeout` passes", *FAIL_FAST,
           MATRIX + "test_row4_gloo_an_uncaught_exception_on_one_rank_ends_the_job"),
+    claim("Ranks whose errors differ only in the rank number are shown once, with one traceback",
+          GROUPED_ERRORS,
+          MATRIX + "test_row5_gloo_a_launched_script_that_never_initializes_a_group_raises_on_every_rank"),
+    claim("the summary states the signal each rank really got", SIGNAL_AFTER_CTRL_C),
+    claim("124 for `--timeout` or `--exit-grace`",
+          LAUNCHER + "test_timeout_stops_the_job_and_names_the_ranks_still_running", *EXIT_GRACE[:2]),
+    claim("those still running `--exit-grace` seconds later (default 30) are taken to wait for it, in a "
+          "collective or the rendezvous, and are stopped as above, named, with exit status 124", *EXIT_GRACE),
     claim("For more than one machine, `launch/` holds recipes a user edits", *RECIPES),
     claim("The hang is torch's, not syncbn's", source=UPSTREAM),
     claim("Measured once (a hang at exit is a race, which no test here reproduces on demand)",
@@ -289,34 +360,84 @@ CLAIMS: List[Claim] = [
           TESTING + "test_a_stalled_rank_fails_the_call_naming_it_and_all_ranks_are_killed",
           TESTING + "test_a_dead_rank_fails_the_call_fast_with_its_exit_code",
           TESTING + "test_unknown_backend_is_refused"),
+    # --- README: testing on several ranks (the pytest plugin) ------------------------------------
+    claim("the plugin is registered when syncbn is installed (entry point `pytest11`, name `syncbn`; "
+          "elsewhere `-p syncbn.pytest_plugin`), and the test runs on every rank",
+          PLUGIN + "test_pyproject_declares_the_pytest11_entry_point_and_the_installed_metadata_agrees",
+          PLUGIN + "test_the_entry_point_and_an_explicit_load_register_the_plugin_once", PLUGIN_OUTCOMES),
+    claim("runs a picklable function on fresh ranks (a FileStore rendezvous, no fixed port) and returns "
+          "what each rank returned", TESTING + "test_results_come_back_in_rank_order",
+          TESTING + "test_a_stalled_rank_fails_the_call_naming_it_and_all_ranks_are_killed"),
+    claim("| the ranks | a pool per (n, backend), reused across tests; fresh ranks after a test that broke "
+          "its group | fresh for each `run_on_ranks`; a `RankPool` keeps them across its `run` calls |",
+          PLUGIN_FRESH_RANKS, PLUGIN_OPTIONS,
+          TESTING + "test_a_rank_exception_is_reraised_with_its_rank_and_traceback"),
+    claim("`MPI.COMM_WORLD` ready, and a torch.distributed group (gloo, its rendezvous over MPI): "
+          "syncbn's default group | ranks under mpiexec, torch.distributed left uninitialized: "
+          "syncbn's default group is `MPI.COMM_WORLD` |",
+          PLUGIN + "test_mpi_ranks_have_a_torch_group_and_mpi_and_fail_hang_and_recover_like_gloo",
+          COMM + "test_default_group_is_torch_distributed_if_initialized_else_mpi_world[mpi-MPICommunicator]"),
+    claim("an ordinary pytest failure naming the failing rank(s), with each one's assertion rewritten by "
+          "pytest and traceback (`--tb` and `-l` apply), and what the other ranks did | the first "
+          "failing rank's exception, re-raised with its remote traceback |", PLUGIN_OUTCOMES, PLUGIN_OPTIONS,
+          TESTING + "test_a_rank_exception_is_reraised_with_its_rank_and_traceback"),
+    claim("the test fails at its `timeout`, naming the rank(s) still running, each with its Python stack; "
+          "every rank is killed, and the next test runs on fresh ranks | `RankFailure` naming the stalled "
+          "rank(s), with their stacks; every rank is killed |", PLUGIN_STALLS,
+          TESTING + "test_a_stalled_rank_fails_the_call_naming_it_and_all_ranks_are_killed"),
+    claim("| a rank's process exits | the test fails at once, naming the rank and its exit code | "
+          "`RankFailure` naming the rank and its exit code |", PLUGIN_STALLS,
+          TESTING + "test_a_dead_rank_fails_the_call_fast_with_its_exit_code"),
+    claim("| inputs | fixtures and `parametrize` values, set up in the pytest process and pickled to every "
+          "rank (`tmp_path` is the same folder on every rank) | `args=`, `kwargs=` |", PLUGIN_OUTCOMES,
+          PLUGIN + "test_misuse_is_reported_without_starting_ranks"),
+    claim("`pytest.skip` on every rank skips the test; on some ranks only, the test fails", PLUGIN_OUTCOMES,
+          PLUGIN_FRESH_RANKS),
+    claim("`-k`, `-x`, `--lf` select and stop as usual", PLUGIN_OPTIONS),
+    claim("Each rank's stdout and stderr appear as captured sections of the report (printed as "
+          "`[rankN] ...` lines under `-s`)", PLUGIN_OUTCOMES, PLUGIN_OPTIONS),
+    claim("50 two-rank tests run in seconds (11 s, 5 s of it starting the ranks, measured once on 2 "
+          "loaded CPU cores)", PLUGIN_OPTIONS, source=MEASURED),
+    claim("Loading the plugin imports neither torch nor mpi4py, and a session without the marker starts "
+          "no process", PLUGIN + "test_loading_the_plugin_imports_neither_torch_nor_mpi4py_and_starts_nothing",
+          PLUGIN + "test_misuse_is_reported_without_starting_ranks"),
     # --- README: reliability ------------------------------------------------------------------
     claim("**Bad input** (fewer than 2 dims, wrong channel count, a non-floating dtype, a tensor on "
           "another device than the parameters) raises a clear error naming the layer", *BAD_INPUT),
     claim("**NaN / Inf** propagate as in torch BatchNorm",
           GUARD + "test_by_default_nan_propagates_like_batchnorm",
-          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats"),
+          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats",
+          GUARD + "test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats"),
     claim("**Debug guard**: `SYNCBN_DEBUG=1` (or `debug=True`) makes ranks cross-check",
           GUARD + "test_debug_guard_names_different_channel_counts_across_ranks",
           GUARD + "test_debug_guard_adds_one_small_cross_check_before_each_collective",
           MATRIX + "test_row3_debug_guard_tells_unnamed_layers_of_the_same_width_apart",
           BENCH + "test_guard_rows_compare_debug_on_and_off_at_world_size_2", *SKIPPED_LAYER),
-    claim("applies and surfaces as `syncbn.CollectiveError` naming the layer and the group (tested "
-          "over gloo)", GUARD + "test_a_torch_distributed_timeout_names_the_layer_that_waited",
+    claim("Over gloo it surfaces as `syncbn.CollectiveError` naming the layer and the group",
+          GUARD + "test_a_torch_distributed_timeout_names_the_layer_that_waited",
           GUARD + "test_a_failed_collective_is_reported_with_the_layer_and_the_group"),
-    claim("a timeout is reported by torch's NCCL watchdog, not by syncbn", source=NEEDS_GPU),
+    claim("torch's NCCL watchdog, not syncbn, ends the process at the timeout", source=NEEDS_GPU),
     claim("a watchdog aborts the job after `SYNCBN_TIMEOUT` seconds (default 1800)",
           GUARD + "test_the_mpi_watchdog_aborts_a_stuck_collective_naming_the_layer",
           COMM + "test_mpi_watchdog_aborts_only_a_collective_still_waiting_after_its_notice"),
-    claim("**Activation checkpointing** (`torch.utils.checkpoint`, both modes) updates running "
-          "statistics once per logical step", *CHECKPOINTING),
+    claim("**Activation checkpointing** (`torch.utils.checkpoint`, both modes, nested checkpoints "
+          "included) updates running statistics once per logical step", *CHECKPOINTING),
+    claim("a non-finite batch raises `FloatingPointError` on every rank before the running statistics "
+          "change (in a group of one too)",
+          GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats",
+          GUARD + "test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats"),
+    claim("Checked per channel, so a permutation, a sign flip or one channel among large ones is caught",
+          FUNCTIONAL + "test_running_means_that_differ_across_ranks_raise_on_every_rank_before_stats_change"),
+    claim("every other rank too, naming the bad rank(s)",
+          GUARD + "test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging"),
     claim("when one worker dies, the others are stopped within seconds and the launcher prints which "
           "rank failed", *FAIL_FAST,
           MATRIX + "test_row6_the_summary_shows_each_ranks_own_exception_and_prefixes_are_not_doubled"),
     claim("Killing `syncbn-launch` itself, even with SIGKILL, ends every worker",
           MATRIX + "test_row6_sigkill_of_the_launcher_leaves_no_rank_or_child_of_a_rank_behind"),
-    claim("Under a bare `mpiexec -n N python train.py`, an uncaught exception on a rank where syncbn "
-          "has created its MPI communicator",
-          MATRIX + "test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job"),
+    claim("Under a bare `mpiexec -n N python train.py`, an uncaught exception on a rank that has called "
+          "`syncbn.init_distributed()`, or where syncbn has created its MPI communicator",
+          MATRIX + "test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job", ABORT_AFTER_INIT),
     claim("the first divergent collective raises on every rank and names the layer", *SKIPPED_LAYER),
     claim("Switch to `model.eval()` for such work: eval makes no collective at all",
           DIST + "test_eval_on_one_rank_alone_returns_without_communicating"),
@@ -330,6 +451,18 @@ CLAIMS: List[Claim] = [
     claim("the layer runs fused Triton kernels when Triton is installed",
           TRITON + "test_kernels_in_interpreter", TRITON + "test_layer_through_the_kernels_equals_float64_batchnorm",
           TRITON + "test_cpu_tensors_keep_the_torch_path_without_the_interpreter"),
+    claim("seven launches per training step besides the two all-reduces",
+          GPU + "test_layer_step_launches_at_most_12_kernels_on_the_cuda_path"),
+    claim("`SYNCBN_TRITON=0` turns it off", TRITON + "test_syncbn_triton_0_turns_triton_off_on_cuda"),
+    claim("a Triton that fails to import leaves the torch kernels",
+          TRITON + "test_a_triton_that_fails_at_import_leaves_syncbn_on_its_torch_kernels"),
+    claim("each GPU runs a one-time self-test of the kernels at first use",
+          TRITON + "test_self_test_passes_on_healthy_kernels",
+          TRITON + "test_self_test_catches_a_failing_and_a_wrong_kernel",
+          TRITON + "test_a_failing_kernel_hands_the_call_to_the_reference_and_warns_once", source=NEEDS_GPU),
+    claim("Ranks may mix the two paths: they send the same payload", TRITON + "test_kernels_equal_float64"),
+    claim("`--dry-run` runs its CPU form anywhere and prints the kernels each section runs",
+          GPU + "test_gpu_validate_dry_run_measures_syncbns_kernels_without_a_gpu"),
     claim("In a group of more than one, a training step makes no host synchronization",
           GPU + "test_training_step_reads_no_device_value", GPU + "test_meta_device_catches_a_host_read"),
     claim("2^-52 * (W + 1) * (1 + (mean - running_mean)^2 / var)", source=DERIVED),
@@ -338,23 +471,26 @@ CLAIMS: List[Claim] = [
     claim("The kernels are checked in CI on CPU through Triton's interpreter, not yet on a GPU",
           TRITON + "test_kernels_in_interpreter", ACT + "test_kernels_in_interpreter", source=NEEDS_GPU),
     claim("NCCL needs one GPU per rank", LAUNCHER + "test_nccl_refuses_more_ranks_than_gpus"),
-    # --- README: works with (section of the "activated" developer) -------------------------------
+    # --- README: works with -----------------------------------------------------------------------
     claim("| torchvision resnet50, fcn_resnet50, deeplabv3_mobilenet_v3_large; timm resnet10t, dla46_c |",
           PARITY + "[torchvision_resnet50]", PARITY + "[torchvision_fcn_resnet50]",
           PARITY + "[torchvision_deeplabv3_mobilenet_v3_large]", PARITY + "[timm_resnet10t]",
-          PARITY + "[timm_dla46_c]", SAME_FUNCTION,
-          pending="the resnet50 rows run only under -m slow; the row should say so (Works with)"),
+          PARITY + "[timm_dla46_c]", SAME_FUNCTION),
     claim("| torchvision RetinaNet, trainable BatchNorm2d backbone |",
           MODELS + "test_retinanet_running_stats_equal_one_process_and_a_ddp_step_keeps_ranks_identical"),
     claim("| timm BatchNormAct2d (efficientnet_b0), torchvision FrozenBatchNorm2d |",
           MODELS + "test_timm_batchnorm_act_becomes_sync_batchnorm_act_computing_the_same_function_and_reverts",
+          MODELS + "test_timm_batchnorm_act_with_a_prelu_keeps_its_state_dict_keys_both_ways",
           MODELS + "test_frozen_batchnorm_is_left_alone",
           CONVERT + "test_batchnorm_subclass_with_its_own_forward_is_refused_naming_path_and_class",
           CONVERT + "test_registered_converter_and_reverter_keep_what_the_subclass_computes"),
     claim("| Lightning `strategy=\"ddp\"`, 2 CPU processes |",
           LIGHTNING + "test_ddp_on_two_cpu_processes_trains_with_syncbn_layers_that_equal_the_global_batch"),
-    claim("| `precise_bn` | population statistics of all batches of all ranks (uneven), gloo and MPI |",
-          PRECISE + "test_two_ranks_with_uneven_batches_equal_the_global_population"),
+    claim("| `precise_bn` | population statistics of all batches of all ranks (uneven batch sizes and counts), "
+          "in 2 all-reduces counted with syncbn and with torch BatchNorm layers, gloo and MPI |", *PRECISE_RANKS),
+    claim("| `convert_sync_batchnorm_act`: timm resnetv2_18 (LeakyReLU), ghostnet_050, efficientnet_b0, "
+          "mobilenetv3_small_050; torchvision regnet_x_400mf (LeakyReLU) |",
+          MODELS + "test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original"),
     claim("torch's spelling works; state_dicts load both ways with BatchNorm2d and "
           "torch.nn.SyncBatchNorm checkpoints", CONVERT + "test_classmethod_spelling_converts_like_the_function",
           CONVERT + "test_torch_checkpoint_loads_strictly_into_a_syncbn_model_and_computes_the_same",
@@ -365,14 +501,27 @@ CLAIMS: List[Claim] = [
     claim("each layer's running statistics become the mean and unbiased variance of every value it "
           "sees in the batches of all ranks",
           PRECISE + "test_single_process_population_statistics_equal_the_oracle_not_the_mean_batch_variance",
-          PRECISE + "test_two_ranks_with_uneven_batches_equal_the_global_population",
-          PRECISE + "test_large_mean_in_fp32_keeps_the_variance"),
-    claim("training flags, momentum, num_batches_tracked restored",
-          PRECISE + "test_state_is_restored_and_hooks_removed", PRECISE + "test_num_batches_limits_the_batches_used"),
-    # --- README: in-place activated SyncBatchNorm (section of the "activated" developer) ---------
+          PRECISE + "test_large_mean_in_fp32_keeps_the_variance", *PRECISE_RANKS),
+    claim("one all-reduce of the shifts before the first batch, one of every layer's sums after the last, "
+          "none per batch or per layer", PRECISE_RANKS[0]),
+    claim("so ranks may also run different numbers of batches", PRECISE_RANKS[1]),
+    claim("never modifies the batches", PRECISE + "test_batches_are_not_modified_with_an_activated_first_layer"),
+    claim("num_batches_tracked and the layers' process groups restored",
+          PRECISE + "test_state_is_restored_and_hooks_removed", PRECISE_RANKS[0]),
+    claim("num_batches=200)  # on every rank; counts may differ", PRECISE + "test_num_batches_limits_the_batches_used",
+          PRECISE_RANKS[1]),
+    # --- README: in-place activated SyncBatchNorm ----------------------------------------------------
+    claim("`syncbn.SyncBatchNormAct(num_features, ..., activation=\"leaky_relu\", negative_slope=0.01, "
+          "inplace=True, device=None, dtype=None, *, bias=True, alpha=1.0, drop=None, fuse=True, name=None, "
+          "debug=None, check_finite=False)` is SyncBatchNorm fused with its activation",
+          DOCS + "test_readme_prints_signatures_as_the_code_has_them[syncbn.SyncBatchNormAct]",
+          ACT + "test_constructor_takes_torch_s_positions_and_keyword_only_options"),
     claim("autograd keeps only that output and a few per-channel vectors",
           ACT + "test_graph_keeps_only_the_output_and_per_channel_vectors",
           ACT + "test_one_process_equals_float64_batchnorm_then_activation_in_place"),
+    claim("In place, the output also goes into the input's own storage",
+          ACT + "test_one_process_equals_float64_batchnorm_then_activation_in_place",
+          ACT + "test_layouts_and_options_equal_the_oracle_and_keep_the_layout"),
     claim("the debug guard and state_dict keys are SyncBatchNorm's",
           ACT + "test_same_collectives_and_payloads_as_syncbatchnorm_none_in_eval",
           ACT + "test_invalid_input_on_one_rank_raises_on_every_rank",
@@ -382,20 +531,66 @@ CLAIMS: List[Claim] = [
           ACT + "test_checkpoint_recompute_updates_running_stats_once"),
     claim("it runs on CPU and GPU (fused Triton kernels)", ACT + "test_kernels_in_interpreter",
           ACT + "test_layer_through_the_kernels_equals_the_oracle"),
+    claim("It is a memory optimisation only: every path below gives the values and gradients of "
+          "SyncBatchNorm followed by the activation", *ACT_PARITY),
+    claim("Fused: `\"identity\"`, `\"leaky_relu\"` (slope > 0) and `\"elu\"` (or those modules), in fp32 and fp64",
+          ACT + "test_one_process_equals_float64_batchnorm_then_activation_in_place",
+          ACT + "test_convert_fuses_invertible_pairs_keeps_state_names_and_outputs_and_reverts_exactly"),
     claim("ReLU is refused by name", ACT + "test_relu_by_name_is_refused_with_the_reason_and_the_alternatives",
           ACT + "test_any_activation_module_runs_out_of_place_and_equals_the_oracle"),
-    claim("It falls back to a separate output (same values and gradients) for a leaf or view input",
+    claim("**In place** only with `inplace=True` and when nothing can still need the input",
+          ACT + "test_inplace_false_keeps_the_input_and_gives_the_same_results",
           ACT + "test_leaf_input_falls_back_to_a_new_output_and_stays_untouched",
           ACT + "test_view_input_falls_back_and_leaves_its_base_untouched",
-          ACT + "test_weight_near_zero_falls_back_out_of_place_with_correct_grads",
-          ACT + "test_layouts_and_options_equal_the_oracle_and_keep_the_layout",
-          ACT + "test_input_saved_by_an_earlier_op_makes_backward_raise_not_return_wrong_grads",
-          ACT + "test_output_modified_in_place_afterwards_makes_backward_raise",
-          ACT + "test_backward_with_create_graph_raises_a_clear_error"),
+          ACT + "test_input_autograd_still_needs_runs_out_of_place_with_the_gradients_of_the_original",
+          ACT + "test_the_same_input_from_a_producer_that_keeps_nothing_is_written_in_place",
+          ACT + "test_graph_keeps_only_the_output_and_per_channel_vectors",
+          ACT + "test_hooks_that_see_the_input_make_the_layer_run_out_of_place",
+          ACT + "test_a_forward_hook_of_the_producer_keeps_its_output_unchanged",
+          ACT + "test_training_step_on_the_device_path_reads_nothing_back_and_builds_no_tensor_from_host_data"),
+    claim("**Fused out of place** otherwise: a new output, the input untouched, still only the output kept",
+          ACT + "test_leaf_input_falls_back_to_a_new_output_and_stays_untouched",
+          ACT + "test_graph_keeps_only_the_output_and_per_channel_vectors"),
+    claim("**Unfused** (SyncBatchNorm, `drop`, then the activation, keeping the input): in evaluation, "
+          "under `torch.compile`", ACT + "test_eval_uses_running_statistics_and_the_activation",
+          ACT + "test_compiles_whole_with_fullgraph_and_trains_like_eager",
+          ACT + "test_one_process_equals_float64_batchnorm_then_activation_in_place",
+          ACT + "test_half_precision_gradients_are_those_of_syncbatchnorm_then_the_activation",
+          ACT + "test_any_activation_module_runs_out_of_place_and_equals_the_oracle",
+          ACT + "test_weight_near_zero_falls_back_out_of_place_with_correct_grads"),
+    claim("the backward checks the floor per channel on the device and gives NaN gradients for a channel "
+          "below it", ACT + "test_on_a_device_a_weight_below_the_floor_gives_nan_gradients_never_imprecise_ones",
+          ACT + "test_bias_false_and_a_weight_below_the_floor_through_the_kernels"),
+    claim("Changing the fused layer's output in place afterwards (`out += shortcut`) makes backward raise an "
+          "error naming the layer",
+          ACT + "test_output_modified_in_place_afterwards_makes_backward_raise_naming_the_layer"),
+    claim("Double backward raises in training on every path alike",
+          ACT + "test_double_backward_raises_a_clear_error_on_every_training_path",
+          ACT + "test_double_backward_in_evaluation_is_batchnorm_and_the_activation"),
     claim("`syncbn.convert_sync_batchnorm_act(model)` fuses `BatchNorm -> LeakyReLU/ELU/Identity` pairs",
           ACT + "test_convert_fuses_invertible_pairs_keeps_state_names_and_outputs_and_reverts_exactly",
           ACT + "test_convert_leaves_unrelated_layers_and_existing_fused_layers_alone",
-          ACT + "test_fusing_converted_syncbatchnorms_keeps_their_group_and_reverts_to_them"),
+          ACT + "test_fusing_converted_syncbatchnorms_keeps_their_group_and_reverts_to_them",
+          ACT + "test_pairs_fusing_would_change_are_left_alone",
+          ACT + "test_an_uninitialised_lazy_batchnorm_is_refused_before_anything_is_replaced",
+          ACT + "test_a_batchnorm_without_bias_fuses_and_keeps_torch_s_keys",
+          MODELS + "test_timm_batchnorm_act_becomes_sync_batchnorm_act_computing_the_same_function_and_reverts"),
+    claim("It asks for in place only where the norm's input is the previous child's output and that child "
+          "is a Linear, Conv or ConvTranspose",
+          ACT + "test_convert_fuses_invertible_pairs_keeps_state_names_and_outputs_and_reverts_exactly",
+          ACT + "test_a_pre_activation_block_fuses_out_of_place_and_keeps_its_shortcut",
+          ACT + "test_a_norm_after_a_module_other_than_a_conv_or_linear_fuses_out_of_place"),
+    claim("Fused counts are tested on timm's resnetv2_18",
+          MODELS + "test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original"),
+    claim("`syncbn.revert_sync_batchnorm_act(model)` puts the original modules back",
+          ACT + "test_convert_fuses_invertible_pairs_keeps_state_names_and_outputs_and_reverts_exactly",
+          ACT + "test_fusing_converted_syncbatchnorms_keeps_their_group_and_reverts_to_them",
+          MODELS + "test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original"),
+    claim("`syncbn.revert_sync_batchnorm` (what Lightning calls at teardown) makes fused layers plain "
+          "BatchNorm and the activation, and leaves SyncBatchNormAct layers you built yourself as they are",
+          ACT + "test_revert_sync_batchnorm_turns_fused_layers_into_batchnorm_and_the_activation",
+          ACT + "test_revert_sync_batchnorm_checks_every_layer_before_replacing_any",
+          LIGHTNING + "test_ddp_on_two_cpu_processes_trains_with_syncbn_layers_that_equal_the_global_batch"),
     claim("Memory (`python -m benchmarks.memory`, one CPU process, see BENCHMARKS.md)",
           ACT + "test_norm_act_layers_keep_at_least_40_percent_fewer_bytes_in_whole_networks",
           ACT + "test_step_peak_grows_more_slowly_with_the_batch_than_syncbn_plus_activation",
@@ -413,22 +608,37 @@ CLAIMS: List[Claim] = [
           ACCURACY + "test_a_one_seed_run_says_it_is_only_indicative_and_cannot_be_published",
           ACCURACY + "test_targets_are_judged_on_the_mean_over_seeds_paired_at_syncbn_s_learning_rate"),
     claim("| `syncbn/batchnorm_math.py` |", DOCS + "test_project_layout_names_paths_that_exist"),
-    # --- launch/README.md (section of the "multihost" developer) --------------------------------
+    # --- launch/README.md ------------------------------------------------------------------------
     claim("`train_example.py`, a small conv net that runs unchanged under all of them", *RECIPES,
           LAUNCHER + "test_train_example_under_the_launcher", doc=LAUNCH),
     claim("Run the recipes from the repository root (they default to `SCRIPT=launch/train_example.py`)",
           *RECIPES, doc=LAUNCH),
     claim("Every rank must run the same SyncBatchNorm layers in the same order", *SKIPPED_LAYER, doc=LAUNCH),
-    claim("Under plain `mpiexec`, an uncaught exception on one rank aborts the whole job within seconds",
-          MATRIX + "test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job", doc=LAUNCH),
+    claim("srun's `SLURM_PROCID`/`SLURM_STEP_NUM_TASKS`", INIT + "test_the_launcher_is_read_from_the_environment",
+          BATCH_SCRIPT, doc=LAUNCH),
+    claim("Under plain `mpiexec`, an uncaught exception on one rank aborts the whole job within seconds "
+          "once `syncbn.init_distributed()` has run on that rank, as `train_example.py` does at its start",
+          ABORT_AFTER_INIT, MATRIX + "test_row4_mpi_an_uncaught_exception_under_a_bare_mpiexec_aborts_the_job",
+          doc=LAUNCH),
     claim("raises a `RuntimeError` saying so at its first training step", *NO_GROUP, doc=LAUNCH),
+    claim("each rank gets torchrun's variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, "
+          "`MASTER_ADDR=127.0.0.1`, `MASTER_PORT`, `GROUP_RANK`, `ROLE_RANK`, ...)",
+          LAUNCHER + "test_gloo_ranks_get_the_variables_torchrun_gives_them", doc=LAUNCH),
     claim("so `init_process_group(backend)` needs no arguments and a script that works under "
           "`torchrun --standalone` works here", LAUNCHER + "test_three_gloo_ranks_match_the_full_batch_with_each_line_prefixed",
           LAUNCHER + "test_train_example_under_the_launcher", doc=LAUNCH),
+    claim("so ranks that finish at different times do not break each other (within `--exit-grace`, below)",
+          EXIT_GRACE[2], MISSING_RANK[1], doc=LAUNCH),
     claim("More ranks than `torch.cuda.device_count()` is refused at once",
           LAUNCHER + "test_nccl_refuses_more_ranks_than_gpus", doc=LAUNCH),
+    claim("The ranks get mpiexec's `PMI_RANK`, `PMI_SIZE` and `MPI_LOCALRANKID` and none of torchrun's "
+          "variables", LAUNCHER + "test_mpi_ranks_get_mpiexecs_variables_and_none_of_torchruns",
+          INIT + "test_the_mpi_local_rank_comes_from_the_launchers_variable", EVERY_LAUNCHER, doc=LAUNCH),
     claim("`syncbn.init_distributed()` builds the torch.distributed group from them",
           LAUNCHER + "test_mpi_backend_two_ranks_match_the_full_batch", EVERY_LAUNCHER, doc=LAUNCH),
+    claim("A script that does not call it syncs syncbn's layers over `MPI.COMM_WORLD`",
+          MATRIX + "test_row5_mpi_the_mpi_world_is_found_from_the_environment_even_with_world_size_set",
+          doc=LAUNCH),
     claim("`OMP_NUM_THREADS` defaults to cores / N (at least 1) unless you set it",
           LAUNCHER + "test_the_user_thread_setting_wins", doc=LAUNCH),
     claim("each line of each rank arrives whole on the launcher's stdout or stderr",
@@ -436,6 +646,9 @@ CLAIMS: List[Claim] = [
     claim("**Fail fast**: when a rank exits non-zero or dies by a signal", *FAIL_FAST,
           MATRIX + "test_row6_the_summary_shows_each_ranks_own_exception_and_prefixes_are_not_doubled",
           doc=LAUNCH),
+    claim("Ranks whose errors differ only in the rank number are shown together, with one traceback",
+          GROUPED_ERRORS, doc=LAUNCH),
+    claim("**A rank that finishes while another still needs it**", *EXIT_GRACE, doc=LAUNCH),
     claim("the launcher drops that label where its own `[rankK] ` already says the same",
           MATRIX + "test_row6_the_summary_shows_each_ranks_own_exception_and_prefixes_are_not_doubled",
           doc=LAUNCH),
@@ -443,16 +656,26 @@ CLAIMS: List[Claim] = [
           LAUNCHER + "test_the_failing_rank_exit_code_is_the_launcher_exit_code",
           LAUNCHER + "test_a_signal_to_the_launcher_stops_every_rank_and_leaves_no_orphan",
           LAUNCHER + "test_timeout_stops_the_job_and_names_the_ranks_still_running",
-          MATRIX + "test_row4_gloo_an_uncaught_exception_on_one_rank_ends_the_job", doc=LAUNCH),
+          MATRIX + "test_row4_gloo_an_uncaught_exception_on_one_rank_ends_the_job", SIGNAL_AFTER_CTRL_C,
+          *EXIT_GRACE[:2], LAUNCHER + "test_a_negative_exit_grace_is_a_usage_error",
+          LAUNCHER + "test_nccl_refuses_more_ranks_than_gpus",
+          LAUNCHER + "test_mpi_backend_without_mpiexec_names_the_fix", doc=LAUNCH),
     claim("**A launcher killed by SIGKILL** runs no code",
           MATRIX + "test_row6_sigkill_of_the_launcher_leaves_no_rank_or_child_of_a_rank_behind", doc=LAUNCH),
-    claim("The tests run this recipe as two \"nodes\" on one machine over loopback with gloo.",
-          LAUNCHER + "test_torchrun_recipe_on_two_nodes_over_loopback", doc=LAUNCH),
-    claim("The tests run it with a `localhost:2` hostfile.",
-          LAUNCHER + "test_mpirun_recipe_with_a_localhost_hostfile", doc=LAUNCH),
-    claim("The Slurm recipes are only syntax-checked by the tests",
-          INIT + "test_the_srun_recipe_is_valid_bash_and_asks_slurm_for_its_tasks",
-          LAUNCHER + "test_recipe_is_valid_bash", EVERY_LAUNCHER, doc=LAUNCH),
+    claim("`train_example.py` trains to weights and running statistics bitwise equal to 4 ranks on one "
+          "host (`OMP_NUM_THREADS=1` on both sides)",
+          MULTIHOST + "test_torchrun_recipe_on_two_hosts_sharing_a_name_trains_as_one_host",
+          MULTIHOST + "test_mpirun_recipe_on_two_hosts_sharing_a_name_trains_as_one_host",
+          MULTIHOST + "test_slurm_recipe_on_two_nodes_trains_as_one_host", doc=LAUNCH),
+    claim("MPI ranks on hosts whose names resolve nowhere meet at rank 0's address",
+          MULTIHOST + "test_mpi_ranks_on_hosts_with_their_own_unresolvable_names_meet_at_rank_0s_address",
+          MULTIHOST + "test_an_mpi_rendezvous_at_an_unreachable_address_fails_on_every_rank_naming_it",
+          MULTIHOST + "test_an_srun_rendezvous_at_an_unreachable_address_ends_every_rank_within_the_timeout",
+          MULTIHOST + "test_a_rank_killed_on_host_2_ends_the_torchrun_job_on_host_1_naming_it",
+          MULTIHOST + "test_a_rank_killed_on_host_2_ends_the_mpiexec_job_on_host_1_naming_it", doc=LAUNCH),
+    claim("Without namespaces they skip with the reason, except as root or with `CI` set, where they "
+          "fail instead", NETNS + "test_where_namespaces_are_missing_the_tests_fail_as_root_or_under_ci_else_skip",
+          NETNS + "test_a_machine_without_iproute2_fails_the_fixture_where_required_else_skips", doc=LAUNCH),
 ]
 
 

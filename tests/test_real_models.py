@@ -32,6 +32,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import syncbn
+from scenarios import training_step
 
 WORLD_SIZE = 2
 IMAGES_PER_RANK = 2
@@ -262,6 +263,22 @@ def test_timm_batchnorm_act_becomes_sync_batchnorm_act_computing_the_same_functi
     torch.testing.assert_close(reverted.eval()(images), model.eval()(images), rtol=1e-9, atol=1e-10)
 
 
+def test_timm_batchnorm_act_with_a_prelu_keeps_its_state_dict_keys_both_ways():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1),
+                                timm.layers.BatchNormAct2d(4, act_layer=torch.nn.PReLU)).double()
+    keys = list(model.state_dict())
+    assert "1.act.weight" in keys
+    images = _global_batch("timm_resnet10t", 0)[0][:2, :, :8, :8]
+    expected = model(images)
+    converted = syncbn.convert_sync_batchnorm(copy.deepcopy(model))
+    assert isinstance(converted[1], syncbn.SyncBatchNormAct)
+    assert list(converted.state_dict()) == keys
+    torch.testing.assert_close(converted(images), expected, rtol=1e-12, atol=1e-12)
+    converted.load_state_dict(model.state_dict())  # the original checkpoint loads strictly
+    assert list(syncbn.revert_sync_batchnorm(converted).state_dict()) == keys
+
+
 def test_frozen_batchnorm_is_left_alone():
     frozen = torchvision.ops.misc.FrozenBatchNorm2d  # also the one timm uses
     torch.manual_seed(0)
@@ -273,3 +290,49 @@ def test_frozen_batchnorm_is_left_alone():
     assert [m for m in converted.modules() if isinstance(m, frozen)] == frozen_layers
     assert not any(isinstance(m, syncbn.SyncBatchNorm) for m in converted.modules())
     assert torch.equal(converted(x), expected)
+
+
+# --- convert_sync_batchnorm_act: fusing never changes what a model computes (one process) ----
+
+def _timm(name: str, **options) -> Callable[[], torch.nn.Module]:
+    return lambda: timm.create_model(name, num_classes=CLASSES, drop_rate=0.0, **options)
+
+
+# The fused backward recovers xhat from the output, (z - bias) / weight: float64 rounding that
+# the plain backward does not have, amplified through the network. Measured up to 2e-9
+# relative (regnet_x_400mf, a weight gradient): the module's RTOL and ATOL hold.
+# name -> (builder, layers fused, of them in place). timm's pre-activation ResNet (resnetv2)
+# with LeakyReLU: every norm's input is also a shortcut's, so its BatchNormAct2d fuse out of
+# place; ghostnet's and torchvision's conv -> BatchNorm -> act Sequentials fuse in place;
+# efficientnet's and mobilenetv3's BatchNormAct2d without activation fuse out of place.
+FUSABLE_MODELS: Dict[str, Tuple[Callable[[], torch.nn.Module], int, int]] = {
+    "timm_resnetv2_18_leaky_relu": (_timm("resnetv2_18", act_layer=torch.nn.LeakyReLU), 17, 0),
+    "timm_ghostnet_050": (_timm("ghostnet_050"), 32, 32),
+    "timm_efficientnet_b0": (_timm("efficientnet_b0"), 16, 0),
+    "timm_mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), 11, 0),
+    "torchvision_regnet_x_400mf_leaky_relu": (
+        lambda: torchvision.models.regnet_x_400mf(num_classes=CLASSES,
+                                                  activation=torch.nn.LeakyReLU), 45, 45),
+}
+
+
+# Big enough that the deepest maps are 2x2 (8 values per channel with 2 images), small for CI.
+FUSED_SIDE = 48
+
+
+@pytest.mark.parametrize("name", FUSABLE_MODELS)
+def test_fused_model_has_the_outputs_gradients_and_statistics_of_the_original(name):
+    build, fused, in_place = FUSABLE_MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    converted = syncbn.convert_sync_batchnorm_act(copy.deepcopy(model))
+    layers = [m for m in converted.modules() if isinstance(m, syncbn.SyncBatchNormAct)]
+    assert (len(layers), sum(layer.inplace for layer in layers)) == (fused, in_place)
+    images = _global_batch("timm_resnet10t", 0)[0][:2, :, :FUSED_SIDE, :FUSED_SIDE]
+    for training in (True, False):
+        for got, want in zip(training_step(converted.train(training), images),
+                             training_step(model.train(training), images)):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(converted.state_dict(), model.state_dict(), rtol=RTOL, atol=ATOL)
+    reverted = syncbn.revert_sync_batchnorm_act(converted)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in model.modules()]

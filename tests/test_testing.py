@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -47,9 +51,54 @@ def _rank_zero_waits_alone() -> int:
 
 def test_a_stalled_rank_fails_the_call_naming_it_and_all_ranks_are_killed():
     started = time.monotonic()
-    with pytest.raises(RankFailure, match=r"rank\(s\) \[0\] did not finish within 5 s"):
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[0\] did not finish within 5 s") as info:
         run_on_ranks(_rank_zero_waits_alone, 2, timeout=5)
     assert time.monotonic() - started < 60
+    where = str(info.value).split("--- rank 0: where it was ---", 1)[1]
+    assert re.search(r'test_testing\.py", line \d+ in _rank_zero_waits_alone', where)
+    assert "in all_reduce" in where and "_rank_worker" not in where
+
+
+def test_gather_says_how_each_rank_ended_without_raising(rank_pool):
+    pool = rank_pool(2, "gloo")
+    returned, raised = pool.gather(_raise_on_rank_one)
+    assert (returned.rank, returned.status, returned.value) == (0, "returned", 0)
+    assert (raised.rank, raised.status) == (1, "raised")
+    assert isinstance(raised.value, KeyError) and "_raise_on_rank_one" in raised.detail
+    assert not pool.closed
+
+
+_ORPHANED_RANKS = """
+import os, signal, sys, threading, time
+from syncbn.testing import RankPool
+
+pool = RankPool(2, "gloo")
+print(*pool.run(os.getpid), flush=True)
+threading.Thread(target=pool.run, args=(time.sleep, 600), daemon=True).start()
+time.sleep(1)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: the ranks are on their own
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_ranks_busy_in_a_call_end_when_the_pool_process_is_killed():
+    done = subprocess.run([sys.executable, "-c", _ORPHANED_RANKS], capture_output=True, text=True, timeout=300)
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2, done.stdout + done.stderr
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in pids if _alive(pid)]
+    for pid in survivors:  # leave the machine clean even when the check fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
 
 
 def _rank_one_dies() -> int:

@@ -17,6 +17,8 @@ the others are tested against), :mod:`.native` (CPU, C++ built on first use) and
 ``SYNCBN_KERNELS=reference`` forces the reference everywhere; ``SYNCBN_NATIVE=0`` turns the
 native CPU kernels off; ``SYNCBN_TRITON=0`` turns Triton off on CUDA; ``SYNCBN_TRITON=1`` with
 ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU through Triton's interpreter (tests).
+A CUDA device takes the Triton kernels once their one-time self-test there has passed
+(:func:`triton.usable`); a device where a kernel fails keeps the reference for good.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def for_input(x: torch.Tensor) -> ModuleType:
         return reference
     device = x.device.type
     if x.dtype in triton.SUPPORTED_DTYPES and (
-            (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)):
+            (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)) \
+            and triton.usable(x.device):  # a device whose self-test failed keeps the reference
         return triton
     # native.available() builds the extension on its first call (once per process).
     if device == "cpu" and _NATIVE_ON and x.dtype in native.SUPPORTED_DTYPES and native.available():
