@@ -93,23 +93,13 @@ constexpr int64_t kParallelValues = 32768;
 
 // --- element access: load as the accumulation type, store rounded to the element type -------
 
+// fp32 and fp64 are their own storage and accumulation types; fp16 and bf16 below.
 template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  using raw = float;
-  using acc = float;
-  static inline float load(raw v) { return v; }
-  static inline raw store(float v) { return v; }
-};
-
-template <>
-struct Elem<double> {
-  using raw = double;
-  using acc = double;
-  static inline double load(raw v) { return v; }
-  static inline raw store(double v) { return v; }
+struct Elem {
+  using raw = T;
+  using acc = T;
+  static inline T load(raw v) { return v; }
+  static inline raw store(T v) { return v; }
 };
 
 template <>

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def __getattr__(name: str):
 
 
 def compiler() -> str:
+    """The compiler command: ``$SYNCBN_CXX``, else ``$CXX``, else ``c++`` (may hold words, e.g. ccache)."""
     return os.environ.get("SYNCBN_CXX") or os.environ.get("CXX") or "c++"
 
 
@@ -150,11 +152,11 @@ def _locked(path: Path) -> Iterator[None]:
 def _build(path: Path) -> Optional[str]:
     """Compiles native.cpp's two parts (the kernels; the operators, whose torch headers take most of
     the time) at once, then links them: about half the time of one compilation on two cores."""
-    cxx = compiler()
+    cxx = shlex.split(compiler())
     if fcntl is None:
         return "no POSIX file locking on this platform"
-    if shutil.which(cxx) is None:
-        return f"no C++ compiler: {cxx!r} not found; set SYNCBN_CXX or CXX"
+    if not cxx or shutil.which(cxx[0]) is None:
+        return f"no C++ compiler: {compiler()!r} not found; set SYNCBN_CXX or CXX"
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_suffix(".lock")):
         if path.exists():  # another process built it while this one waited
@@ -163,14 +165,16 @@ def _build(path: Path) -> Optional[str]:
 
         stem = path.with_name(f"{path.stem}.{os.getpid()}")
         log = path.with_name("build.log")
+        log.write_bytes(b"")
         includes = [f"-I{p}" for p in cpp_extension.include_paths()]
         libraries = cpp_extension.library_paths()
         objects = [stem.with_suffix(f".part{part}.o") for part in (1, 2)]
         partial = stem.with_suffix(".tmp.so")
-        compiles = [[cxx, *_flags(), f"-DSYNCBN_NATIVE_PART={part}", "-c", str(_SOURCE), "-o", str(obj), *includes]
-                    for part, obj in zip((1, 2), objects)]
-        link = [cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial),
-                *[f"-L{p}" for p in libraries], *[f"-Wl,-rpath,{p}" for p in libraries], "-lc10", "-ltorch_cpu"]
+        compiles = [[*cxx, *_flags(), f"-DSYNCBN_NATIVE_PART={part}", "-c", str(_SOURCE), "-o", str(obj),
+                     *includes] for part, obj in zip((1, 2), objects)]
+        link = [*cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial),
+                *[f"-L{p}" for p in libraries], *[f"-Wl,-rpath,{p}" for p in libraries],
+                "-lc10", "-ltorch_cpu"]
         try:
             failure = _run_all(compiles, log) or _run_all([link], log)
         finally:
@@ -185,7 +189,8 @@ def _build(path: Path) -> Optional[str]:
 
 def _run_all(commands: List[List[str]], log: Path) -> Optional[str]:
     """Runs the commands at once; their output appended to ``log``; the first failure, or None."""
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for command in commands]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for command in commands]
     failure = None
     with open(log, "ab") as out:
         for command, run in zip(commands, runs):
