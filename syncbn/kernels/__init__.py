@@ -12,9 +12,10 @@ Every backend module has the same functions with the same semantics (those of
 - ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient.
 
 Backends: :mod:`.reference` (plain torch: any device and dtype; the fallback, and the oracle
-the others are tested against) and :mod:`.triton` (CUDA, fp32/fp16/bf16). :func:`for_input`
-picks one for an input. Switches, read once at import: ``SYNCBN_KERNELS=reference`` forces the
-reference everywhere; ``SYNCBN_TRITON=0`` turns Triton off on CUDA; ``SYNCBN_TRITON=1`` with
+the others are tested against), :mod:`.native` (CPU, C++ built on first use) and :mod:`.triton`
+(CUDA, fp32/fp16/bf16). :func:`for_input` picks one for an input. Switches, read once at import:
+``SYNCBN_KERNELS=reference`` forces the reference everywhere; ``SYNCBN_NATIVE=0`` turns the
+native CPU kernels off; ``SYNCBN_TRITON=0`` turns Triton off on CUDA; ``SYNCBN_TRITON=1`` with
 ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU through Triton's interpreter (tests).
 A CUDA device takes the Triton kernels once their one-time self-test there has passed
 (:func:`triton.usable`); a device where a kernel fails keeps the reference for good.
@@ -26,13 +27,14 @@ from types import ModuleType
 
 import torch
 
-from . import reference, triton
+from . import native, reference, triton
 
-__all__ = ["for_input", "uses_triton", "reference", "triton"]
+__all__ = ["for_input", "uses_triton", "reference", "native", "triton"]
 
 _FORCED_REFERENCE = os.environ.get("SYNCBN_KERNELS", "").lower() == "reference"
 _TRITON_ON_CUDA = triton.TRITON_AVAILABLE and os.environ.get("SYNCBN_TRITON") != "0"
 _TRITON_ON_CPU = triton.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1"
+_NATIVE_ON = os.environ.get("SYNCBN_NATIVE") != "0"
 
 
 def for_input(x: torch.Tensor) -> ModuleType:
@@ -44,6 +46,9 @@ def for_input(x: torch.Tensor) -> ModuleType:
             (device == "cuda" and _TRITON_ON_CUDA) or (device == "cpu" and _TRITON_ON_CPU)) \
             and triton.usable(x.device):  # a device whose self-test failed keeps the reference
         return triton
+    # native.available() builds the extension on its first call (once per process).
+    if device == "cpu" and _NATIVE_ON and x.dtype in native.SUPPORTED_DTYPES and native.available():
+        return native
     return reference
 
 

@@ -1,0 +1,1282 @@
+// syncbn's native CPU kernels (issue 26): the kernel interface of syncbn/kernels/ as torch
+// operators (namespace syncbn_native), one pass over memory each.
+//
+// Layouts. Every input is read as one of two dense forms:
+//   planar      (N, C, S) contiguous: each (sample, channel) is a run of S contiguous values;
+//   interleaved (R, C) rows, R = N * S: channels_last, channels_last_3d, (N, C), and any input
+//               whose channel dim is innermost and dense (also contiguous input with S == 1).
+// Anything else is copied to torch's suggested memory format first; outputs take
+// empty_like(x)'s layout.
+//
+// Precision. fp32/fp16/bf16 input is computed in fp32 (as torch's BatchNorm does), with every
+// long sum in fp64: fp32 partials of at most kFlush vectors are added to fp64 lanes, so a sum is
+// good to a few fp32 ulps of its terms, however long. The statistics are two-pass per block of
+// values that stays in cache (the second pass reads L1/L2, not memory): pass 1 sums every value
+// in fp64 (the mean is fp64-accurate), pass 2 sums the squares about the block's mean rounded
+// to fp32; blocks merge by Chan's formula in fp64, the mean carried as hi + lo so that merging
+// adds no rounding. fp64 input is computed in fp64 with compensated sums. The elementwise passes
+// take x - mean before scaling (x - hi is exact for x near the mean; lo folds into the shift).
+//
+// Work split. Blocks are grouped into tasks whose number depends on the shape alone, never on
+// the thread count (at::parallel_for, torch's own threads): results are the same, bitwise, at any
+// torch.get_num_threads().
+//
+// Build. Two parts, compiled at once when SYNCBN_NATIVE_PART is 1 and 2 (syncbn/kernels/native.py
+// does) and linked together, or in one compilation without it: the kernels, which need only
+// at::parallel_for, and the operators, whose torch headers cost as much to compile as all the
+// kernels.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// The interface between the two parts: plain memory, no tensors.
+namespace syncbn_native {
+
+enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
+
+// A dense input: planar (N, C, S) contiguous, or interleaved (R, C) rows (n = R, s = 1).
+struct Shape {
+  int64_t n = 0;  // samples (planar) or rows (interleaved)
+  int64_t c = 0;  // channels
+  int64_t s = 1;  // run length (planar); 1 (interleaved)
+  bool interleaved = false;
+  int64_t count() const { return n * s; }  // values per channel
+  int64_t numel() const { return n * c * s; }
+};
+
+// Per channel: the mean as hi + lo and M2 = sum (x - mean)^2 (count() > 0, c > 0).
+void local_moments(DType dtype, const void* x, const Shape& shape, double* hi, double* lo, double* m2);
+
+// Per channel: sum dy and sum dy * (x - mean), the mean rounded to the accumulation dtype first.
+void gradient_sums(DType dtype, const void* dy, const void* x, const Shape& shape, const double* mean,
+                   double* sum_dy, double* sum_dyx);
+
+// out = [gain * dy +] (x - mean) * scale + shift per channel (gain, dy: both or neither), in the
+// accumulation dtype, rounded once to x's; round_mean: the mean rounded to the accumulation dtype.
+void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& shape, const double* mean,
+            const double* scale, const double* shift, const double* gain, bool round_mean);
+
+}  // namespace syncbn_native
+
+#if !defined(SYNCBN_NATIVE_PART) || SYNCBN_NATIVE_PART == 1
+// ===== Part 1: the kernels (plain memory; the only torch header is at::parallel_for's) =====
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using syncbn_native::Shape;
+
+// Values per two-pass block (16 KiB of fp32: the second pass reads L1).
+constexpr int64_t kBlock = 4096;
+// Rows per block in the interleaved layout, at least (wide rows: the block's per-channel
+// bookkeeping is amortized over this many values per channel; the block then lives in L2).
+constexpr int64_t kMinBlockRows = 64;
+// Rows of interleaved input taken together per channel vector: its coefficients (elementwise
+// passes) are loaded, and its fp64 sums (reductions, kRowGroup * kFlush rows) written, once.
+constexpr int64_t kRowGroup = 4;
+// Values per task at least, and tasks at most: enough tasks to balance many threads, few
+// enough partial results to keep their merge negligible.
+constexpr int64_t kTaskValues = 16384;
+constexpr int64_t kMaxTasks = 256;
+// Below this many values per parallel_for, one thread does it all (a fork costs microseconds).
+constexpr int64_t kParallelValues = 32768;
+
+// --- element access: load as the accumulation type, store rounded to the element type -------
+
+// fp32 and fp64 are their own storage and accumulation types; fp16 and bf16 below.
+template <typename T>
+struct Elem {
+  using raw = T;
+  using acc = T;
+  static inline T load(raw v) { return v; }
+  static inline raw store(T v) { return v; }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static inline float load(raw v) {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  // Round to nearest even, NaN to the canonical quiet NaN: c10::BFloat16's rounding.
+  static inline raw store(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return f != f ? static_cast<raw>(0x7fc0) : static_cast<raw>(rounded);
+  }
+};
+
+#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+// The compiler's own half type: its conversions are the hardware's (F16C / AVX512-FP16 / NEON).
+template <>
+struct Elem<c10::Half> {
+  using raw = _Float16;
+  using acc = float;
+  static inline float load(raw v) { return static_cast<float>(v); }
+  static inline raw store(float v) { return static_cast<raw>(v); }
+};
+#else
+template <>
+struct Elem<c10::Half> {
+  using raw = c10::Half;
+  using acc = float;
+  static inline float load(raw v) { return static_cast<float>(v); }
+  static inline raw store(float v) { return static_cast<raw>(v); }
+};
+#endif
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs f(begin, end) over [0, tasks), in parallel when there is enough work.
+template <typename F>
+void for_tasks(int64_t tasks, int64_t values_per_task, const F& f) {
+  if (tasks <= 0) return;
+  int64_t grain = std::max<int64_t>(1, kParallelValues / std::max<int64_t>(1, values_per_task));
+  if (tasks <= grain) {
+    f(0, tasks);
+  } else {
+    at::parallel_for(0, tasks, grain, f);
+  }
+}
+
+// Tasks for `values` values in `units` indivisible units: by the shape only.
+int64_t task_count(int64_t values, int64_t units) {
+  return std::max<int64_t>(1, std::min({units, kMaxTasks, values / kTaskValues}));
+}
+
+// Memory a kernel needs for one call, kept by the thread for its next call when it is at most
+// kKeptScratchBytes: the kernels run on the same shapes step after step, and a fresh allocation
+// of this size would be a fresh mapping, page faults included, every time. Not zeroed. kSlot
+// tells apart the buffers one thread holds at once.
+constexpr size_t kKeptScratchBytes = size_t(16) << 20;
+
+template <typename T, int kSlot>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    thread_local std::vector<T> kept;
+    std::vector<T>& buffer = n * sizeof(T) <= kKeptScratchBytes ? kept : own_;
+    if (buffer.size() < n) buffer.resize(n);
+    data_ = buffer.data();
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::vector<T> own_;
+  T* data_;
+};
+
+// --- lanes: kLanes values at once, in GCC/Clang vector extensions (any target) ------------------
+
+// One native fp32 vector (16 lanes with AVX-512, else 8), accumulated into fp64 in two halves
+// of one native fp64 vector each (wider generic vectors would be split through the stack).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+// Vectors summed into an fp32 lane before it is added to its fp64 lane: each fp32 partial sums
+// at most kFlush terms, so it is accurate to a few ulps of fp32 (and cannot overflow where the
+// terms do not).
+constexpr int kFlush = 4;
+
+typedef float f32v __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float f32h __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+typedef double f64h __attribute__((vector_size(kLanes / 2 * sizeof(double))));
+typedef uint16_t u16v __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t u32v __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// kLanes fp64 lanes, as two native vectors.
+struct f64v {
+  f64h lo = {}, hi = {};
+};
+
+inline f32v load_f32(const float* p) {
+  f32v v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32v load_f32(const uint16_t* p) {  // bf16: its bits are the top half of an fp32's
+#if defined(__AVX512F__)
+  // One widening load (the generic form below compiles to two half-width ones).
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<f32v>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#else
+  u16v h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<f32v>(__builtin_convertvector(h, u32v) << 16);
+#endif
+}
+
+template <typename R>
+inline f32v load_f32(const R* p) {  // fp16
+#if defined(__AVX512F__)
+  return reinterpret_cast<f32v>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__) && defined(__AVX__)
+  return reinterpret_cast<f32v>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  f32v v;
+  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+#endif
+}
+
+inline void store_f32(float* p, f32v v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store_f32(uint16_t* p, f32v v) {  // bf16, rounded as Elem<c10::BFloat16>::store
+  const u32v bits = reinterpret_cast<u32v>(v);
+  const u32v rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const u32v nan = reinterpret_cast<u32v>(v != v);  // all ones where v is NaN
+  const u16v h = __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), u16v);
+  std::memcpy(p, &h, sizeof h);
+}
+
+template <typename R>
+inline void store_f32(R* p, f32v v) {  // fp16, rounded to nearest even
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__) && defined(__AVX__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int j = 0; j < kLanes; ++j) p[j] = static_cast<R>(v[j]);
+#endif
+}
+
+inline f64v widen(f32v v) {
+#if defined(__AVX512F__)
+  // One full-width conversion per half (the generic form compiles to four quarter-width ones).
+  const __m512 w = reinterpret_cast<__m512>(v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+  return {reinterpret_cast<f64h>(_mm512_cvtps_pd(_mm512_castps512_ps256(w))),
+          reinterpret_cast<f64h>(_mm512_cvtps_pd(hi))};
+#elif defined(__AVX__)
+  const __m256 w = reinterpret_cast<__m256>(v);
+  return {reinterpret_cast<f64h>(_mm256_cvtps_pd(_mm256_castps256_ps128(w))),
+          reinterpret_cast<f64h>(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)))};
+#else
+  f32h lo = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  f32h hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return {__builtin_convertvector(lo, f64h), __builtin_convertvector(hi, f64h)};
+#endif
+}
+inline f64v widen(f64v v) { return v; }
+
+inline f64v& operator+=(f64v& a, const f64v& b) {
+  a.lo += b.lo;
+  a.hi += b.hi;
+  return a;
+}
+inline f64v operator+(f64v a, const f64v& b) { return a += b; }
+inline f64v operator-(f64v a, const f64v& b) {
+  a.lo -= b.lo;
+  a.hi -= b.hi;
+  return a;
+}
+inline f64v operator-(f64v a, double b) {
+  a.lo -= b;
+  a.hi -= b;
+  return a;
+}
+inline f64v operator*(f64v a, const f64v& b) {
+  a.lo *= b.lo;
+  a.hi *= b.hi;
+  return a;
+}
+
+// The lanes' sum, pairwise (a fixed order: results do not depend on timing).
+inline double lane_sum(f64v v) {
+  f64h s = v.lo + v.hi;
+  double lanes[kLanes / 2];
+  std::memcpy(lanes, &s, sizeof lanes);
+  for (int width = kLanes / 4; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
+}
+
+// fp64 lane sums; kCompensated: each carries its own rounding error (TwoSum per addition), so
+// the long sums of fp64 input (M2, the residuals) stay good to a few ulps however many terms
+// they take. fp32 partials need no more than plain fp64 sums (their own error dominates).
+template <bool kCompensated>
+struct Sum64v {
+  f64v sum, err;
+  void add(const f64v& v) {
+    if constexpr (kCompensated) {
+      const f64v s = sum + v, bb = s - sum;
+      err += (sum - (s - bb)) + (v - bb);
+      sum = s;
+    } else {
+      sum += v;
+    }
+  }
+  f64v value() const { return sum + err; }
+  double total() const { return lane_sum(sum) + lane_sum(err); }
+};
+
+struct Sum64 {
+  double sum = 0, err = 0;
+  void add(double v) {
+    const double s = sum + v, bb = s - sum;
+    err += (sum - (s - bb)) + (v - bb);
+    sum = s;
+  }
+  double total() const { return sum + err; }
+};
+
+inline f64v load_f64(const double* p) {
+  f64v v;
+  std::memcpy(&v.lo, p, sizeof v.lo);
+  std::memcpy(&v.hi, p + kLanes / 2, sizeof v.hi);
+  return v;
+}
+
+template <typename R>
+inline f64v load_f64(const R* p) {
+  return widen(load_f32(p));
+}
+
+// P: the dtype partial sums are kept in (float for fp32/fp16/bf16 input, double as the fallback
+// and for fp64 input).
+template <typename P>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  using vec = f32v;
+  template <typename R>
+  static vec load(const R* p) { return load_f32(p); }
+};
+
+template <>
+struct Lanes<double> {
+  using vec = f64v;
+  template <typename R>
+  static vec load(const R* p) { return load_f64(p); }
+};
+
+inline void store_f64(double* p, const f64v& v) {
+  std::memcpy(p, &v.lo, sizeof v.lo);
+  std::memcpy(p + kLanes / 2, &v.hi, sizeof v.hi);
+}
+
+// p[0:kLanes] += v (fp64 accumulators in memory).
+inline void add_to(double* p, const f64v& v) { store_f64(p, load_f64(p) + v); }
+
+// Runs f.template operator()<P>() with P = float for fp32/fp16/bf16 input, and again with
+// P = double if that reports a non-finite result (fp32 partials can overflow where fp64 ones
+// do not: bf16 values beyond 1e19 have squares beyond fp32's range); fp64 input: P = double.
+template <typename T, typename F>
+void with_partials(const F& f) {
+  if constexpr (std::is_same_v<T, double>) {
+    f.template operator()<double>();
+  } else {
+    if (!f.template operator()<float>()) f.template operator()<double>();
+  }
+}
+
+// --- moments: (count, mean = hi + lo, M2), merged by Chan's formula ---------------------------
+
+struct Moments {
+  double n = 0, hi = 0, lo = 0, m2 = 0;
+};
+
+// a + b = s + e exactly (Knuth's TwoSum).
+inline void two_sum(double a, double b, double& s, double& e) {
+  s = a + b;
+  double bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+// Merges nb values of mean base + delta (delta small against base) and M2 m2b into `acc`.
+inline void merge_into(Moments& acc, double nb, double base, double delta, double m2b) {
+  if (nb == 0) return;
+  if (acc.n == 0) {
+    two_sum(base, delta, acc.hi, acc.lo);
+    acc.n = nb;
+    acc.m2 = m2b;
+    return;
+  }
+  const double n = acc.n + nb, f = nb / n;
+  const double d = ((base - acc.hi) - acc.lo) + delta;  // base - hi is exact near the mean
+  double s, e;
+  two_sum(acc.hi, d * f, s, e);
+  acc.hi = s;
+  acc.lo += e;
+  acc.m2 += m2b + d * d * (acc.n * f);
+  acc.n = n;
+}
+
+// merge_into for C channels at once, na values each in (hi, lo, m2), nb each from the source.
+void merge_channels(int64_t C, double na, double* hi, double* lo, double* m2, double nb, const double* base,
+                    const double* delta, const double* m2b) {
+  if (nb == 0) return;
+  if (na == 0) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = base[c] + delta[c], bb = s - base[c];
+      hi[c] = s;
+      lo[c] = (base[c] - (s - bb)) + (delta[c] - bb);
+      m2[c] = m2b[c];
+    }
+    return;
+  }
+  const double f = nb / (na + nb), g = na * f;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = ((base[c] - hi[c]) - lo[c]) + delta[c];
+    const double a = hi[c], b = d * f, s = a + b, bb = s - a;
+    hi[c] = s;
+    lo[c] += (a - (s - bb)) + (b - bb);
+    m2[c] += m2b[c] + d * d * g;
+  }
+}
+
+// Two-pass moments of the values p[run * stride + i], run in [0, runs), i in [0, len), merged
+// into acc; false (acc untouched) if a partial sum in P was not finite.
+//
+// Pass 1 sums every value in fp64 (an fp32 value, and a sum of a block of them, is exact there
+// but for the final roundings): the block's mean is that sum / n, fp64-accurate. Pass 2 sums the
+// squares about a pivot, the mean rounded to P, in P partials (x - pivot is exact for x near the
+// mean); M2 = sum (x - pivot)^2 - n (mean - pivot)^2 with n (mean - pivot) = sum - n pivot taken
+// in fp64. fp64 data (P = double) also sums x - pivot in pass 2: that corrects the rounding of
+// its pass-1 sum, which no wider type absorbs.
+template <typename T, typename P>
+bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride, int64_t len, Moments& acc) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  constexpr bool kResidualPass = std::is_same_v<P, double>;
+  f64v wide = {};
+  double tail = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const auto* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) wide += load_f64(q + i);
+    for (; i < len; ++i) tail += static_cast<double>(Elem<T>::load(q[i]));
+  }
+  const double nb = static_cast<double>(runs * len);
+  const double sum = lane_sum(wide) + tail;
+  const P pivot = static_cast<P>(sum / nb);
+  Sum64v<kResidualPass> wide_res, wide_sq;
+  Sum64 tail_res, tail_sq;
+  for (int64_t r = 0; r < runs; ++r) {
+    const auto* q = p + r * stride;
+    int64_t i = 0;
+    while (i + kLanes <= len) {
+      V res = {}, sq = {};
+      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
+        const V d = L::load(q + i) - pivot;
+        if constexpr (kResidualPass) res += d;
+        sq += d * d;
+      }
+      if constexpr (kResidualPass) wide_res.add(widen(res));
+      wide_sq.add(widen(sq));
+    }
+    for (; i < len; ++i) {
+      const double d = static_cast<double>(Elem<T>::load(q[i])) - static_cast<double>(pivot);
+      tail_res.add(d);
+      tail_sq.add(d * d);
+    }
+  }
+  const double res = kResidualPass ? wide_res.total() + tail_res.total() : sum - nb * static_cast<double>(pivot);
+  const double sq = wide_sq.total() + tail_sq.total();
+  const double delta = res / nb, m2 = sq - res * delta;
+  if (std::is_same_v<P, float> && !std::isfinite(m2)) return false;
+  merge_into(acc, nb, static_cast<double>(pivot), delta, std::max(m2, 0.0));
+  return true;
+}
+
+// Per-channel moments of planar input: channel c's values are blocks of whole runs (or pieces
+// of one run when a run is longer than a block); tasks own consecutive blocks of one channel.
+template <typename T>
+std::vector<Moments> planar_moments(const typename Elem<T>::raw* base, const Shape& sh) {
+  const int64_t C = sh.c, N = sh.n, S = sh.s;
+  const int64_t pieces = ceil_div(S, kBlock);  // blocks per run (long runs)
+  const int64_t runs_per_block = pieces > 1 ? 1 : std::max<int64_t>(1, kBlock / S);
+  const int64_t piece_len = ceil_div(S, pieces);
+  const int64_t blocks = pieces > 1 ? N * pieces : ceil_div(N, runs_per_block);
+  const int64_t per_channel = std::min(blocks, ceil_div(task_count(sh.numel(), C * blocks), C));
+  Scratch<Moments, 0> scratch(C * per_channel);
+  Moments* parts = scratch.data();
+  for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / per_channel, part = task % per_channel;
+      const int64_t b0 = blocks * part / per_channel, b1 = blocks * (part + 1) / per_channel;
+      Moments acc;
+      for (int64_t b = b0; b < b1; ++b) {
+        with_partials<T>([&]<typename P>() {
+          if (pieces > 1) {
+            const int64_t n = b / pieces, s0 = (b % pieces) * piece_len;
+            const int64_t len = std::min(S, s0 + piece_len) - s0;
+            return block_moments<T, P>(base + (n * C + c) * S + s0, 1, 0, len, acc);
+          }
+          const int64_t n0 = b * runs_per_block, n1 = std::min(N, n0 + runs_per_block);
+          return block_moments<T, P>(base + (n0 * C + c) * S, n1 - n0, C * S, S, acc);
+        });
+      }
+      parts[task] = acc;
+    }
+  });
+  std::vector<Moments> out(C);
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < per_channel; ++p) {
+      const Moments& m = parts[c * per_channel + p];
+      merge_into(out[c], m.n, m.hi, m.lo, m.m2);
+    }
+  }
+  return out;
+}
+
+// Scratch of one interleaved task: per channel, in fp64 and in P.
+template <typename P>
+struct RowScratch {
+  Scratch<double, 1> f64;
+  Scratch<P, 2> narrow;
+  double *sum, *res, *sq, *base, *delta, *m2;
+  P* pivot;
+  explicit RowScratch(int64_t C) : f64(6 * C), narrow(C) {
+    sum = f64.data();
+    res = sum + C;
+    sq = res + C;
+    base = sq + C;
+    delta = base + C;
+    m2 = delta + C;
+    pivot = narrow.data();
+  }
+};
+
+// Two-pass moments of rows [r0, r1) of interleaved input, merged into (hi, lo, m2) that hold
+// `na` values per channel; false if a partial sum in P was not finite. As block_moments, kLanes
+// channels at a time (pass 1 reads the rows from memory, pass 2 from cache), kFlush rows per
+// P partial; channels beyond the last whole vector in fp64.
+template <typename T, typename P>
+bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, int64_t r1, RowScratch<P>& w,
+                       double na, double* hi, double* lo, double* m2) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  constexpr bool kResidualPass = std::is_same_v<P, double>;
+  const int64_t whole = C - C % kLanes;
+  double *sum = w.sum, *res = w.res, *sq = w.sq;
+  P* pivot = w.pivot;
+  std::fill(sum, sum + C, 0.0);
+  // Pass 1 reads the rows from memory, in order (two at a time: the sums stay in L1).
+  for (int64_t r = r0; r < r1; r += 2) {
+    const auto* q = x + r * C;
+    const auto* q2 = r + 1 < r1 ? q + C : nullptr;
+    for (int64_t c = 0; c < whole; c += kLanes) {
+      f64v part = load_f64(q + c);
+      if (q2) part += load_f64(q2 + c);
+      add_to(sum + c, part);
+    }
+    for (int64_t c = whole; c < C; ++c) {
+      sum[c] += static_cast<double>(Elem<T>::load(q[c])) + (q2 ? static_cast<double>(Elem<T>::load(q2[c])) : 0.0);
+    }
+  }
+  const double nb = static_cast<double>(r1 - r0);
+  for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] / nb);
+  for (int64_t c = 0; c < whole; c += kLanes) {
+    const V pv = L::load(pivot + c);
+    Sum64v<kResidualPass> wide_res, wide_sq;
+    for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
+      V pr = {}, pq = {};
+      for (int64_t r = f0; r < std::min(r1, f0 + kFlush); ++r) {
+        const V d = L::load(x + r * C + c) - pv;
+        if constexpr (kResidualPass) pr += d;
+        pq += d * d;
+      }
+      if constexpr (kResidualPass) wide_res.add(widen(pr));
+      wide_sq.add(widen(pq));
+    }
+    store_f64(res + c, wide_res.value());
+    store_f64(sq + c, wide_sq.value());
+  }
+  for (int64_t c = whole; c < C; ++c) {
+    Sum64 tr, tq;
+    for (int64_t r = r0; r < r1; ++r) {
+      const double d = static_cast<double>(Elem<T>::load(x[r * C + c])) - static_cast<double>(pivot[c]);
+      tr.add(d);
+      tq.add(d * d);
+    }
+    res[c] = tr.total();
+    sq[c] = tq.total();
+  }
+  double probe = 0;  // NaN if any sum is not finite (inf * 0)
+  double *base = w.base, *delta = w.delta, *m2b = w.m2;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t c = 0; c < C; ++c) {
+    base[c] = static_cast<double>(pivot[c]);
+    if (!kResidualPass && c < whole) res[c] = sum[c] - nb * base[c];
+    delta[c] = res[c] / nb;
+    m2b[c] = std::max(sq[c] - res[c] * delta[c], 0.0);
+    probe += sq[c] * 0.0;
+  }
+  if (std::is_same_v<P, float> && probe != 0.0) return false;
+  merge_channels(C, na, hi, lo, m2, nb, base, delta, m2b);
+  return true;
+}
+
+// Per-channel moments of interleaved input: tasks own consecutive rows, taken in blocks of
+// `rows_per_block` rows (at least kMinBlockRows), each block two-pass over all channels.
+template <typename T>
+std::vector<Moments> interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh) {
+  const int64_t C = sh.c, R = sh.n;
+  const int64_t rows_per_block = std::max<int64_t>(kMinBlockRows, kBlock / std::max<int64_t>(C, 1));
+  const int64_t tasks = task_count(sh.numel(), ceil_div(R, rows_per_block));
+  Scratch<double, 3> partials(3 * tasks * C);
+  double *hi = partials.data(), *lo = hi + tasks * C, *m2 = lo + tasks * C;
+  for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
+    RowScratch<float> narrow(std::is_same_v<T, double> ? 0 : C);
+    RowScratch<double> wide(C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
+      double *h = hi + task * C, *l = lo + task * C, *m = m2 + task * C;
+      for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
+        const int64_t b1 = std::min(r1, b0 + rows_per_block);
+        const double na = static_cast<double>(b0 - r0);
+        with_partials<T>([&]<typename P>() {
+          if constexpr (std::is_same_v<P, float>) {
+            return row_block_moments<T, P>(base, C, b0, b1, narrow, na, h, l, m);
+          } else {
+            return row_block_moments<T, P>(base, C, b0, b1, wide, na, h, l, m);
+          }
+        });
+      }
+    }
+  });
+  // Tasks in order, all channels at once: task t holds R * (t + 1) / tasks - R * t / tasks rows.
+  std::vector<double> out_hi(C), out_lo(C), out_m2(C);
+  double n = 0;
+  for (int64_t task = 0; task < tasks; ++task) {
+    const double rows = static_cast<double>(R * (task + 1) / tasks - R * task / tasks);
+    merge_channels(C, n, out_hi.data(), out_lo.data(), out_m2.data(), rows, hi + task * C, lo + task * C,
+                   m2 + task * C);
+    n += rows;
+  }
+  std::vector<Moments> out(C);
+  for (int64_t c = 0; c < C; ++c) out[c] = Moments{n, out_hi[c], out_lo[c], out_m2[c]};
+  return out;
+}
+
+// Per channel, in the accumulation dtype A, the coefficients of
+// out = [gain * dy +] (x - hi) * scale + shift: hi is the fp64 mean rounded to A (x - hi is exact
+// for x near the mean), and the rest of the mean, lo, is folded into the shift as - lo * scale.
+template <typename A>
+struct Affine {
+  std::vector<A> hi, scale, shift, gain;
+  explicit Affine(int64_t C) : hi(C), scale(C), shift(C), gain(C) {}
+  // out = gain * dy + (x - mean) * scale + shift, coefficients given in fp64.
+  void set(int64_t c, double mean, double scale_c, double shift_c, double gain_c = 0.0) {
+    hi[c] = static_cast<A>(mean);
+    const double lo = mean - static_cast<double>(hi[c]);
+    scale[c] = static_cast<A>(scale_c);
+    shift[c] = static_cast<A>(shift_c - lo * scale_c);
+    gain[c] = static_cast<A>(gain_c);
+  }
+};
+
+// One elementwise pass: out = [gain * dy +] (x - hi) * scale + shift in the accumulation dtype,
+// rounded once to x's. Planar: per run of one channel; interleaved: per group of rows.
+template <typename T, bool kGrad>
+void affine_pass(const typename Elem<T>::raw* xp, const typename Elem<T>::raw* dp, typename Elem<T>::raw* op,
+                 const Shape& sh, const Affine<typename Elem<T>::acc>& k) {
+  using A = typename Elem<T>::acc;
+  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data(), *ga = k.gain.data();
+  auto one = [&](int64_t i, int64_t c) {
+    A r = (Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c];
+    if constexpr (kGrad) r = ga[c] * Elem<T>::load(dp[i]) + r;
+    op[i] = Elem<T>::store(r);
+  };
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    const int64_t whole = std::is_same_v<A, float> ? C - C % kLanes : 0;
+    for_tasks(sh.n, C, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin; r0 < end; r0 += kRowGroup) {
+        const int64_t r1 = std::min(end, r0 + kRowGroup);
+        if constexpr (std::is_same_v<A, float>) {
+          for (int64_t c = 0; c < whole; c += kLanes) {
+            const f32v h = load_f32(hi + c), s = load_f32(sc + c), b = load_f32(sf + c);
+            const f32v g = kGrad ? load_f32(ga + c) : f32v{};
+            for (int64_t r = r0; r < r1; ++r) {
+              f32v v = (load_f32(xp + r * C + c) - h) * s + b;
+              if constexpr (kGrad) v = g * load_f32(dp + r * C + c) + v;
+              store_f32(op + r * C + c, v);
+            }
+          }
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+#pragma omp simd
+          for (int64_t c = whole; c < C; ++c) one(r * C + c, c);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t S = sh.s;
+  for_tasks(sh.n * C, S, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) {
+      const int64_t c = run % C, off = run * S;
+      int64_t i = 0;
+      if constexpr (std::is_same_v<A, float>) {
+        const float h = hi[c], s = sc[c], b = sf[c], g = ga[c];
+        for (; i + kLanes <= S; i += kLanes) {
+          f32v v = (load_f32(xp + off + i) - h) * s + b;
+          if constexpr (kGrad) v = g * load_f32(dp + off + i) + v;
+          store_f32(op + off + i, v);
+        }
+      }
+#pragma omp simd
+      for (int64_t j = i; j < S; ++j) one(off + j, c);
+    }
+  });
+}
+
+// The backward takes x - mean about the mean rounded to the accumulation dtype, as the
+// reference does: dx is then the exact gradient at the layer's own statistics (the mean its
+// running_mean holds), and x - mean is exact for x near it.
+template <typename T>
+std::vector<double> round_to_accumulation(const double* mean, int64_t channels) {
+  using A = typename Elem<T>::acc;
+  std::vector<double> rounded(channels);
+  for (int64_t c = 0; c < channels; ++c) rounded[c] = static_cast<double>(static_cast<A>(mean[c]));
+  return rounded;
+}
+
+// [sum dy, sum dy * (x - mean)] over a planar block of runs, added to (sum_dy, sum_dyx); false
+// (nothing added) if a partial sum in P was not finite.
+template <typename T, typename P>
+bool planar_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t runs,
+                      int64_t stride, int64_t len, double mean, double& sum_dy, double& sum_dyx) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  const P m = static_cast<P>(mean);  // exact: the mean is rounded to the accumulation dtype
+  f64v wide_a = {}, wide_b = {};
+  double tail_a = 0, tail_b = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const auto* dq = dy + r * stride;
+    const auto* xq = x + r * stride;
+    int64_t i = 0;
+    while (i + kLanes <= len) {
+      V a = {}, b = {};
+      for (int k = 0; k < kFlush && i + kLanes <= len; ++k, i += kLanes) {
+        const V g = L::load(dq + i);
+        a += g;
+        b += g * (L::load(xq + i) - m);
+      }
+      wide_a += widen(a);
+      wide_b += widen(b);
+    }
+    for (; i < len; ++i) {
+      const double g = static_cast<double>(Elem<T>::load(dq[i]));
+      tail_a += g;
+      tail_b += g * (static_cast<double>(Elem<T>::load(xq[i])) - mean);
+    }
+  }
+  const double a = lane_sum(wide_a) + tail_a, b = lane_sum(wide_b) + tail_b;
+  if (std::is_same_v<P, float> && !(std::isfinite(a) && std::isfinite(b))) return false;
+  sum_dy += a;
+  sum_dyx += b;
+  return true;
+}
+
+// The same over rows [r0, r1) of interleaved input, all channels at once, into (a, b) (C each):
+// kLanes channels at a time, kFlush rows per fp32 partial, the last channels in fp64.
+template <typename T, typename P>
+bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw* x, int64_t C, int64_t r0,
+                   int64_t r1, const double* mean, P* m, double* a, double* b) {
+  using L = Lanes<P>;
+  using V = typename L::vec;
+  const int64_t whole = C - C % kLanes;
+  for (int64_t c = 0; c < C; ++c) m[c] = static_cast<P>(mean[c]);  // exact, as above
+  std::fill(a, a + C, 0.0);
+  std::fill(b, b + C, 0.0);
+  for (int64_t g0 = r0; g0 < r1; g0 += kRowGroup * kFlush) {
+    const int64_t g1 = std::min(r1, g0 + kRowGroup * kFlush);
+    for (int64_t c = 0; c < whole; c += kLanes) {
+      const V mv = L::load(m + c);
+      f64v wide_a, wide_b;
+      for (int64_t f0 = g0; f0 < g1; f0 += kFlush) {
+        V pa = {}, pb = {};
+        for (int64_t r = f0; r < std::min(g1, f0 + kFlush); ++r) {
+          const V g = L::load(dy + r * C + c);
+          pa += g;
+          pb += g * (L::load(x + r * C + c) - mv);
+        }
+        wide_a += widen(pa);
+        wide_b += widen(pb);
+      }
+      add_to(a + c, wide_a);
+      add_to(b + c, wide_b);
+    }
+    for (int64_t c = whole; c < C; ++c) {
+      for (int64_t r = g0; r < g1; ++r) {
+        const double g = static_cast<double>(Elem<T>::load(dy[r * C + c]));
+        a[c] += g;
+        b[c] += g * (static_cast<double>(Elem<T>::load(x[r * C + c])) - mean[c]);
+      }
+    }
+  }
+  double probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t c = 0; c < C; ++c) probe += (a[c] + b[c]) * 0.0;
+  return !(std::is_same_v<P, float> && probe != 0.0);
+}
+
+template <typename T>
+void grad_sums(const typename Elem<T>::raw* dp, const typename Elem<T>::raw* xp, const Shape& sh,
+               const std::vector<double>& mean, double* sum_dy, double* sum_dyx) {
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    const int64_t R = sh.n;
+    // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
+    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
+    Scratch<double, 4> scratch(tasks * 2 * C);
+    double* parts = scratch.data();
+    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
+      Scratch<float, 5> narrow(std::is_same_v<T, double> ? 0 : C);
+      Scratch<double, 6> wide(C);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
+        double* a = parts + task * 2 * C;
+        with_partials<T>([&]<typename P>() {
+          if constexpr (std::is_same_v<P, float>) {
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow.data(), a, a + C);
+          } else {
+            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide.data(), a, a + C);
+          }
+        });
+      }
+    });
+    for (int64_t task = 0; task < tasks; ++task) {
+      const double* part = parts + task * 2 * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dy[c] += part[c];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sum_dyx[c] += part[C + c];
+    }
+    return;
+  }
+  const int64_t N = sh.n, S = sh.s;
+  const int64_t per_channel = std::min(N, ceil_div(task_count(sh.numel(), C * N), C));
+  Scratch<double, 7> scratch(C * per_channel * 2);
+  double* parts = scratch.data();
+  std::fill(parts, parts + C * per_channel * 2, 0.0);
+  for_tasks(C * per_channel, sh.count() / per_channel, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / per_channel, part = task % per_channel;
+      const int64_t n0 = N * part / per_channel, n1 = N * (part + 1) / per_channel;
+      const int64_t off = (n0 * C + c) * S;
+      with_partials<T>([&]<typename P>() {
+        return planar_grad_sums<T, P>(dp + off, xp + off, n1 - n0, C * S, S, mean[c], parts[2 * task],
+                                      parts[2 * task + 1]);
+      });
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < per_channel; ++p) {
+      sum_dy[c] += parts[2 * (c * per_channel + p)];
+      sum_dyx[c] += parts[2 * (c * per_channel + p) + 1];
+    }
+  }
+}
+
+}  // namespace
+
+namespace syncbn_native {
+
+template <typename F>
+void by_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat: f(float{}); break;
+    case DType::kDouble: f(double{}); break;
+    case DType::kHalf: f(c10::Half{}); break;
+    case DType::kBFloat16: f(c10::BFloat16{}); break;
+  }
+}
+
+template <typename T>
+const typename Elem<T>::raw* raw(const void* p) {
+  return static_cast<const typename Elem<T>::raw*>(p);
+}
+
+void local_moments(DType dtype, const void* x, const Shape& shape, double* hi, double* lo, double* m2) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<Moments> moments =
+        shape.interleaved ? interleaved_moments<T>(raw<T>(x), shape) : planar_moments<T>(raw<T>(x), shape);
+    for (int64_t c = 0; c < shape.c; ++c) {
+      hi[c] = moments[c].hi;
+      lo[c] = moments[c].lo;
+      m2[c] = moments[c].m2;
+    }
+  });
+}
+
+void gradient_sums(DType dtype, const void* dy, const void* x, const Shape& shape, const double* mean,
+                   double* sum_dy, double* sum_dyx) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    grad_sums<T>(raw<T>(dy), raw<T>(x), shape, round_to_accumulation<T>(mean, shape.c), sum_dy, sum_dyx);
+  });
+}
+
+void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& shape, const double* mean,
+            const double* scale, const double* shift, const double* gain, bool round_mean) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Elem<T>::acc;
+    const std::vector<double> m =
+        round_mean ? round_to_accumulation<T>(mean, shape.c) : std::vector<double>(mean, mean + shape.c);
+    Affine<A> k(shape.c);
+    for (int64_t c = 0; c < shape.c; ++c) k.set(c, m[c], scale[c], shift[c], gain ? gain[c] : 0.0);
+    auto* o = static_cast<typename Elem<T>::raw*>(out);
+    if (gain) {
+      affine_pass<T, true>(raw<T>(x), raw<T>(dy), o, shape, k);
+    } else {
+      affine_pass<T, false>(raw<T>(x), nullptr, o, shape, k);
+    }
+  });
+}
+
+}  // namespace syncbn_native
+#endif  // part 1
+
+#if !defined(SYNCBN_NATIVE_PART) || SYNCBN_NATIVE_PART == 2
+// ===== Part 2: the operators (tensors in, tensors out) =====
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using syncbn_native::DType;
+using syncbn_native::Shape;
+
+DType dtype_of(const Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "syncbn_native::", op, ": unsupported dtype ", x.scalar_type());
+  }
+}
+
+// Whether x's channels are innermost and the rest dense around them: (N, *, C) contiguous, as
+// x.movedim(1, -1).is_contiguous() says (size-1 dims take any stride), without making the view.
+bool channels_innermost(const Tensor& x) {
+  int64_t expected = 1;
+  auto dense_dim = [&](int64_t d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!dense_dim(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    if (!dense_dim(d)) return false;
+  }
+  return dense_dim(0);
+}
+
+// Whether t and the dense x share a memory layout (size-1 dims may differ in stride).
+bool same_layout(const Tensor& t, const Tensor& xc) {
+  return (t.is_contiguous() && xc.is_contiguous()) || (channels_innermost(t) && channels_innermost(xc));
+}
+
+// x in one of the two dense forms (a copy only if it is in neither) and its shape.
+std::pair<Tensor, Shape> dense(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, "syncbn_native::", op, ": expected (N, C, *) input, got ", x.dim(), "-D");
+  TORCH_CHECK(x.device().is_cpu(), "syncbn_native::", op, ": expected a CPU tensor");
+  Shape shape;
+  shape.c = x.size(1);
+  for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
+  Tensor xc = x;
+  if (!x.is_contiguous() && !channels_innermost(x)) xc = x.contiguous(x.suggest_memory_format());
+  if (shape.s == 1 || !xc.is_contiguous()) {  // channels innermost: rows of C values
+    shape.interleaved = true;
+    shape.n = x.size(0) * shape.s;
+    shape.s = 1;
+  } else {
+    shape.n = x.size(0);
+  }
+  return {xc, shape};
+}
+
+// t (e.g. dy) in the layout of the dense x, copied only if it has another.
+Tensor like(const Tensor& t, const Tensor& xc, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == xc.sizes(), "syncbn_native::", op, ": ", name, " has shape ", t.sizes(),
+              ", x has ", xc.sizes());
+  TORCH_CHECK(t.scalar_type() == xc.scalar_type(), "syncbn_native::", op, ": ", name, " is ",
+              t.scalar_type(), ", x is ", xc.scalar_type());
+  if (same_layout(t, xc)) return t;
+  Tensor copy = at::empty_like(xc);
+  copy.copy_(t);
+  return copy;
+}
+
+// Output in empty_like(x)'s layout; written through `work` (the dense form) when x has none.
+struct Output {
+  Tensor result, work;
+};
+
+Output output_like(const Tensor& x, const Tensor& xc) {
+  Tensor result = at::empty_like(x);
+  if (same_layout(result, xc)) return {result, result};
+  return {result, at::empty_like(xc)};
+}
+
+Tensor finish(Output& out) {
+  if (!out.work.is_same(out.result)) out.result.copy_(out.work);
+  return out.result;
+}
+
+// The value of a one-element tensor (a count) without a dispatch when it is a CPU double.
+double scalar_of(const Tensor& t) {
+  if (t.device().is_cpu() && t.scalar_type() == at::kDouble && t.numel() == 1) return *t.const_data_ptr<double>();
+  return t.item<double>();
+}
+
+// A tensor's values as fp64 (any float dtype, any layout), read in place where they already are.
+std::vector<double> doubles(const Tensor& t) {
+  const int64_t n = t.numel();
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kDouble) return {t.const_data_ptr<double>(), t.const_data_ptr<double>() + n};
+    if (t.scalar_type() == at::kFloat) return {t.const_data_ptr<float>(), t.const_data_ptr<float>() + n};
+  }
+  const Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
+  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + n};
+}
+
+// A (C,) per-channel vector as fp64, or `fill` where there is none.
+std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, double fill,
+                                   const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return std::vector<double>(channels, fill);
+  TORCH_CHECK(t->numel() == channels, "syncbn_native::", op, ": ", name, " has ", t->numel(),
+              " values, expected ", channels);
+  return doubles(*t);
+}
+
+// --- forward_payload ---------------------------------------------------------------------------
+
+Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
+  auto [x, sh] = dense(x_in, "forward_payload");
+  const int64_t C = sh.c;
+  std::vector<double> k = channel_values(shift, C, 0.0, "forward_payload", "shift");
+  const DType dtype = dtype_of(x, "forward_payload");
+  std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
+  const bool any = sh.count() > 0 && C > 0;
+  if (any) syncbn_native::local_moments(dtype, x.const_data_ptr(), sh, hi.data(), lo.data(), m2.data());
+  Tensor payload = at::empty({4 * C + 3}, x.options().dtype(at::kDouble));
+  double* p = payload.mutable_data_ptr<double>();
+  const double n = static_cast<double>(sh.count());
+  p[0] = n;
+  for (int64_t c = 0; c < C; ++c) {
+    // mean - K taken as (hi - K) + lo: no rounding of the mean to one double in between.
+    const double offset = any ? (hi[c] - k[c]) + lo[c] : 0.0;
+    p[1 + c] = n * offset;
+    p[1 + C + c] = m2[c] + n * offset * offset;
+    p[1 + 2 * C + c] = k[c];
+    p[1 + 3 * C + c] = k[c] * k[c];
+  }
+  p[4 * C + 1] = 0.0;
+  p[4 * C + 2] = x.scalar_type() == at::kDouble ? 1.0 : 0.0;
+  return payload;
+}
+
+// --- finalize ----------------------------------------------------------------------------------
+
+// torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w).
+template <typename A>
+inline A lerp(A self, A end, A w) {
+  return std::abs(w) < A(0.5) ? std::fma(w, end - self, self) : end - (end - self) * (A(1) - w);
+}
+
+// running = lerp(running, value, factor) in the buffer's dtype; value given in fp64.
+template <typename A>
+void lerp_into(Tensor& buffer, const double* value, double factor_in) {
+  A* b = buffer.mutable_data_ptr<A>();
+  const A factor = static_cast<A>(factor_in);
+  for (int64_t c = 0; c < buffer.numel(); ++c) b[c] = lerp<A>(b[c], static_cast<A>(value[c]), factor);
+}
+
+void update_buffer(Tensor& buffer, const double* value, double factor, const char* name, int64_t channels) {
+  TORCH_CHECK(buffer.numel() == channels, "syncbn_native::finalize: ", name, " has ", buffer.numel(),
+              " values, expected ", channels);
+  if (buffer.is_contiguous() && buffer.scalar_type() == at::kFloat) {
+    lerp_into<float>(buffer, value, factor);
+  } else if (buffer.is_contiguous() && buffer.scalar_type() == at::kDouble) {
+    lerp_into<double>(buffer, value, factor);
+  } else {  // half buffers and the unusual: torch's own lerp
+    const Tensor values = at::from_blob(const_cast<double*>(value), {channels}, at::kDouble);
+    buffer.lerp_(values.to(buffer.scalar_type()), factor);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const optional<Tensor>& shift,
+                                            const optional<Tensor>& running_mean,
+                                            const optional<Tensor>& running_var,
+                                            const optional<Tensor>& num_batches_tracked,
+                                            optional<double> momentum) {
+  TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
+              "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
+  const std::vector<double> moments = doubles(moments_in);
+  const int64_t C = (moments_in.numel() - 1) / 2;
+  std::vector<double> k = channel_values(shift, C, 0.0, "finalize", "shift");
+  const double* m = moments.data();
+  const double total = m[0], divisor = std::max(total, 1.0);
+  auto options = moments_in.options().dtype(at::kDouble);
+  Tensor count = at::empty({}, options), mean = at::empty({C}, options), var = at::empty({C}, options);
+  count.mutable_data_ptr<double>()[0] = total;
+  double* mu = mean.mutable_data_ptr<double>();
+  double* v = var.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double offset = m[1 + c] / divisor, square = m[1 + C + c] / divisor;
+    mu[c] = k[c] + offset;
+    v[c] = std::max(square - offset * offset, 0.0);
+  }
+  if (running_mean.has_value() && running_mean->defined()) {
+    TORCH_CHECK(running_var.has_value() && running_var->defined(),
+                "syncbn_native::finalize: running_mean without running_var");
+    Tensor rm = *running_mean, rv = *running_var;
+    const bool has_values = total > 0;
+    double factor;
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      Tensor nbt = *num_batches_tracked;
+      if (has_values && nbt.scalar_type() == at::kLong && nbt.numel() == 1 && nbt.device().is_cpu()) {
+        ++*nbt.mutable_data_ptr<int64_t>();
+      } else if (has_values) {
+        nbt.add_(1);
+      }
+    }
+    if (momentum.has_value()) {
+      factor = *momentum;
+    } else {
+      TORCH_CHECK(num_batches_tracked.has_value() && num_batches_tracked->defined(),
+                  "momentum=None (cumulative average) needs num_batches_tracked");
+      const Tensor& nbt = *num_batches_tracked;
+      const double batches = std::max(
+          nbt.scalar_type() == at::kLong && nbt.device().is_cpu() ? static_cast<double>(*nbt.const_data_ptr<int64_t>())
+                                                                   : nbt.item<double>(), 1.0);
+      // 1 / num_batches_tracked in the buffers' dtype, as batchnorm_math rounds it.
+      factor = rm.scalar_type() == at::kDouble ? 1.0 / batches
+                                                : static_cast<double>(1.0f / static_cast<float>(batches));
+    }
+    if (!has_values) factor = 0.0;
+    std::vector<double> unbiased(C);
+    const double bessel = total / std::max(total - 1.0, 1.0);
+    for (int64_t c = 0; c < C; ++c) unbiased[c] = v[c] * bessel;
+    update_buffer(rm, mu, factor, "running_mean", C);
+    update_buffer(rv, unbiased.data(), factor, "running_var", C);
+  }
+  return {count, mean, var};
+}
+
+// --- normalize -----------------------------------------------------------------------------------
+
+Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
+                 const optional<Tensor>& bias, double eps) {
+  auto [x, sh] = dense(x_in, "normalize");
+  const int64_t C = sh.c;
+  std::vector<double> mu = channel_values(mean, C, 0.0, "normalize", "mean");
+  std::vector<double> v = channel_values(var, C, 0.0, "normalize", "var");
+  std::vector<double> w = channel_values(weight, C, 1.0, "normalize", "weight");
+  std::vector<double> b = channel_values(bias, C, 0.0, "normalize", "bias");
+  const DType dtype = dtype_of(x, "normalize");
+  Output out = output_like(x_in, x);
+  std::vector<double> scale(C);
+  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
+  syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.data(),
+                        b.data(), nullptr, false);
+  return finish(out);
+}
+
+// --- backward_sums -------------------------------------------------------------------------------
+
+Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& var, double eps) {
+  auto [x, sh] = dense(x_in, "backward_sums");
+  Tensor dy = like(dy_in, x, "backward_sums", "dy");
+  const int64_t C = sh.c;
+  std::vector<double> mu = channel_values(mean, C, 0.0, "backward_sums", "mean");
+  std::vector<double> v = channel_values(var, C, 0.0, "backward_sums", "var");
+  Tensor sums = at::zeros({2 * C}, x.options().dtype(at::kDouble));
+  double* s = sums.mutable_data_ptr<double>();
+  const DType dtype = dtype_of(x, "backward_sums");
+  if (sh.count() > 0 && C > 0) {
+    syncbn_native::gradient_sums(dtype, dy.const_data_ptr(), x.const_data_ptr(), sh, mu.data(), s, s + C);
+  }
+  for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
+  return sums;
+}
+
+// --- input_grad ----------------------------------------------------------------------------------
+
+Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& var,
+                  const optional<Tensor>& weight, double eps, const Tensor& group_sums, const Tensor& count) {
+  auto [x, sh] = dense(x_in, "input_grad");
+  Tensor dy = like(dy_in, x, "input_grad", "dy");
+  const int64_t C = sh.c;
+  std::vector<double> mu = channel_values(mean, C, 0.0, "input_grad", "mean");
+  std::vector<double> v = channel_values(var, C, 0.0, "input_grad", "var");
+  std::vector<double> w = channel_values(weight, C, 1.0, "input_grad", "weight");
+  TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::input_grad: group_sums has ", group_sums.numel(),
+              " values, expected ", 2 * C);
+  const std::vector<double> sums = doubles(group_sums);
+  const double* gs = sums.data();
+  const double total = std::max(scalar_of(count), 1.0);
+  const DType dtype = dtype_of(x, "input_grad");
+  Output out = output_like(x_in, x);
+  // dx = a dy + b (x - mean) + c per channel; x - mean about the mean rounded to the accumulation
+  // dtype, as backward_sums took it: dx is the exact gradient at the layer's own statistics.
+  std::vector<double> gain(C), scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
+    gain[c] = a;
+    scale[c] = -a * invstd * (gs[C + c] / total);
+    shift[c] = -a * (gs[c] / total);
+  }
+  syncbn_native::affine(dtype, x.const_data_ptr(), dy.const_data_ptr(), out.work.mutable_data_ptr(), sh, mu.data(),
+                        scale.data(), shift.data(), gain.data(), true);
+  return finish(out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(syncbn_native, m) {
+  m.def("forward_payload(Tensor x, Tensor? shift) -> Tensor");
+  m.def("finalize(Tensor moments, Tensor? shift, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor, Tensor, Tensor)");
+  m.def("normalize(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def("backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> Tensor");
+  m.def("input_grad(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
+        "Tensor group_sums, Tensor count) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
+  m.impl("forward_payload", &forward_payload);
+  m.impl("finalize", &finalize);
+  m.impl("normalize", &normalize);
+  m.impl("backward_sums", &backward_sums);
+  m.impl("input_grad", &input_grad);
+}
+#endif  // part 2

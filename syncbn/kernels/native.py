@@ -1,0 +1,232 @@
+"""The native CPU backend: native.cpp's kernels as torch operators (``torch.ops.syncbn_native``).
+
+The extension is compiled on first use, not at ``import syncbn``, and cached: one shared library
+per source, torch version, compiler, flags and CPU (``-march=native`` code runs only where it was
+built), under ``$SYNCBN_CACHE`` (default ``~/.cache/syncbn``). Ranks on one machine that start at
+once build it once: the first takes a file lock and the others wait, then load its result; the
+library is written under a temporary name and renamed into place, so nobody loads half a file.
+
+It needs only a C++ compiler (``$SYNCBN_CXX``, else ``$CXX``, else ``c++``) and torch's headers:
+no ninja, no pybind11. If the build or the load fails, :func:`available` says False after one
+warning that says why, and the pure-torch reference serves instead.
+
+The functions below are the operators themselves (resolved on first access, after the build):
+``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``, with the
+semantics of the kernel interface (see syncbn/kernels/reference.py). Each has a fake
+implementation, so torch.compile traces through them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no build (the reference serves)
+    fcntl = None
+
+__all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
+           "backward_sums", "input_grad"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad")
+_SOURCE = Path(__file__).with_name("native.cpp")
+_LIBRARY_NAME = "syncbn_native.so"
+
+_available: Optional[bool] = None  # None: not tried yet in this process
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the native kernels are built and loaded (builds them on the first call).
+
+    On failure: one warning naming the reason, then False on every call. A constant of the
+    process, which torch.compile reads when it traces (it never traces the build).
+    """
+    global _available
+    if _available is None:
+        reason = _build_and_load()
+        _available = reason is None
+        if reason is not None:
+            warnings.warn(f"syncbn: native CPU kernels unavailable ({reason}); the pure-torch "
+                          "reference kernels are used instead", RuntimeWarning, stacklevel=2)
+    return _available
+
+
+def __getattr__(name: str):
+    """The operators, bound as module attributes once the library is loaded."""
+    if name in _OPS:
+        if not available():
+            raise RuntimeError(f"syncbn.kernels.native.{name}: the native kernels are not available")
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def compiler() -> str:
+    """The compiler command: ``$SYNCBN_CXX``, else ``$CXX``, else ``c++`` (may hold words, e.g. ccache)."""
+    return os.environ.get("SYNCBN_CXX") or os.environ.get("CXX") or "c++"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SYNCBN_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "syncbn"
+
+
+def _arch_flags() -> List[str]:
+    """Code for this CPU (the cache key holds its features); AVX-512 at full width where present."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ["-march=native", "-mprefer-vector-width=512"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _flags() -> List[str]:
+    """Compile flags of both parts (see _build)."""
+    # -ffp-contract=fast: a * b + c may be one fused multiply-add (ISO mode would forbid it).
+    return ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_arch_flags()]
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path() -> Path:
+    """Where this source, torch, compiler, flags and CPU's build lives in the cache."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), compiler().encode(),
+                 " ".join(_flags()).encode(), _cpu_features().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"native-torch{torch.__version__}-{key.hexdigest()[:16]}" / _LIBRARY_NAME
+
+
+def _build_and_load() -> Optional[str]:
+    """Builds (if not cached) and loads the library; the reason it failed, or None."""
+    try:
+        path = library_path()
+        if not path.exists():
+            reason = _build(path)
+            if reason is not None:
+                return reason
+        torch.ops.load_library(str(path))
+        _bind()
+    except Exception as error:  # a failure here must leave the reference in charge, never crash
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(path: Path) -> Optional[str]:
+    """Compiles native.cpp's two parts (the kernels; the operators, whose torch headers take most of
+    the time) at once, then links them: about half the time of one compilation on two cores."""
+    cxx = shlex.split(compiler())
+    if fcntl is None:
+        return "no POSIX file locking on this platform"
+    if not cxx or shutil.which(cxx[0]) is None:
+        return f"no C++ compiler: {compiler()!r} not found; set SYNCBN_CXX or CXX"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_suffix(".lock")):
+        if path.exists():  # another process built it while this one waited
+            return None
+        from torch.utils import cpp_extension  # only here: it is slow to import
+
+        stem = path.with_name(f"{path.stem}.{os.getpid()}")
+        log = path.with_name("build.log")
+        log.write_bytes(b"")
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+        libraries = cpp_extension.library_paths()
+        objects = [stem.with_suffix(f".part{part}.o") for part in (1, 2)]
+        partial = stem.with_suffix(".tmp.so")
+        compiles = [[*cxx, *_flags(), f"-DSYNCBN_NATIVE_PART={part}", "-c", str(_SOURCE), "-o", str(obj),
+                     *includes] for part, obj in zip((1, 2), objects)]
+        link = [*cxx, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial),
+                *[f"-L{p}" for p in libraries], *[f"-Wl,-rpath,{p}" for p in libraries],
+                "-lc10", "-ltorch_cpu"]
+        try:
+            failure = _run_all(compiles, log) or _run_all([link], log)
+        finally:
+            for obj in objects:
+                obj.unlink(missing_ok=True)
+        if failure is not None:
+            partial.unlink(missing_ok=True)
+            return failure
+        os.replace(partial, path)
+    return None
+
+
+def _run_all(commands: List[List[str]], log: Path) -> Optional[str]:
+    """Runs the commands at once; their output appended to ``log``; the first failure, or None."""
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for command in commands]
+    failure = None
+    with open(log, "ab") as out:
+        for command, run in zip(commands, runs):
+            output, _ = run.communicate()
+            out.write(" ".join(command).encode() + b"\n" + output)
+            if run.returncode != 0 and failure is None:
+                failure = f"{command[0]} failed with exit status {run.returncode}, see {log}"
+    return failure
+
+
+def _bind() -> None:
+    """Module attributes for the operators, and their fake implementations for torch.compile."""
+    ops = torch.ops.syncbn_native
+    module = sys.modules[__name__]
+    for name in _OPS:
+        setattr(module, name, getattr(ops, name).default)
+
+    @torch.library.register_fake("syncbn_native::forward_payload")
+    def _(x, shift):
+        return x.new_empty(4 * x.shape[1] + 3, dtype=torch.float64)
+
+    @torch.library.register_fake("syncbn_native::finalize")
+    def _(moments, shift, running_mean, running_var, num_batches_tracked, momentum):
+        channels = (moments.shape[0] - 1) // 2
+        options = dict(dtype=torch.float64, device=moments.device)
+        return (moments.new_empty((), **options), moments.new_empty(channels, **options),
+                moments.new_empty(channels, **options))
+
+    @torch.library.register_fake("syncbn_native::normalize")
+    def _(x, mean, var, weight, bias, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::backward_sums")
+    def _(dy, x, mean, var, eps):
+        return x.new_empty(2 * x.shape[1], dtype=torch.float64)
+
+    @torch.library.register_fake("syncbn_native::input_grad")
+    def _(dy, x, mean, var, weight, eps, group_sums, count):
+        return torch.empty_like(x)

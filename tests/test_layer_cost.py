@@ -1,0 +1,46 @@
+"""benchmarks/layer_cost.py (issue 26): the op count of a layer step against its bound, and the
+benchmark's three sections end to end on tiny shapes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import layer_cost
+from syncbn import kernels
+
+
+def test_a_layer_step_at_w2_dispatches_at_most_20_ops_on_the_default_cpu_path():
+    """The issue's rule: forward+backward of an affine layer with running statistics in a group
+    whose stand-in sums two identical ranks; every op but views and the stand-in's own."""
+    rows = {row["peer"]: row for row in layer_cost.run_ops()}
+    assert rows["BatchNorm2d"]["ops"] == 7, rows["BatchNorm2d"]  # the issue's count for BatchNorm2d
+    default = rows["syncbn (default path)"]
+    if default["backend"] != kernels.native.__name__:
+        pytest.skip(f"the default path here is {default['backend']} (the native kernels are off)")
+    assert default["ops"] <= layer_cost.OPS_GOAL, default["by_op"]
+    assert rows["syncbn (reference kernels)"]["backend"] == kernels.reference.__name__
+
+
+def test_the_stand_in_communicator_and_its_op_are_left_out_of_the_count():
+    stand_in = layer_cost.TwoIdenticalRanks()
+    payload = torch.ones(3)
+    assert stand_in.all_reduce_sum_(payload) is payload and torch.equal(payload, torch.full((3,), 2.0))
+    with layer_cost.OpCount() as counted:
+        torch.ones(2).mul_(2).view(2, 1)
+    assert counted.ops == {"aten::ones": 1, "aten::mul_": 1}  # the view is not counted
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    results = layer_cost.main(["--smoke", "--out", str(tmp_path)])
+    assert len(results["compute"]) == 2 * len(layer_cost.LAYOUTS) * len(layer_cost.DTYPES)
+    assert all(row["ratio"] > 0 for row in results["compute"])
+    assert [row["peer"] for row in results["ops"]] == [
+        "syncbn (default path)", "syncbn (reference kernels)", "BatchNorm2d"]
+    assert [row["backend"] for row in results["comm"]] == ["gloo"]
+    assert results["comm"][0]["naive_vs_syncbn"] > 0
+    report = (tmp_path / "layer_cost.md").read_text()
+    for heading in ("Compute of a layer step", "Torch ops per layer step", "With communication"):
+        assert heading in report
+    assert json.loads((tmp_path / "layer_cost.json").read_text())["mode"] == "smoke"
