@@ -481,6 +481,7 @@ def test_a_triton_that_fails_at_import_leaves_syncbn_on_its_torch_kernels() -> N
     # Any exception while importing Triton or decorating the kernels (not only ImportError):
     # syncbn imports and serves every input from its torch kernels. (A top-level `import triton`
     # that raises breaks torch's own import of torch._dynamo first, beyond syncbn's reach.)
+    # SYNCBN_NATIVE=0: on CPU the native kernels would otherwise take the input Triton lost.
     code = """
         import triton
 
@@ -493,4 +494,4 @@ def test_a_triton_that_fails_at_import_leaves_syncbn_on_its_torch_kernels() -> N
         x = torch.zeros(2, 3)
         print(kernels.triton.TRITON_AVAILABLE, kernels.for_input(x) is kernels.reference)
     """
-    assert _python(code, SYNCBN_TRITON="1", TRITON_INTERPRET="1") == "False True"
+    assert _python(code, SYNCBN_TRITON="1", TRITON_INTERPRET="1", SYNCBN_NATIVE="0") == "False True"
