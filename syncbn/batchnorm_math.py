@@ -127,6 +127,9 @@ def update_running_stats(
 # and those roundings can add up over steps (momentum=None): up to 2^-10 passes then.
 SHIFT_TOLERANCE = 2.0 ** -20
 MIXED_DTYPE_SHIFT_TOLERANCE = 2.0 ** -10
+# The condition, times (W + 1), above which a merge of fp32 statistics counts as ill-conditioned
+# (see group_totals): a quarter of fp32's own 2^-24.
+FP32_CONDITION_LIMIT = float(1 << 26)
 
 
 class GroupTotals(NamedTuple):
@@ -171,7 +174,7 @@ def _group_totals(payload: np.ndarray, channels: int, world_size: int, finite: b
     k2_mean = payload[1 + 3 * c:1 + 4 * c] / world_size
     tolerance = SHIFT_TOLERANCE if fp64_ranks in (0, world_size) else MIXED_DTYPE_SHIFT_TOLERANCE
     differing = np.flatnonzero(k2_mean - k_mean * k_mean > tolerance ** 2 * (k2_mean + var))
-    limit = 1.0 if fp64_ranks else float(1 << 26) / (world_size + 1)
+    limit = 1.0 if fp64_ranks else FP32_CONDITION_LIMIT / (world_size + 1)
     ill_conditioned = bool((offset * offset > limit * var).any())
     return GroupTotals(count, int(payload[INVALID_INPUT]), fp64_ranks,
                        tuple(int(channel) for channel in differing), finite, ill_conditioned)

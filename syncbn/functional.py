@@ -157,8 +157,7 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     moments, shift = payload[:bnm.moments_numel(channels)], running_mean
     on_host = payload.device.type == "cpu"
     if on_host or debug or check_finite:  # free on CPU, a sync on GPU
-        reduced = payload.cpu().numpy()
-        totals = bnm.group_totals(reduced, channels, comm.size)
+        totals = backend.group_totals(payload, channels, comm.size)
         _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
                             payload.device, debug)
         # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.

@@ -48,6 +48,17 @@ def sync_group(backend: str) -> Any:
     return MPI.COMM_WORLD
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the native CPU kernels (or load them from the cache) once, before any test: else
+    the first ranks to need them would build inside their own time limit."""
+    import os
+
+    if os.environ.get("SYNCBN_NATIVE") != "0":
+        from syncbn.kernels import native
+
+        native.available()  # a failed build warns once; the reference then serves
+
+
 @pytest.fixture(scope="session")
 def rank_pool(pytestconfig: pytest.Config) -> Callable[[int, str], RankPool]:
     """``rank_pool(world_size, backend)``: a started pool, reused across tests.

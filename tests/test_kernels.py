@@ -373,6 +373,84 @@ def test_finalize_equals_the_reference(native_kernels, buffers, momentum, count)
     torch.testing.assert_close(no_buffers[1], moments[1:1 + channels] / max(count, 1.0), rtol=2 * U64, atol=0.0)
 
 
+# --- group_totals: what every rank reads from the reduced payload ------------------------------------
+
+def _reduced_payload(channels: int, world: int, count: float, offset: np.ndarray, var: np.ndarray,
+                     shifts: np.ndarray, invalid: int = 0, fp64_ranks: int = 0) -> torch.Tensor:
+    """A reduced 4C+3 payload with the given group statistics and per-rank shifts (world, C)."""
+    payload = np.zeros(bnm.forward_payload_numel(channels))
+    payload[0] = count
+    payload[1:1 + channels] = count * offset
+    payload[1 + channels:1 + 2 * channels] = count * (var + offset * offset)
+    payload[1 + 2 * channels:1 + 3 * channels] = shifts.sum(0)
+    payload[1 + 3 * channels:1 + 4 * channels] = (shifts * shifts).sum(0)
+    payload[bnm.INVALID_INPUT], payload[bnm.FP64_INPUT] = invalid, fp64_ranks
+    return torch.from_numpy(payload)
+
+
+def _adversarial_payloads() -> List[Tuple[str, torch.Tensor, int]]:
+    rng = np.random.default_rng(5)
+    channels, world = 37, 3
+    shifts = np.tile(rng.normal(size=channels) * 1e3, (world, 1))
+    offset, var = rng.normal(size=channels), rng.random(channels) + 0.1
+    cases = [("agreeing", _reduced_payload(channels, world, 96.0, offset, var, shifts), world)]
+    moved = shifts.copy()
+    moved[1, 4] += 1.0  # one channel, one rank
+    cases.append(("one channel differs", _reduced_payload(channels, world, 96.0, offset, var, moved), world))
+    cases.append(("permuted on one rank", _reduced_payload(
+        channels, world, 96.0, offset, var, np.stack([shifts[0], shifts[1][::-1], shifts[2]])), world))
+    cases.append(("negated on one rank", _reduced_payload(
+        channels, world, 96.0, offset, var, np.stack([shifts[0], -shifts[1], shifts[2]])), world))
+    # A spread of 2^-15 of the scale: beyond one dtype's tolerance, within a mixed group's.
+    nudged = shifts.copy()
+    nudged[2] += 2.0 ** -15 * np.sqrt(shifts[0] ** 2 + var)
+    for fp64_ranks in (0, 1, world):
+        cases.append((f"nudged, {fp64_ranks} fp64 ranks", _reduced_payload(
+            channels, world, 96.0, offset, var, nudged, fp64_ranks=fp64_ranks), world))
+    cases.append(("invalid ranks", _reduced_payload(channels, world, 96.0, offset, var, shifts, invalid=2), world))
+    for count in (0.0, 1.0):
+        cases.append((f"count {count}", _reduced_payload(channels, world, count, offset, var, shifts), world))
+    with_nan = _reduced_payload(channels, world, 96.0, offset, var, shifts)
+    with_nan[3] = float("nan")
+    cases.append(("NaN sum", with_nan, world))
+    with_inf = _reduced_payload(channels, world, 96.0, offset, var, shifts)
+    with_inf[1 + channels + 2] = float("inf")
+    cases.append(("Inf squared sum", with_inf, world))
+    # Conditioning within a few ulps of both limits: each decision must be the reference's.
+    for fp64_ranks, limit in ((0, bnm.FP32_CONDITION_LIMIT / (world + 1)), (world, 1.0)):
+        for ulps in range(-3, 4):
+            ratio = limit * (1.0 + ulps * 2.0 ** -52)
+            near = offset.copy()
+            near[:] = np.sqrt(ratio * var)
+            cases.append((f"condition {ulps:+d} ulps of the limit, {fp64_ranks} fp64 ranks",
+                          _reduced_payload(channels, world, 96.0, near, var, shifts, fp64_ranks=fp64_ranks),
+                          world))
+    cases.append(("one rank", _reduced_payload(5, 1, 8.0, offset[:5], var[:5], shifts[:1, :5]), 1))
+    return cases
+
+
+@pytest.mark.parametrize("name,payload,world", _adversarial_payloads(), ids=lambda v: v if isinstance(v, str) else "")
+def test_native_group_totals_equal_the_reference(native_kernels, name, payload, world):
+    """Every decision (differing channels, invalid ranks, count, finiteness, conditioning) is
+    batchnorm_math's own, bitwise, including payloads at the conditioning limits' edges."""
+    channels = (payload.numel() - 3) // 4
+    ours = native_kernels.group_totals(payload, channels, world)
+    theirs = reference.group_totals(payload, channels, world)
+    assert ours == theirs
+
+
+def test_group_totals_cases_reach_every_decision():
+    """The payloads above make every check fire somewhere and stay quiet somewhere (so the
+    equality test cannot pass on a path that never decides)."""
+    totals = [reference.group_totals(payload, (payload.numel() - 3) // 4, world)
+              for _, payload, world in _adversarial_payloads()]
+    for field in ("differing_channels", "invalid_ranks", "ill_conditioned"):
+        values = [bool(getattr(t, field)) for t in totals]
+        assert any(values) and not all(values), field
+    assert not all(t.finite for t in totals) and any(t.finite for t in totals)
+    assert {0.0, 1.0, 96.0} <= {t.count for t in totals}
+
+
 # --- torch.compile: fake implementations and mutation annotations -------------------------------------
 
 def test_operators_pass_opcheck(native_kernels):
@@ -387,7 +465,9 @@ def test_operators_pass_opcheck(native_kernels):
                      (ops.finalize, (payload[:7], shift, torch.zeros(3), torch.ones(3), torch.tensor(0), None)),
                      (ops.normalize, (x.contiguous(memory_format=torch.channels_last), mean, var, weight, bias, EPS)),
                      (ops.backward_sums, (dy, x, mean, var, EPS)),
-                     (ops.input_grad, (dy, x, mean, var, weight, EPS, sums, count))]:
+                     (ops.input_grad, (dy, x, mean, var, weight, EPS, sums, count)),
+                     (ops.group_checks, (native_kernels.forward_payload(x, shift), 2, bnm.SHIFT_TOLERANCE,
+                                         bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT))]:
         torch.library.opcheck(op, args)
 
 

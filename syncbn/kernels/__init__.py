@@ -9,7 +9,9 @@ Every backend module has the same functions with the same semantics (those of
   group's (count, mean, var) from the reduced payload, and the running-stat update;
 - ``normalize(x, mean, var, weight, bias, eps)``: the output;
 - ``backward_sums(dy, x, mean, var, eps)``: [sum dy, sum dy * xhat] (2C fp64);
-- ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient.
+- ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient;
+- ``group_totals(payload, channels, world_size)``: what the reduced payload says about the group
+  (a host read: batchnorm_math.group_totals).
 
 Backends: :mod:`.reference` (plain torch: any device and dtype; the fallback, and the oracle
 the others are tested against), :mod:`.native` (CPU, C++ built on first use) and :mod:`.triton`
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Dict
 
 import torch
 
@@ -37,8 +40,23 @@ _TRITON_ON_CPU = triton.INTERPRETED and os.environ.get("SYNCBN_TRITON") == "1"
 _NATIVE_ON = os.environ.get("SYNCBN_NATIVE") != "0"
 
 
+# CPU inputs' native or reference backend by dtype: fixed once chosen (the switches are read at
+# import, the build is tried once), and a small layer's step pays for every lookup. (Triton, in
+# the interpreter, is not kept: a failing kernel switches it off.)
+_cpu_backends: Dict[torch.dtype, ModuleType] = {}
+
+
 def for_input(x: torch.Tensor) -> ModuleType:
     """The backend whose kernels serve input ``x`` (by its device and dtype)."""
+    backend = _cpu_backends.get(x.dtype) if x.is_cpu else None
+    if backend is None:
+        backend = _choose(x)
+        if x.is_cpu and backend is not triton:
+            _cpu_backends[x.dtype] = backend
+    return backend
+
+
+def _choose(x: torch.Tensor) -> ModuleType:
     if _FORCED_REFERENCE:
         return reference
     device = x.device.type

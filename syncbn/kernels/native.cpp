@@ -1260,6 +1260,55 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   return finish(out);
 }
 
+// --- group_checks --------------------------------------------------------------------------------
+
+// batchnorm_math.group_totals on a reduced forward payload (4C+3 fp64, on the host), without its
+// dozen small numpy calls: [count, invalid ranks, fp64 ranks, finite, ill-conditioned, then the
+// indices of the channels whose shifts differ]. Its thresholds come from batchnorm_math. The
+// same fp64 operations in the same order, none fused (a multiply-add rounds once, numpy twice),
+// so every decision is numpy's, bitwise.
+#if defined(__clang__)
+#define SYNCBN_NO_FMA _Pragma("clang fp contract(off)")
+#define SYNCBN_NO_FMA_ATTRIBUTE
+#else
+#define SYNCBN_NO_FMA
+#define SYNCBN_NO_FMA_ATTRIBUTE __attribute__((optimize("fp-contract=off")))
+#endif
+
+SYNCBN_NO_FMA_ATTRIBUTE Tensor group_checks(const Tensor& payload_in, int64_t world_size, double shift_tolerance,
+                                            double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
+  SYNCBN_NO_FMA
+  TORCH_CHECK(payload_in.dim() == 1 && payload_in.numel() % 4 == 3 && world_size > 0,
+              "syncbn_native::group_checks: expected a 4C+3 payload and a positive world size, got shape ",
+              payload_in.sizes(), " and ", world_size);
+  const std::vector<double> values = doubles(payload_in);
+  const double* p = values.data();
+  const int64_t C = (payload_in.numel() - 3) / 4, n = payload_in.numel();
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(p[i]);
+  const double count = p[0], divisor = std::max(count, 1.0), ranks = static_cast<double>(world_size);
+  const double fp64_ranks = p[n - 1];
+  const double tolerance = (fp64_ranks == 0.0 || fp64_ranks == ranks) ? shift_tolerance : mixed_dtype_shift_tolerance;
+  const double squared_tolerance = tolerance * tolerance;
+  const double limit = fp64_ranks != 0.0 ? 1.0 : fp32_condition_limit / (ranks + 1.0);
+  bool ill_conditioned = false;
+  std::vector<double> checks = {count, p[n - 2], fp64_ranks, finite ? 1.0 : 0.0, 0.0};
+  for (int64_t c = 0; c < C; ++c) {
+    const double offset = p[1 + c] / divisor;
+    const double square = offset * offset;
+    double var = p[1 + C + c] / divisor - square;
+    var = var < 0.0 ? 0.0 : var;  // np.maximum: NaN stays NaN
+    const double k_mean = p[1 + 2 * C + c] / ranks, k2_mean = p[1 + 3 * C + c] / ranks;
+    const double spread = k2_mean - k_mean * k_mean;
+    if (spread > squared_tolerance * (k2_mean + var)) checks.push_back(static_cast<double>(c));
+    ill_conditioned = ill_conditioned || square > limit * var;
+  }
+  checks[4] = ill_conditioned ? 1.0 : 0.0;
+  Tensor result = at::empty({static_cast<int64_t>(checks.size())}, payload_in.options().dtype(at::kDouble));
+  std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(syncbn_native, m) {
@@ -1270,6 +1319,8 @@ TORCH_LIBRARY(syncbn_native, m) {
   m.def("backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> Tensor");
   m.def("input_grad(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
         "Tensor group_sums, Tensor count) -> Tensor");
+  m.def("group_checks(Tensor payload, int world_size, float shift_tolerance, "
+        "float mixed_dtype_shift_tolerance, float fp32_condition_limit) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
@@ -1278,5 +1329,6 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("normalize", &normalize);
   m.impl("backward_sums", &backward_sums);
   m.impl("input_grad", &input_grad);
+  m.impl("group_checks", &group_checks);
 }
 #endif  // part 2

@@ -13,7 +13,8 @@ warning that says why, and the pure-torch reference serves instead.
 The functions below are the operators themselves (resolved on first access, after the build):
 ``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``, with the
 semantics of the kernel interface (see syncbn/kernels/reference.py). Each has a fake
-implementation, so torch.compile traces through them.
+implementation, so torch.compile traces through them. :func:`group_totals` reads the reduced
+payload through the ``group_checks`` operator.
 """
 from __future__ import annotations
 
@@ -31,17 +32,19 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .. import batchnorm_math as bnm
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad"]
+           "backward_sums", "input_grad", "group_totals"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad")
+_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "group_checks")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
 
@@ -72,6 +75,17 @@ def __getattr__(name: str):
             raise RuntimeError(f"syncbn.kernels.native.{name}: the native kernels are not available")
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def group_totals(payload: torch.Tensor, channels: int, world_size: int) -> bnm.GroupTotals:
+    """batchnorm_math.group_totals of the reduced forward payload (on the host), by one operator
+    call instead of a dozen numpy calls: the decisions are numpy's, bitwise."""
+    checks = group_checks(payload, world_size, bnm.SHIFT_TOLERANCE,  # noqa: F821 (bound by _bind)
+                          bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT).tolist()
+    count, invalid_ranks, fp64_ranks, finite, ill_conditioned = checks[:5]
+    return bnm.GroupTotals(count, int(invalid_ranks), int(fp64_ranks),
+                           tuple(int(channel) for channel in checks[5:]), bool(finite),
+                           bool(ill_conditioned))
 
 
 def compiler() -> str:
@@ -230,3 +244,8 @@ def _bind() -> None:
     @torch.library.register_fake("syncbn_native::input_grad")
     def _(dy, x, mean, var, weight, eps, group_sums, count):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::group_checks")
+    def _(payload, world_size, shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit):
+        # Five checks, then the differing channels: a length known only from the data.
+        return payload.new_empty(torch.library.get_ctx().new_dynamic_size(min=5))

@@ -118,6 +118,12 @@ def finalize(moments: Tensor, shift: Optional[Tensor], running_mean: Optional[Te
     return count, mean, var
 
 
+def group_totals(payload: Tensor, channels: int, world_size: int) -> bnm.GroupTotals:
+    """What the reduced forward payload says about the group (batchnorm_math.group_totals, on a
+    host copy: on a GPU, a sync)."""
+    return bnm.group_totals(payload.cpu().numpy(), channels, world_size)
+
+
 def _affine_in(param: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if param is None else param.to(dtype)
 

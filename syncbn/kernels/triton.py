@@ -71,6 +71,7 @@ __all__ = [
     "normalize",
     "backward_sums",
     "input_grad",
+    "group_totals",
     "normalize_activate",
     "activated_backward_payload",
     "activated_input_grad",
@@ -919,6 +920,9 @@ backward_sums = _opaque_to_compile("backward_sums", _two_sums)(
     _falls_back_to(reference.backward_sums)(_backward_sums))
 input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
     _falls_back_to(reference.input_grad)(_input_grad))
+# The reduced payload's checks run on the host: the reference's (read only under the debug guard
+# or check_finite, as the read is a sync).
+group_totals = reference.group_totals
 normalize_activate = _falls_back_to(None)(_normalize_activate)
 activated_backward_payload = _falls_back_to(None)(_activated_backward_payload)
 activated_input_grad = _falls_back_to(None)(_activated_input_grad)
