@@ -1,6 +1,6 @@
 """Issue 26: what one synchronized layer step costs against BatchNorm, in one run.
 
-    python -m benchmarks.layer_cost [--quick] [--no-comm] [--out DIR]
+    python -m benchmarks.layer_cost [--quick] [--no-comm] [--out DIR] [--publish]
 
 1. Compute, communication removed. Forward+backward of syncbn.SyncBatchNorm in a 2-rank group
    whose stand-in communicator sums two identical ranks (:class:`TwoIdenticalRanks`), against
@@ -42,11 +42,12 @@ from .aggregate import combine_layer, geometric_mean
 from .layer_bench import make_layer_input, time_layer_case, training_step
 from .machine import load_average, machine_stamp, stamp_line
 from .plan import RESNET50_LAYERS, LayerCase, Setting
-from .run import mpi_available, open_pool
+from .run import BENCHMARKS_MD, FIGURES_DIR, mpi_available, open_pool, replace_section
 from .timing import Peer, time_interleaved
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, read before any change
 HERE = os.path.dirname(os.path.abspath(__file__))
+PUBLISHED_REPORT = "benchmarks/figures/layer_cost.md"  # from BENCHMARKS.md
 
 # The issue's shapes and the compute goal of each (syncbn / BatchNorm2d at most): memory-bound
 # shapes 1.15x; the small ones, where the host's work per op counts, 1.5x and 2.5x.
@@ -220,10 +221,13 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def render(results: Dict[str, object]) -> str:
+def render(results: Dict[str, object], brief: bool = False) -> str:
+    """The report; ``brief`` (BENCHMARKS.md): the compute table of the issue's shapes only, with a
+    summary of every row and a link to the whole report."""
     lines = [f"Measured on: {stamp_line(results['machine'])}.", ""]
     compute = results["compute"]
     if compute:
+        shown = [r for r in compute if tuple(r["shape"]) in ISSUE_SHAPES] if brief else compute
         lines += ["### Compute of a layer step at W=2, communication removed",
                   "",
                   "syncbn.SyncBatchNorm in a 2-rank group whose stand-in communicator sums two identical "
@@ -233,13 +237,15 @@ def render(results: Dict[str, object]) -> str:
                   "| shape (N, C, H, W) | dtype | layout | threads | BatchNorm2d (ms) | syncbn (ms) | "
                   "syncbn / BatchNorm2d | goal |",
                   "|---|---|---|---|---|---|---|---|"]
-        for row in compute:
+        for row in shown:
             lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['dtype']} | {row['layout']} | "
                          f"{row['threads']} | {row['batchnorm_ms']:.3f} | {row['syncbn_ms']:.3f} | "
                          f"{row['ratio']:.2f}x | <= {row['goal']:g}x: {_met(row['ratio'] <= row['goal'])} |")
         missed = [r for r in compute if r["ratio"] > r["goal"]]
         lines += ["", f"{len(compute) - len(missed)} of {len(compute)} rows meet their goal; geo-mean "
-                  f"{geometric_mean(r['ratio'] for r in compute):.2f}x.", ""]
+                  f"{geometric_mean(r['ratio'] for r in compute):.2f}x."
+                  + (f" Every row (ResNet-50's shapes too): [layer_cost.md]({PUBLISHED_REPORT})." if brief else ""),
+                  ""]
     ops = results["ops"]
     if ops:
         lines += ["### Torch ops per layer step at W=2 (CPU)", "",
@@ -277,6 +283,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, gloo only (tests)")
     parser.add_argument("--no-comm", action="store_true", help="skip section 3 (rank pools)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "layer_cost"))
+    parser.add_argument("--publish", action="store_true",
+                        help="copy the report to benchmarks/figures/ and rewrite BENCHMARKS.md's section")
     args = parser.parse_args(argv)
     run_mode = "smoke" if args.smoke else "quick" if args.quick else "full"
 
@@ -297,8 +305,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     report = render(results)
     with open(os.path.join(args.out, "layer_cost.md"), "w") as handle:
         handle.write(report)
+    if args.publish:
+        publish(results, report)
     print(report)
     return results
+
+
+def publish(results: Dict[str, object], report: str) -> None:
+    """The whole report to benchmarks/figures/; its brief form to BENCHMARKS.md's section."""
+    os.makedirs(FIGURES_DIR, exist_ok=True)
+    with open(os.path.join(FIGURES_DIR, "layer_cost.md"), "w") as handle:
+        handle.write(report)
+    command = "python -m benchmarks.layer_cost" + (" --quick" if results["mode"] == "quick" else "")
+    replace_section(BENCHMARKS_MD, "layer_cost", "\n".join([
+        "## Layer cost against BatchNorm (CPU)", "",
+        f"`{command} --publish` (issue 26: what exact statistics cost).", "",
+        render(results, brief=True)]))
 
 
 if __name__ == "__main__":

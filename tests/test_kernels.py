@@ -503,6 +503,44 @@ def test_without_a_working_compiler_the_reference_serves_after_one_warning(tmp_p
     assert "\n" not in report["warnings"][0]
 
 
+def test_the_compiler_and_the_cache_come_from_the_environment(monkeypatch, tmp_path):
+    """$SYNCBN_CXX, else $CXX, else c++; $SYNCBN_CACHE, else ~/.cache/syncbn; one library per
+    compiler (and per source, torch version and CPU: the same key)."""
+    for name in ("SYNCBN_CXX", "CXX", "SYNCBN_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert native.compiler() == "c++"
+    assert native.cache_dir() == tmp_path / ".cache" / "syncbn"
+    default_library = native.library_path()
+    monkeypatch.setenv("CXX", "g++-13")
+    assert native.compiler() == "g++-13"
+    monkeypatch.setenv("SYNCBN_CXX", "ccache c++")
+    assert native.compiler() == "ccache c++"
+    assert native.library_path() != default_library
+    assert native.library_path().parent.parent == default_library.parent.parent
+    monkeypatch.setenv("SYNCBN_CACHE", str(tmp_path / "elsewhere"))
+    assert native.library_path().parent.parent == tmp_path / "elsewhere"
+
+
+SWITCH_SCRIPT = """
+    import json, torch
+    from syncbn import kernels
+    print(json.dumps({str(dtype): kernels.for_input(torch.zeros(2, 3, dtype=dtype)).__name__
+                      for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}))
+"""
+
+
+@pytest.mark.parametrize("switch,chosen", [({}, "native"), ({"SYNCBN_NATIVE": "0"}, "reference"),
+                                           ({"SYNCBN_KERNELS": "reference"}, "reference")])
+def test_the_switches_choose_the_cpu_backend(native_kernels, switch, chosen):
+    """By default every CPU dtype takes the native kernels; SYNCBN_NATIVE=0 and
+    SYNCBN_KERNELS=reference give the reference."""
+    result = _python(SWITCH_SCRIPT, {"SYNCBN_NATIVE": "1", "SYNCBN_KERNELS": "", **switch})
+    assert result.returncode == 0, result.stderr
+    backends = json.loads(result.stdout.splitlines()[-1])
+    assert set(backends.values()) == {f"syncbn.kernels.{chosen}"}, backends
+
+
 def test_ranks_starting_together_build_once_and_load_the_same_library(native_kernels, tmp_path):
     """A stand-in compiler (slow, counting its runs) copies the session's library: two processes
     on an empty cache both load it, and it was built once (the lock; written under a temporary
