@@ -73,6 +73,7 @@ DOCS, DOUBLE, FAULTS, MATRIX = T + "test_docs.py::", T + "test_double_backward.p
 FUNCTIONAL, GPU, ONE, GROUPS = T + "test_functional.py::", T + "test_gpu.py::", T + "test_group_of_one.py::", T + "test_groups.py::"
 GUARD, LAUNCHER, MODULE, NUMERICS = T + "test_guard.py::", T + "test_launch.py::", T + "test_module.py::", T + "test_numerics.py::"
 PRECISE, SOAK, TESTING, TRITON = T + "test_precise_bn.py::", T + "test_soak.py::", T + "test_testing.py::", T + "test_triton_kernels.py::"
+KERNELS, LAYER_COST = T + "test_kernels.py::", T + "test_layer_cost.py::"
 ACT, MODELS, LIGHTNING, BENCH = T + "test_activated.py::", T + "test_real_models.py::", T + "test_lightning.py::", T + "test_benchmarks_smoke.py::"
 MULTIHOST, RENDEZVOUS, NETNS = T + "test_multihost.py::", T + "test_rendezvous.py::", T + "test_netns.py::"
 ACCURACY, BENCH_NUMERICS, SELF = T + "test_accuracy_smoke.py::", T + "test_benchmarks_numerics.py::", T + "test_readme_claims.py::"
@@ -173,6 +174,29 @@ CLAIMS: List[Claim] = [
           DOCS + "test_torch_floor_is_the_version_readme_pins_and_ci_runs_readme_s_test_command"),
     claim("install the torch build you want (2.13 or later) first and drop the pin",
           DOCS + "test_torch_floor_is_the_version_readme_pins_and_ci_runs_readme_s_test_command"),
+    # --- README: CPU kernels ------------------------------------------------------------------
+    claim("On CPU tensors (fp32 and fp64; fp16 and bf16 computed in fp32) the layer runs native C++ kernels",
+          KERNELS + "test_the_switches_choose_the_cpu_backend",
+          KERNELS + "test_layer_step_through_the_kernels_is_within_twice_torch_error_plus_floor"),
+    claim("a training step at W >= 2 dispatches at most 20 torch ops (BatchNorm2d: 7)",
+          LAYER_COST + "test_a_layer_step_at_w2_dispatches_at_most_20_ops_on_the_default_cpu_path"),
+    claim("They are compiled on first use, not at `import syncbn`",
+          KERNELS + "test_without_a_working_compiler_the_reference_serves_after_one_warning"),
+    claim("12 s on 2 CPU cores when measured", source=MEASURED),
+    claim("with `$SYNCBN_CXX`, else `$CXX`, else `c++`, for the CPU they run on, and cached per source, "
+          "torch version, compiler and CPU under `$SYNCBN_CACHE` (default `~/.cache/syncbn`)",
+          KERNELS + "test_the_compiler_and_the_cache_come_from_the_environment"),
+    claim("ranks that start together build once",
+          KERNELS + "test_ranks_starting_together_build_once_and_load_the_same_library"),
+    claim("Their results do not depend on the thread count, bitwise",
+          KERNELS + "test_native_results_do_not_depend_on_the_thread_count"),
+    claim("one warning says why and the reference kernels serve instead",
+          KERNELS + "test_without_a_working_compiler_the_reference_serves_after_one_warning"),
+    claim("`SYNCBN_NATIVE=0` turns the native kernels off, and `SYNCBN_KERNELS=reference` takes the "
+          "reference everywhere", KERNELS + "test_the_switches_choose_the_cpu_backend"),
+    claim("Every backend is tested against the reference and against float64 BatchNorm on the global batch",
+          KERNELS + "test_layer_step_through_the_kernels_is_within_twice_torch_error_plus_floor",
+          KERNELS + "test_native_layer_step_equals_the_reference"),
     # --- README: usage --------------------------------------------------------------------
     claim("One training script for every launcher", EVERY_LAUNCHER,
           LAUNCHER + "test_train_example_under_the_launcher"),
