@@ -903,7 +903,7 @@ def test_many_tiles_and_programs_through_the_kernels(monkeypatch, channels_last)
 
 @in_interpreter
 def test_bias_false_and_a_weight_below_the_floor_through_the_kernels(monkeypatch):
-    assert syncbn.activated._Core.uses_triton(torch.zeros(1, 3))
+    assert syncbn.kernels.uses_triton(torch.zeros(1, 3))
     _assert_bias_false_trains_like_batchnorm(True, torch.float32)
     _assert_device_floor_check(monkeypatch, False, torch.float32)
 

@@ -11,9 +11,11 @@ no ninja, no pybind11. If the build or the load fails, :func:`available` says Fa
 warning that says why, and the pure-torch reference serves instead.
 
 The functions below are the operators themselves (resolved on first access, after the build):
-``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``, with the
-semantics of the kernel interface (see syncbn/kernels/reference.py). Each has a fake
-implementation, so torch.compile traces through them.
+``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``,
+``activated_backward_payload``, ``activated_input_grad``, with the semantics of the kernel
+interface (see syncbn/kernels/reference.py); ``normalize_activate`` picks the operator that
+writes a new tensor or the one that writes over x. Each operator has a fake implementation, so
+torch.compile traces through them.
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad"]
+           "backward_sums", "input_grad", "normalize_activate", "activated_backward_payload",
+           "activated_input_grad"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad")
+_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad",
+        "activated_backward_payload", "activated_input_grad")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
 
@@ -72,6 +76,20 @@ def __getattr__(name: str):
             raise RuntimeError(f"syncbn.kernels.native.{name}: the native kernels are not available")
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def normalize_activate(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                       activation: int, parameter: float, inplace: bool) -> torch.Tensor:
+    """act(weight * (x - mean) * invstd + bias), in one pass; written over x when ``inplace``."""
+    if not available():
+        raise RuntimeError("syncbn.kernels.native.normalize_activate: the native kernels are not available")
+    if inplace:
+        torch.ops.syncbn_native.normalize_activate_.default(x, mean, var, weight, bias, eps,
+                                                            activation, parameter)
+        return x
+    return torch.ops.syncbn_native.normalize_activate.default(x, mean, var, weight, bias, eps,
+                                                              activation, parameter)
 
 
 def compiler() -> str:
@@ -230,3 +248,19 @@ def _bind() -> None:
     @torch.library.register_fake("syncbn_native::input_grad")
     def _(dy, x, mean, var, weight, eps, group_sums, count):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::normalize_activate")
+    def _(x, mean, var, weight, bias, eps, activation, parameter):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::normalize_activate_")
+    def _(x, mean, var, weight, bias, eps, activation, parameter):
+        return None
+
+    @torch.library.register_fake("syncbn_native::activated_backward_payload")
+    def _(dy, y, weight, bias, activation, parameter):
+        return y.new_empty(2 * y.shape[1], dtype=torch.float64)
+
+    @torch.library.register_fake("syncbn_native::activated_input_grad")
+    def _(dy, y, var, weight, bias, eps, activation, parameter, group_sums, count):
+        return torch.empty_like(y)

@@ -42,8 +42,7 @@ fails: any exception while importing Triton leaves ``TRITON_AVAILABLE`` False. B
 device first takes these kernels, :func:`usable` runs a small self-test there against the
 reference kernels; a failure to compile or a disagreement switches that device to the reference
 for good, with one warning. A kernel that fails later (a new shape's compile) does the same,
-and the call is served by the reference (the activated functions, which have no reference
-here, raise instead, naming syncbn and the switch).
+and the call is served by the reference.
 """
 from __future__ import annotations
 
@@ -861,9 +860,9 @@ def _switch_off(device: torch.device, problem: str) -> None:
                       stacklevel=3)
 
 
-def _falls_back_to(reference_fn: Optional[Callable[..., Any]]):
+def _falls_back_to(reference_fn: Callable[..., Any]):
     """The kernel function, handing the call to ``reference_fn`` (same arguments, same
-    semantics) if it fails on CUDA; without a reference, the error names syncbn and the switch."""
+    semantics) if it fails on CUDA."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -875,10 +874,6 @@ def _falls_back_to(reference_fn: Optional[Callable[..., Any]]):
             except Exception as error:
                 problem = f"{fn.__name__.lstrip('_')} failed: {type(error).__name__}: {error}"
                 _switch_off(device, problem)
-                if reference_fn is None:
-                    raise RuntimeError(f"syncbn: a Triton kernel failed on {device} ({problem}); "
-                                       f"the next call takes syncbn's torch kernels, or set "
-                                       f"{SWITCH}") from error
                 return reference_fn(*args, **kwargs)
         return run
     return wrap
@@ -919,9 +914,10 @@ backward_sums = _opaque_to_compile("backward_sums", _two_sums)(
     _falls_back_to(reference.backward_sums)(_backward_sums))
 input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
     _falls_back_to(reference.input_grad)(_input_grad))
-normalize_activate = _falls_back_to(None)(_normalize_activate)
-activated_backward_payload = _falls_back_to(None)(_activated_backward_payload)
-activated_input_grad = _falls_back_to(None)(_activated_input_grad)
+normalize_activate = _falls_back_to(reference.normalize_activate)(_normalize_activate)
+activated_backward_payload = _falls_back_to(reference.activated_backward_payload)(
+    _activated_backward_payload)
+activated_input_grad = _falls_back_to(reference.activated_input_grad)(_activated_input_grad)
 
 
 def self_test(device: torch.device) -> Optional[str]:
