@@ -90,7 +90,6 @@ class _Core:
     group_of = staticmethod(_functional.group_of)
     debug_enabled = staticmethod(debug_enabled)
     kernels_for = staticmethod(_kernels.for_input)
-    memory_format = staticmethod(_functional.memory_format)
     backward_sums = staticmethod(_functional.backward_sums)
 
     @staticmethod
@@ -170,12 +169,22 @@ def _activation_module(activation: Any, negative_slope: float, alpha: float) -> 
                      f"nn.Module, got {activation!r}")
 
 
-def _below_floor(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Per channel, on the weights' device: whether |weight| is too small to invert."""
+def _below_floor(weight: Any, bias: Any) -> Any:
+    """Per channel: whether |weight| is too small to invert; for torch tensors (on the weights'
+    device) and numpy arrays alike."""
     with torch.no_grad():
-        floor = (MIN_INVERTIBLE_WEIGHT if bias is None
-                 else bias.abs().clamp(min=1.0).mul_(MIN_INVERTIBLE_WEIGHT))
-        return weight.abs() < floor
+        floor = MIN_INVERTIBLE_WEIGHT if bias is None else abs(bias).clip(min=1.0) * MIN_INVERTIBLE_WEIGHT
+        return abs(weight) < floor
+
+
+def _any_below_floor(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether any channel is below the floor, read on the host: CPU fp32/fp64 weights through
+    numpy, at a fraction of the cost of torch's ops on such small tensors (every training step)."""
+    if weight.device.type == "cpu" and weight.dtype in _FUSED_DTYPES and (
+            bias is None or bias.dtype == weight.dtype):
+        return bool(_below_floor(weight.detach().numpy(),
+                                 None if bias is None else bias.detach().numpy()).any())
+    return bool(_below_floor(weight, bias).any())
 
 
 def _host_may_read(weight: Tensor, debug: bool) -> bool:
@@ -227,7 +236,6 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
                 "(such as `out += shortcut`), but SyncBatchNormAct recovers its input from that "
                 "output in backward; write `out = out + shortcut`, or use SyncBatchNorm followed "
                 "by the activation") from error
-        dy = dy.contiguous(memory_format=_Core.memory_format(y))
         # What xhat = (z - bias) / weight divides by (NaN on the channels the backward must not
         # invert), and scales dx by. The kernels read a bias wherever there is a weight.
         inverse_weight, inverse_bias = weight, bias
@@ -363,7 +371,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         debug = _Core.debug_enabled(self.debug)
         weight = self.weight
         check_on_host = weight is not None and _host_may_read(weight, debug)
-        if check_on_host and bool(_below_floor(weight, self.bias).any()):
+        if check_on_host and _any_below_floor(weight, self.bias):
             return self._unfused(input)
         if input.dim() != self._last_input_dim:  # for revert; nn.Module.__setattr__ is slow
             self._last_input_dim = input.dim()
@@ -419,7 +427,7 @@ def _fusable_activation(act: nn.Module) -> bool:
 
 def _invertible_now(layer: _BatchNorm) -> bool:
     """Whether the layer's weights pass the floor (zero-initialised ones do not)."""
-    return layer.weight is None or not bool(_below_floor(layer.weight, layer.bias).any())
+    return layer.weight is None or not _any_below_floor(layer.weight, layer.bias)
 
 
 def _fusable_pair(bn: nn.Module, act: nn.Module, after: Optional[nn.Module]) -> bool:

@@ -1175,6 +1175,33 @@ void activated_sums_pass(const typename Elem<T>::raw* dp, const typename Elem<T>
   }
 }
 
+// Planar input with short runs (3x3 positions and fewer) is walked as interleaved rows, one per
+// sample, of C * S values, each channel's coefficients repeated S times: per run of a channel the
+// set-up would cost more than its few values.
+constexpr int64_t kShortRun = 16;
+constexpr int64_t kMaxRowValues = int64_t(1) << 18;
+
+bool short_runs(const Shape& sh) { return !sh.interleaved && sh.s > 1 && sh.s < kShortRun && sh.c * sh.s <= kMaxRowValues; }
+
+Shape sample_rows(const Shape& sh) {
+  Shape rows;
+  rows.n = sh.n;
+  rows.c = sh.c * sh.s;
+  rows.interleaved = true;
+  return rows;
+}
+
+// Per channel values, each repeated `times` times (empty for none).
+std::vector<double> repeated(const double* values, int64_t channels, int64_t times) {
+  std::vector<double> out;
+  if (!values) return out;
+  out.reserve(channels * times);
+  for (int64_t c = 0; c < channels; ++c) out.insert(out.end(), times, values[c]);
+  return out;
+}
+
+const double* data_or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+
 // f.template operator()<kAct>() for the activation's code.
 template <typename F>
 void by_activation(int activation, const F& f) {
@@ -1191,6 +1218,12 @@ namespace syncbn_native {
 
 void normalize_activate(DType dtype, const void* x, void* y, const Shape& shape, const double* mean,
                         const double* scale, const double* shift, int activation, double parameter) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    normalize_activate(dtype, x, y, sample_rows(shape), repeated(mean, C, S).data(), repeated(scale, C, S).data(),
+                       repeated(shift, C, S).data(), activation, parameter);
+    return;
+  }
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     Affine<typename Elem<T>::acc> k(shape.c);
@@ -1202,6 +1235,19 @@ void normalize_activate(DType dtype, const void* x, void* y, const Shape& shape,
 
 void activated_sums(DType dtype, const void* dy, const void* y, const Shape& shape, const double* weight,
                     const double* bias, int activation, double parameter, double* sum_dz, double* sum_dz_xhat) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    std::vector<double> a(C * S, 0.0), b(C * S, 0.0);
+    activated_sums(dtype, dy, y, sample_rows(shape), data_or_null(repeated(weight, C, S)),
+                   data_or_null(repeated(bias, C, S)), activation, parameter, a.data(), b.data());
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t j = 0; j < S; ++j) {
+        sum_dz[c] += a[c * S + j];
+        sum_dz_xhat[c] += b[c * S + j];
+      }
+    }
+    return;
+  }
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const Inverse<typename Elem<T>::acc> k(shape.c, parameter, weight, bias);
@@ -1214,6 +1260,13 @@ void activated_sums(DType dtype, const void* dy, const void* y, const Shape& sha
 void activated_input_grad(DType dtype, const void* dy, const void* y, void* dx, const Shape& shape,
                           const double* weight, const double* bias, const double* gain, const double* mean_dz,
                           const double* mean_dz_xhat, int activation, double parameter) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    activated_input_grad(dtype, dy, y, dx, sample_rows(shape), data_or_null(repeated(weight, C, S)),
+                         data_or_null(repeated(bias, C, S)), repeated(gain, C, S).data(),
+                         repeated(mean_dz, C, S).data(), repeated(mean_dz_xhat, C, S).data(), activation, parameter);
+    return;
+  }
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const Inverse<typename Elem<T>::acc> k(shape.c, parameter, weight, bias, gain, mean_dz, mean_dz_xhat);
