@@ -90,6 +90,7 @@ class _Core:
     group_of = staticmethod(_functional.group_of)
     debug_enabled = staticmethod(debug_enabled)
     kernels_for = staticmethod(_kernels.for_input)
+    below_floor = staticmethod(_kernels.reference.below_floor)  # torch ops, on the weights' device
     backward_sums = staticmethod(_functional.backward_sums)
 
     @staticmethod
@@ -99,15 +100,16 @@ class _Core:
                    ) -> Tuple[Tensor, Tensor, Tensor]:
         """(count, mean, biased var) of the group, the running statistics updated.
 
-        A non-empty CPU batch in a group of one takes SyncBatchNorm's group-of-one route there:
-        torch's own batch-norm statistics kernel, which updates the running statistics as torch's
-        BatchNorm does; elsewhere the synchronized payload (on CPU an empty batch leaves the
-        statistics alone; torch's kernel refuses it, and has no meta kernel).
+        A non-empty CPU batch in a group of one takes SyncBatchNorm's group-of-one route there
+        (its checks, num_batches_tracked and momentum factor), with the kernels' update_stats:
+        the batch's statistics, the running statistics updated as torch's BatchNorm updates them,
+        no collective and no host read. Elsewhere the synchronized payload (an empty batch leaves
+        the statistics alone there; torch's kernel refuses it, and has no meta kernel).
         """
         if alone and x.device.type == "cpu" and x.numel() != 0:
             running_mean, running_var, factor = _functional.alone_running_stats(
                 x, running_mean, running_var, momentum, num_batches_tracked, layer, check_finite)
-            mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
+            mean, var = _Core.kernels_for(x).update_stats(x, running_mean, running_var, factor)
             return x.new_full((), _bnm.local_count(x), dtype=torch.float64), mean, var
         return _functional.group_statistics(x, running_mean, running_var, num_batches_tracked,
                                             momentum, comm_key, layer, debug, check_finite)
@@ -169,22 +171,9 @@ def _activation_module(activation: Any, negative_slope: float, alpha: float) -> 
                      f"nn.Module, got {activation!r}")
 
 
-def _below_floor(weight: Any, bias: Any) -> Any:
-    """Per channel: whether |weight| is too small to invert; for torch tensors (on the weights'
-    device) and numpy arrays alike."""
-    with torch.no_grad():
-        floor = MIN_INVERTIBLE_WEIGHT if bias is None else abs(bias).clip(min=1.0) * MIN_INVERTIBLE_WEIGHT
-        return abs(weight) < floor
-
-
 def _any_below_floor(weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether any channel is below the floor, read on the host: CPU fp32/fp64 weights through
-    numpy, at a fraction of the cost of torch's ops on such small tensors (every training step)."""
-    if weight.device.type == "cpu" and weight.dtype in _FUSED_DTYPES and (
-            bias is None or bias.dtype == weight.dtype):
-        return bool(_below_floor(weight.detach().numpy(),
-                                 None if bias is None else bias.detach().numpy()).any())
-    return bool(_below_floor(weight, bias).any())
+    """Whether any channel's |weight| is below the floor (read on the host)."""
+    return _Core.kernels_for(weight).any_below_floor(weight, bias, MIN_INVERTIBLE_WEIGHT)
 
 
 def _host_may_read(weight: Tensor, debug: bool) -> bool:
@@ -195,7 +184,7 @@ def _host_may_read(weight: Tensor, debug: bool) -> bool:
 
 def _nan_where_not_invertible(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The weight the inversion divides by: NaN on channels below the floor (no host read)."""
-    return weight.masked_fill(_below_floor(weight, bias), float("nan"))
+    return weight.masked_fill(_Core.below_floor(weight, bias, MIN_INVERTIBLE_WEIGHT), float("nan"))
 
 
 def _double_backward_error(layer: str) -> RuntimeError:

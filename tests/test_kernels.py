@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.adversarial import (DISTRIBUTIONS, DISTRIBUTIONS_BY_DTYPE, EPS, LD, Case, Record, batchnorm_class,
+from benchmarks.adversarial import (DISTRIBUTIONS, DISTRIBUTIONS_BY_DTYPE, EPS, FLOOR_ULPS, LD, Case, Record, batchnorm_class,
                                     channel_max, compare, errors, extended_precision_available, floors,
                                     global_batch, initial_affine, make_layer, merge_ranks, to_extended)
 from syncbn import batchnorm_math as bnm
@@ -457,6 +457,7 @@ def test_ranks_starting_together_build_once_and_load_the_same_library(native_ker
 
 ACTIVATED = {"identity": (0, 0.0), "leaky_relu": (1, 0.01), "elu": (2, 1.0)}
 FLOOR_XHAT = 6.0  # |xhat| of every value in these small batches is below this (n < 36)
+MEAN_ROUNDING_ULPS = 1.0
 # (sizes, channels, spatial, layout): short runs (2x2, walked as rows of C*S by the native
 # kernels), long runs with an empty rank, (N, C), channels_last with a channel count off the
 # vector width.
@@ -670,3 +671,75 @@ def test_native_activated_kernels_give_nan_on_a_nan_weight_channel(native_kernel
                                              torch.tensor(20.0, dtype=F64))
     assert torch.isnan(sums[4]) and not torch.isnan(sums[[0, 1, 2, 3, 5]]).any()
     assert torch.isnan(dx[:, 1]).all() and not torch.isnan(dx[:, [0, 2]]).any()
+
+
+@pytest.mark.parametrize("momentum", [0.1, 1.0])
+@pytest.mark.parametrize("case,layout", [
+    pytest.param(Case("outlier_first", F32, (6,), 1000.0, channels=5, spatial=(4, 4)), "contiguous", id="outlier"),
+    pytest.param(Case("large_mean", F32, (4,), 1e4, channels=17, spatial=(2, 3)), "channels_last", id="large_mean"),
+    pytest.param(Case("near_constant", F32, (7,), 1.0, channels=3, spatial=()), "contiguous", id="near_constant"),
+    pytest.param(Case("large_mean", F64, (5,), 1e8, channels=4, spatial=(3, 3)), "contiguous", id="large_mean_f64",
+                 marks=requires_extended_precision),
+])
+def test_update_stats_is_within_twice_torch_error_plus_floor(backend, case, layout, momentum):
+    """A group of one's statistics (torch.batch_norm_update_stats's semantics): the batch's mean
+    and biased variance, and the running statistics moved toward the mean and unbiased variance,
+    per channel within 2x torch's own error plus the floor, against the extended-precision ones."""
+    x, _ = global_batch(case, 0)
+    x = in_layout(x, layout)
+    values = to_extended(x)
+    axes = (0,) + tuple(range(2, x.dim()))
+    n = values.size // case.channels
+    exact_mean = values.mean(axis=axes)
+    exact_var = ((values - values.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes)
+    start_mean, start_var = torch.full((case.channels,), 0.5, dtype=case.dtype), torch.full((case.channels,), 2.0, dtype=case.dtype)
+    expected = {"mean": exact_mean, "var": exact_var,
+                "running_mean": (1 - LD(momentum)) * LD(0.5) + LD(momentum) * exact_mean,
+                "running_var": (1 - LD(momentum)) * LD(2) + LD(momentum) * exact_var * n / (n - 1)}
+
+    def run(update_stats) -> dict:
+        running_mean, running_var = start_mean.clone(), start_var.clone()
+        mean, var = update_stats(x, running_mean, running_var, momentum)
+        return {"mean": mean, "var": var, "running_mean": running_mean, "running_var": running_var}
+
+    torch_errors = _channel_errors(run(torch.batch_norm_update_stats), expected)
+    ulp = torch.finfo(case.dtype).eps
+    for name, error in _channel_errors(run(backend.update_stats), expected).items():
+        floor = FLOOR_ULPS * ulp * (np.abs(expected[name]) + np.abs(exact_mean) * (name == "var") + 1e-30)
+        if name in ("mean", "running_mean"):  # the mean rounded once to the dtype, then the lerp
+            floor = floor + MEAN_ROUNDING_ULPS * ulp * np.abs(exact_mean)
+        assert np.all(error <= 2 * torch_errors[name] + floor), f"{name}: {error} > {2 * torch_errors[name] + floor}"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
+def test_any_below_floor_agrees_with_the_reference(backend, dtype):
+    """The inversion floor |weight| < 1e-3 max(1, |bias|), per channel, with and without a bias:
+    each channel alone below it or not, just either side of it, as the reference's torch ops say."""
+    weights = [1.0, -0.5, 2e-3, -5e-4, 0.999e-3, 1.001e-3, 0.0]
+    biases = [0.0, 1.0, 3.0, -0.1, 0.0, 0.5, -7.0]
+    for w, b in zip(weights, biases):
+        weight, bias = torch.tensor([1.0, w], dtype=dtype), torch.tensor([0.2, b], dtype=dtype)
+        for with_bias in (bias, None):
+            expected = reference.any_below_floor(weight, with_bias, 1e-3)
+            assert backend.any_below_floor(weight, with_bias, 1e-3) == expected, (w, b, with_bias)
+    assert reference.any_below_floor(torch.tensor([2e-3], dtype=dtype), torch.tensor([3.0], dtype=dtype), 1e-3)
+    assert not reference.any_below_floor(torch.tensor([2e-3], dtype=dtype), None, 1e-3)
+
+
+def test_activated_operators_pass_opcheck(native_kernels):
+    """The activated operators' schemas (the in-place one declares x mutated), fake
+    implementations and tracing by AOT autograd."""
+    x, dy = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    weight, bias = torch.rand(3) + 0.5, torch.rand(3)
+    mean, var = native_kernels.update_stats(x, None, None, 0.0)
+    y = native_kernels.normalize_activate(x, mean, var, weight, bias, EPS, 1, 0.01, False)
+    sums = native_kernels.activated_backward_payload(dy, y, weight, bias, 1, 0.01)
+    count = torch.tensor(100.0, dtype=F64)
+    ops = torch.ops.syncbn_native
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for op, args in [(ops.update_stats, (channels_last, torch.zeros(3), torch.ones(3), 0.1)),
+                     (ops.normalize_activate, (channels_last, mean, var, weight, bias, EPS, 2, 1.0)),
+                     (ops.normalize_activate_, (x.clone(), mean, var, weight, bias, EPS, 1, 0.01)),
+                     (ops.activated_backward_payload, (dy, y, weight, bias, 1, 0.01)),
+                     (ops.activated_input_grad, (dy, y, var, weight, bias, EPS, 1, 0.01, sums, count))]:
+        torch.library.opcheck(op, args)

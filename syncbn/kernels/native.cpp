@@ -1583,6 +1583,57 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   return finish(out);
 }
 
+// --- in-place activated BatchNorm in a group of one: update_stats ------------------------------
+
+// torch.batch_norm_update_stats: the local batch's mean and biased variance (fp64, from the exact
+// local moments), and the running statistics moved by `momentum` toward the mean and unbiased var.
+std::tuple<Tensor, Tensor> update_stats(const Tensor& x_in, const optional<Tensor>& running_mean,
+                                        const optional<Tensor>& running_var, double momentum) {
+  auto [x, sh] = dense(x_in, "update_stats");
+  const int64_t C = sh.c;
+  TORCH_CHECK(sh.count() > 0, "syncbn_native::update_stats: expected a non-empty batch, got shape ", x_in.sizes());
+  std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
+  if (C > 0) syncbn_native::local_moments(dtype_of(x, "update_stats"), x.const_data_ptr(), sh, hi.data(), lo.data(), m2.data());
+  auto options = x.options().dtype(at::kDouble);
+  Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
+  double* mu = mean.mutable_data_ptr<double>();
+  double* v = var.mutable_data_ptr<double>();
+  const double n = static_cast<double>(sh.count()), bessel = n / std::max(n - 1.0, 1.0);
+  std::vector<double> unbiased(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = hi[c] + lo[c];
+    v[c] = m2[c] / n;
+    unbiased[c] = v[c] * bessel;
+  }
+  if (running_mean.has_value() && running_mean->defined()) {
+    TORCH_CHECK(running_var.has_value() && running_var->defined(),
+                "syncbn_native::update_stats: running_mean without running_var");
+    Tensor rm = *running_mean, rv = *running_var;
+    update_buffer(rm, mu, momentum, "running_mean", C);
+    update_buffer(rv, unbiased.data(), momentum, "running_var", C);
+  }
+  return {mean, var};
+}
+
+// Whether any channel's |weight| is below floor * max(1, |bias|) (the inversion's floor), computed
+// in the weight's dtype as torch computes it (fp32 weights: in fp32), read on the host.
+template <typename A>
+bool any_below(const std::vector<double>& w, const std::vector<double>& b, double floor) {
+  const A f = static_cast<A>(floor);
+  bool below = false;
+  for (size_t c = 0; c < w.size(); ++c) {
+    below |= std::abs(static_cast<A>(w[c])) < std::max(A(1), std::abs(static_cast<A>(b[c]))) * f;
+  }
+  return below;
+}
+
+bool any_below_floor(const Tensor& weight, const optional<Tensor>& bias, double floor) {
+  const int64_t C = weight.numel();
+  const std::vector<double> w = doubles(weight);
+  const std::vector<double> b = channel_values(bias, C, 0.0, "any_below_floor", "bias");
+  return weight.scalar_type() == at::kDouble ? any_below<double>(w, b, floor) : any_below<float>(w, b, floor);
+}
+
 // --- in-place activated BatchNorm: normalize_activate, activated_backward_payload, activated_input_grad
 
 void check_activation(int64_t activation, const char* op) {
@@ -1696,6 +1747,9 @@ TORCH_LIBRARY(syncbn_native, m) {
   m.def("backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> Tensor");
   m.def("input_grad(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
         "Tensor group_sums, Tensor count) -> Tensor");
+  m.def("any_below_floor(Tensor weight, Tensor? bias, float floor) -> bool");
+  m.def("update_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) "
+        "-> (Tensor, Tensor)");
   m.def("normalize_activate(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
         "int activation, float parameter) -> Tensor");
   m.def("normalize_activate_(Tensor(a!) x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
@@ -1712,6 +1766,8 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("normalize", &normalize);
   m.impl("backward_sums", &backward_sums);
   m.impl("input_grad", &input_grad);
+  m.impl("any_below_floor", &any_below_floor);
+  m.impl("update_stats", &update_stats);
   m.impl("normalize_activate", &normalize_activate);
   m.impl("normalize_activate_", &normalize_activate_);
   m.impl("activated_backward_payload", &activated_backward_payload);

@@ -12,10 +12,12 @@ warning that says why, and the pure-torch reference serves instead.
 
 The functions below are the operators themselves (resolved on first access, after the build):
 ``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``,
-``activated_backward_payload``, ``activated_input_grad``, with the semantics of the kernel
+``any_below_floor``, ``update_stats``, ``activated_backward_payload``, ``activated_input_grad``,
+with the semantics of the kernel
 interface (see syncbn/kernels/reference.py); ``normalize_activate`` picks the operator that
-writes a new tensor or the one that writes over x. Each operator has a fake implementation, so
-torch.compile traces through them.
+writes a new tensor or the one that writes over x. Each operator but any_below_floor (a host
+read, never traced: SyncBatchNormAct runs unfused under torch.compile) has a fake
+implementation, so torch.compile traces through them.
 """
 from __future__ import annotations
 
@@ -39,12 +41,12 @@ except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad", "normalize_activate", "activated_backward_payload",
-           "activated_input_grad"]
+           "backward_sums", "input_grad", "any_below_floor", "update_stats", "normalize_activate",
+           "activated_backward_payload", "activated_input_grad"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad",
+_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "any_below_floor", "update_stats",
         "activated_backward_payload", "activated_input_grad")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
@@ -248,6 +250,10 @@ def _bind() -> None:
     @torch.library.register_fake("syncbn_native::input_grad")
     def _(dy, x, mean, var, weight, eps, group_sums, count):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::update_stats")
+    def _(x, running_mean, running_var, momentum):
+        return (x.new_empty(x.shape[1], dtype=torch.float64), x.new_empty(x.shape[1], dtype=torch.float64))
 
     @torch.library.register_fake("syncbn_native::normalize_activate")
     def _(x, mean, var, weight, bias, eps, activation, parameter):

@@ -173,6 +173,28 @@ def input_grad(
 
 
 # ----- in-place activated BatchNorm (syncbn.activated) -------------------------------------------
+
+def below_floor(weight: Tensor, bias: Optional[Tensor], floor: float) -> Tensor:
+    """Per channel, on the weights' device: whether |weight| < floor * max(1, |bias|), where the
+    inversion xhat = (z - bias) / weight would amplify the output's rounding too much."""
+    with torch.no_grad():
+        limit = floor if bias is None else bias.abs().clamp(min=1.0).mul_(floor)
+        return weight.abs() < limit
+
+
+def any_below_floor(weight: Tensor, bias: Optional[Tensor], floor: float) -> bool:
+    """Whether any channel is below the floor (a host read)."""
+    return bool(below_floor(weight, bias, floor).any())
+
+
+def update_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 momentum: float) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) of a non-empty local batch; the running statistics (when given) moved
+    by ``momentum`` toward the mean and the unbiased variance: torch.batch_norm_update_stats.
+    The statistics of a group of one."""
+    return torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+
+
 # ``activation``: 0 identity, 1 leaky_relu (``parameter``: its slope), 2 elu (``parameter``: alpha).
 # The backward reads the output y, not x: z = act^-1(y), dz = dy * act'(z), xhat = (z - bias) /
 # weight (z without a weight; the caller passes a bias of 0 for bias=False).

@@ -70,6 +70,8 @@ __all__ = [
     "normalize",
     "backward_sums",
     "input_grad",
+    "any_below_floor",
+    "update_stats",
     "normalize_activate",
     "activated_backward_payload",
     "activated_input_grad",
@@ -914,6 +916,9 @@ backward_sums = _opaque_to_compile("backward_sums", _two_sums)(
     _falls_back_to(reference.backward_sums)(_backward_sums))
 input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
     _falls_back_to(reference.input_grad)(_input_grad))
+# Host-side helpers of syncbn.activated (the floor check, a group of one's statistics): torch's.
+any_below_floor = reference.any_below_floor
+update_stats = reference.update_stats
 normalize_activate = _falls_back_to(reference.normalize_activate)(_normalize_activate)
 activated_backward_payload = _falls_back_to(reference.activated_backward_payload)(
     _activated_backward_payload)
