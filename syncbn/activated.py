@@ -100,11 +100,12 @@ class _Core:
                    ) -> Tuple[Tensor, Tensor, Tensor]:
         """(count, mean, biased var) of the group, the running statistics updated.
 
-        A non-empty CPU batch in a group of one takes SyncBatchNorm's group-of-one route there
-        (its checks, num_batches_tracked and momentum factor), with the kernels' update_stats:
-        the batch's statistics, the running statistics updated as torch's BatchNorm updates them,
-        no collective and no host read. Elsewhere the synchronized payload (an empty batch leaves
-        the statistics alone there; torch's kernel refuses it, and has no meta kernel).
+        A non-empty CPU batch in a group of one takes SyncBatchNorm's group-of-one route (its
+        checks, num_batches_tracked and momentum factor) with the kernels' update_stats: the
+        batch's statistics, the running statistics updated as torch's BatchNorm updates them, no
+        collective. Otherwise the synchronized payload, as SyncBatchNorm in a group: on a device
+        (update_stats is a host route: torch's kernel has no meta kernel), and for an empty
+        batch, which update_stats refuses and which leaves the statistics as they are.
         """
         if alone and x.device.type == "cpu" and x.numel() != 0:
             running_mean, running_var, factor = _functional.alone_running_stats(
