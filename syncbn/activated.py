@@ -57,7 +57,6 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
-from .kernels import triton as triton_kernels
 from .convert import _class_key, _move_state, register_converter, register_reverter
 from .convert import _revert_class as _syncbatchnorm_revert_class
 from .module import SyncBatchNorm
@@ -90,18 +89,31 @@ class _Core:
 
     group_of = staticmethod(_functional.group_of)
     debug_enabled = staticmethod(debug_enabled)
-    reduction_dims = staticmethod(_bnm.reduction_dims)
-    channel_view = staticmethod(_bnm.channel_view)
-    accumulation_dtype = staticmethod(_bnm.accumulation_dtype)
-    uses_triton = staticmethod(_kernels.uses_triton)
-    memory_format = staticmethod(_functional.memory_format)
-    group_statistics = staticmethod(_functional.group_statistics)
+    kernels_for = staticmethod(_kernels.for_input)
+    below_floor = staticmethod(_kernels.reference.below_floor)  # torch ops, on the weights' device
     backward_sums = staticmethod(_functional.backward_sums)
 
     @staticmethod
-    def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                  bias: Optional[Tensor], eps: float) -> Tensor:
-        return _kernels.for_input(x).normalize(x, mean, var, weight, bias, eps)
+    def statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], comm_key: int,
+                   alone: bool, layer: str, debug: bool, check_finite: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+        """(count, mean, biased var) of the group, the running statistics updated.
+
+        A non-empty CPU batch in a group of one takes SyncBatchNorm's group-of-one route (its
+        checks, num_batches_tracked and momentum factor) with the kernels' update_stats: the
+        batch's statistics, the running statistics updated as torch's BatchNorm updates them, no
+        collective. Otherwise the synchronized payload, as SyncBatchNorm in a group: on a device
+        (update_stats is a host route: torch's kernel has no meta kernel), and for an empty
+        batch, which update_stats refuses and which leaves the statistics as they are.
+        """
+        if alone and x.device.type == "cpu" and x.numel() != 0:
+            running_mean, running_var, factor = _functional.alone_running_stats(
+                x, running_mean, running_var, momentum, num_batches_tracked, layer, check_finite)
+            mean, var = _Core.kernels_for(x).update_stats(x, running_mean, running_var, factor)
+            return x.new_full((), _bnm.local_count(x), dtype=torch.float64), mean, var
+        return _functional.group_statistics(x, running_mean, running_var, num_batches_tracked,
+                                            momentum, comm_key, layer, debug, check_finite)
 
     @staticmethod
     def check_input(x: Tensor, channels: int, eps: float, reference: Tensor, comm_key: int,
@@ -160,12 +172,9 @@ def _activation_module(activation: Any, negative_slope: float, alpha: float) -> 
                      f"nn.Module, got {activation!r}")
 
 
-def _below_floor(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Per channel, on the weights' device: whether |weight| is too small to invert."""
-    with torch.no_grad():
-        floor = (MIN_INVERTIBLE_WEIGHT if bias is None
-                 else bias.abs().clamp(min=1.0).mul_(MIN_INVERTIBLE_WEIGHT))
-        return weight.abs() < floor
+def _any_below_floor(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether any channel's |weight| is below the floor (read on the host)."""
+    return _Core.kernels_for(weight).any_below_floor(weight, bias, MIN_INVERTIBLE_WEIGHT)
 
 
 def _host_may_read(weight: Tensor, debug: bool) -> bool:
@@ -176,96 +185,7 @@ def _host_may_read(weight: Tensor, debug: bool) -> bool:
 
 def _nan_where_not_invertible(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """The weight the inversion divides by: NaN on channels below the floor (no host read)."""
-    return weight.masked_fill(_below_floor(weight, bias), float("nan"))
-
-
-# ----- the math of the torch path (CUDA and the Triton interpreter take triton_kernels') -----
-
-def _activate_(z: Tensor, inversion: Inversion) -> Tensor:
-    if inversion.code == 1:
-        return torch.nn.functional.leaky_relu_(z, inversion.parameter)
-    if inversion.code == 2:
-        return torch.nn.functional.elu_(z, inversion.parameter)
-    return z
-
-
-def normalize_activate(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                       bias: Optional[Tensor], eps: float, inversion: Inversion,
-                       inplace: bool) -> Tensor:
-    """act(weight * (x - mean) * invstd + bias), written into x's storage when ``inplace``."""
-    if _Core.uses_triton(x):
-        return triton_kernels.normalize_activate(x, mean, var, weight, bias, eps, inversion.code,
-                                                 inversion.parameter, inplace)
-    y = _activate_(_Core.normalize(x, mean, var, weight, bias, eps), inversion)
-    return x.copy_(y) if inplace else y
-
-
-def _preactivation(y: Tensor, dy: Tensor, inversion: Inversion) -> Tuple[Tensor, Tensor]:
-    """(z, dL/dz) from the output y and dL/dy, as new tensors (one fused op each where torch
-    has one): the activation inverted, and its derivative written in y."""
-    if inversion.code == 1:
-        slope = inversion.parameter
-        # leaky_relu with slope 1/s undoes leaky_relu with slope s.
-        return (torch.nn.functional.leaky_relu(y, 1.0 / slope),
-                torch.ops.aten.leaky_relu_backward(dy, y, slope, True))
-    if inversion.code == 2:
-        alpha = inversion.parameter
-        # y > -alpha in exact arithmetic; the clamp keeps log finite where y rounded onto -alpha.
-        z = y.clamp(max=0.0).div_(alpha).clamp_(min=-1.0 + torch.finfo(y.dtype).eps).log1p_()
-        return z.add_(y.clamp(min=0.0)), torch.ops.aten.elu_backward(dy, alpha, 1.0, 1.0, True, y)
-    return y.clone(), dy.clone()
-
-
-class _FromOutput:
-    """The backward's arithmetic from the output y: local sums, then the input gradient.
-
-    ``inverse_weight`` is what xhat = (z - bias) / weight divides by (the weight, or NaN on the
-    channels the backward must not invert); ``weight`` scales dx. The torch path inverts the
-    activation once and keeps xhat and dz (two buffers) across the all-reduce; the Triton path
-    recomputes them from y in each of its two passes.
-    """
-
-    def __init__(self, y: Tensor, dy: Tensor, weight: Optional[Tensor],
-                 inverse_weight: Optional[Tensor], bias: Optional[Tensor], inversion: Inversion):
-        self.y, self.dy, self.weight, self.inversion = y, dy, weight, inversion
-        self.inverse_weight = inverse_weight
-        # The kernels read a bias wherever there is a weight: bias=False is a bias of 0.
-        self.bias = bias if bias is not None or weight is None else torch.zeros_like(weight)
-        self.triton = _Core.uses_triton(y)
-        if not self.triton:
-            acc, ndim = _Core.accumulation_dtype(y.dtype), y.dim()
-            z, self.dz = _preactivation(y.to(acc), dy.to(acc), inversion)
-            if weight is not None:  # xhat = (z - bias) / weight, in place on the fresh z
-                view = _Core.channel_view
-                z.sub_(view(self.bias.to(acc), ndim)).div_(view(inverse_weight.to(acc), ndim))
-            self.xhat = z
-
-    def local_sums(self) -> Tensor:
-        """[sum dz (C), sum dz * xhat (C)] of the local batch in the accumulation dtype."""
-        if self.triton:
-            return triton_kernels.activated_backward_payload(
-                self.dy, self.y, self.inverse_weight, self.bias, self.inversion.code,
-                self.inversion.parameter)
-        dims = _Core.reduction_dims(self.y.dim())
-        return torch.cat([self.dz.sum(dims), (self.dz * self.xhat).sum(dims)])
-
-    def input_grad(self, var: Tensor, eps: float, global_sums: Tensor, count: Tensor) -> Tensor:
-        """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), means over the group."""
-        if self.triton:
-            # The kernel scales by the weight it inverts with: NaN channels stay NaN.
-            return triton_kernels.activated_input_grad(
-                self.dy, self.y, var, self.inverse_weight, self.bias, eps, self.inversion.code,
-                self.inversion.parameter, global_sums, count)
-        xhat, dz = self.xhat, self.dz
-        acc, ndim, channels = xhat.dtype, xhat.dim(), xhat.shape[1]
-        invstd = torch.rsqrt(var.to(acc) + eps)
-        scale = invstd if self.weight is None else self.weight.to(acc) * invstd
-        safe_count = count.to(acc).clamp(min=1.0)
-        mean_dz = _Core.channel_view(global_sums[:channels].to(acc) / safe_count, ndim)
-        mean_dz_xhat = _Core.channel_view(global_sums[channels:].to(acc) / safe_count, ndim)
-        # In place on the two buffers this object owns: no third activation-sized buffer.
-        dx = dz.sub_(mean_dz).sub_(xhat.mul_(mean_dz_xhat)).mul_(_Core.channel_view(scale, ndim))
-        return dx.to(self.y.dtype)
+    return weight.masked_fill(_Core.below_floor(weight, bias, MIN_INVERTIBLE_WEIGHT), float("nan"))
 
 
 def _double_backward_error(layer: str) -> RuntimeError:
@@ -279,12 +199,14 @@ def _double_backward_error(layer: str) -> RuntimeError:
 class _SyncBatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                eps, comm_key, layer, debug, check_finite, inversion, inplace, check_on_device):
-        # Global statistics: the same payload and all-reduce as SyncBatchNorm.
-        count, mean, var = _Core.group_statistics(x, running_mean, running_var, num_batches_tracked,
-                                                  momentum, comm_key, layer, debug, check_finite)
-        # Normalize and activate, into x's storage when in place: the graph keeps y alone.
-        y = normalize_activate(x, mean, var, weight, bias, eps, inversion, inplace)
+                eps, comm_key, alone, layer, debug, check_finite, inversion, inplace,
+                check_on_device):
+        # Global statistics: SyncBatchNorm's (the same payload and all-reduce in a group).
+        count, mean, var = _Core.statistics(x, running_mean, running_var, num_batches_tracked,
+                                            momentum, comm_key, alone, layer, debug, check_finite)
+        # Normalize and activate in one pass, into x's storage when in place: the graph keeps y alone.
+        y = _Core.kernels_for(x).normalize_activate(x, mean, var, weight, bias, eps, inversion.code,
+                                                    inversion.parameter, inplace)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(y, weight, bias, var, count)
@@ -304,17 +226,22 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
                 "(such as `out += shortcut`), but SyncBatchNormAct recovers its input from that "
                 "output in backward; write `out = out + shortcut`, or use SyncBatchNorm followed "
                 "by the activation") from error
-        dy = dy.contiguous(memory_format=_Core.memory_format(y))
-        inverse_weight = weight
+        # What xhat = (z - bias) / weight divides by (NaN on the channels the backward must not
+        # invert), and scales dx by. The kernels read a bias wherever there is a weight.
+        inverse_weight, inverse_bias = weight, bias
         if weight is not None and ctx.check_on_device:
             inverse_weight = _nan_where_not_invertible(weight, bias)
-        # Local sums from the output, one all-reduce, then the input gradient.
-        from_output = _FromOutput(y, dy, weight, inverse_weight, bias, ctx.inversion)
-        grad_weight, grad_bias, global_sums = _Core.backward_sums(ctx, from_output.local_sums(),
-                                                                  weight, bias)
+        if weight is not None and bias is None:
+            inverse_bias = torch.zeros_like(weight)
+        # Local sums from the output, one all-reduce, then the input gradient, each in one pass.
+        kernels, code, parameter = _Core.kernels_for(y), ctx.inversion.code, ctx.inversion.parameter
+        local_sums = kernels.activated_backward_payload(dy, y, inverse_weight, inverse_bias, code,
+                                                        parameter)
+        grad_weight, grad_bias, global_sums = _Core.backward_sums(ctx, local_sums, weight, bias)
         grad_x = None
         if global_sums is not None:
-            grad_x = from_output.input_grad(var, ctx.eps, global_sums, count)
+            grad_x = kernels.activated_input_grad(dy, y, var, inverse_weight, inverse_bias, ctx.eps,
+                                                  code, parameter, global_sums, count)
         return (grad_x, grad_weight, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
@@ -434,11 +361,11 @@ class SyncBatchNormAct(SyncBatchNorm):
         debug = _Core.debug_enabled(self.debug)
         weight = self.weight
         check_on_host = weight is not None and _host_may_read(weight, debug)
-        if check_on_host and bool(_below_floor(weight, self.bias).any()):
+        if check_on_host and _any_below_floor(weight, self.bias):
             return self._unfused(input)
         if input.dim() != self._last_input_dim:  # for revert; nn.Module.__setattr__ is slow
             self._last_input_dim = input.dim()
-        comm_key, _ = _Core.group_of(self.process_group)
+        comm_key, group_size = _Core.group_of(self.process_group)
         reference = weight if weight is not None else self.running_mean
         if reference is None:  # affine=False without running stats: nothing names the device
             reference = input
@@ -448,7 +375,7 @@ class SyncBatchNormAct(SyncBatchNorm):
         return _SyncBatchNormActFunction.apply(
             input, weight, self.bias, self.running_mean, self.running_var,
             self.num_batches_tracked if track else None, self.momentum, self.eps, comm_key,
-            self.layer_name, debug, self.check_finite, inversion,
+            group_size == 1, self.layer_name, debug, self.check_finite, inversion,
             self.inplace and _inplace_is_safe(input) and not _hooks_see(self),
             weight is not None and not check_on_host)
 
@@ -490,7 +417,7 @@ def _fusable_activation(act: nn.Module) -> bool:
 
 def _invertible_now(layer: _BatchNorm) -> bool:
     """Whether the layer's weights pass the floor (zero-initialised ones do not)."""
-    return layer.weight is None or not bool(_below_floor(layer.weight, layer.bias).any())
+    return layer.weight is None or not _any_below_floor(layer.weight, layer.bias)
 
 
 def _fusable_pair(bn: nn.Module, act: nn.Module, after: Optional[nn.Module]) -> bool:

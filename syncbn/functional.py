@@ -44,7 +44,7 @@ from .guard import (CollectiveError, all_reduce, all_reduce_copy, communicator_f
 
 __all__ = ["sync_batch_norm", "input_problem", "recomputing_checkpoint", "resolve_once", "group_of",
            "group_statistics", "backward_sums", "report_invalid_input", "eps_problem", "memory_format",
-           "forward_payload_numel"]
+           "forward_payload_numel", "alone_running_stats"]
 
 Tensor = torch.Tensor
 
@@ -377,16 +377,16 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     return y.to(x.dtype)
 
 
-def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                      weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
-                      eps: float, num_batches_tracked: Optional[Tensor], layer: str,
-                      check_finite: bool) -> Tensor:
-    """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
+def alone_running_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        momentum: Optional[float], num_batches_tracked: Optional[Tensor], layer: str,
+                        check_finite: bool) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
+    """(running_mean, running_var, momentum factor) for torch's training batch-norm kernel in a
+    group of one, num_batches_tracked counted; raises what a group of one raises.
 
-    Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
-    it), as in a larger group that saw no value; a checkpoint recompute updates nothing. And
-    with ``check_finite``, a batch with NaN or Inf raises before the statistics change.
+    The running statistics are copies in a checkpoint's recompute (it updates nothing).
     """
+    if bnm.local_count(input) == 1:
+        raise _single_value_error(layer, 0, list(input.shape))
     if check_finite and not bool(torch.isfinite(input).all()):
         raise _non_finite_error(layer, "the only rank's")
     if running_mean is not None and not torch.compiler.is_compiling() and recomputing_checkpoint():
@@ -400,6 +400,21 @@ def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var
         num_batches_tracked.add_(1)
         if momentum is None:
             factor = 1.0 / float(num_batches_tracked)
+    return running_mean, running_var, factor
+
+
+def _batch_norm_alone(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      weight: Optional[Tensor], bias: Optional[Tensor], momentum: Optional[float],
+                      eps: float, num_batches_tracked: Optional[Tensor], layer: str,
+                      check_finite: bool) -> Tensor:
+    """Training-mode BatchNorm of a group of one: what torch.nn.BatchNorm's forward does, bitwise.
+
+    Two deliberate differences: an empty batch leaves num_batches_tracked as it is (torch counts
+    it), as in a larger group that saw no value; a checkpoint recompute updates nothing. And
+    with ``check_finite``, a batch with NaN or Inf raises before the statistics change.
+    """
+    running_mean, running_var, factor = alone_running_stats(
+        input, running_mean, running_var, momentum, num_batches_tracked, layer, check_finite)
     return F.batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
 
 
@@ -453,8 +468,6 @@ def sync_batch_norm(
     if group_size == 1:
         if problem is not None:
             raise problem
-        if bnm.local_count(input) == 1:
-            raise _single_value_error(layer, 0, list(input.shape))
         return _batch_norm_alone(input, running_mean, running_var, weight, bias, momentum, eps,
                                  num_batches_tracked, layer, check_finite)
     debug = debug_enabled(debug)

@@ -167,6 +167,51 @@ def test_large_mean_several_steps_equal_the_oracle(activation):
                           activation, torch.float64)
 
 
+@pytest.mark.parametrize("group", [None, SingleProcessCommunicator()], ids=["plain_process", "communicator"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_group_of_one_updates_running_statistics_as_syncbatchnorm_alone(group, momentum, dtype):
+    """In a group of one the fused layer takes SyncBatchNorm's group-of-one route (its checks,
+    num_batches_tracked and momentum factor, the kernels' update_stats): over three steps with a
+    moving mean, num_batches_tracked equal and the running statistics, outputs and gradients
+    equal to rounding to those of SyncBatchNorm + the activation."""
+    torch.manual_seed(0)
+    fused = _with_affine(syncbn.SyncBatchNormAct(5, momentum=momentum, process_group=group,
+                                                 negative_slope=SLOPE, dtype=dtype), 5)
+    norm = _with_affine(syncbn.SyncBatchNorm(5, momentum=momentum, process_group=group, dtype=dtype), 5)
+    for step in range(3):
+        x = (torch.randn(4, 5, 3, 3, dtype=dtype) * 2 + 30 * step).requires_grad_()
+        x_fused = x.detach().clone().requires_grad_()
+        y_fused = fused(x_fused * 1.0)
+        y = nn.functional.leaky_relu(norm(x * 1.0), SLOPE)
+        dy = torch.randn_like(y)
+        y_fused.backward(dy)
+        y.backward(dy)
+        assert torch.equal(fused.num_batches_tracked, norm.num_batches_tracked)
+        tolerance = TOLERANCE[dtype][0]
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(fused, name), getattr(norm, name), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(y_fused, y.detach(), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(x_fused.grad, x.grad, rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(fused.weight.grad, norm.weight.grad, rtol=10 * tolerance, atol=10 * tolerance)
+
+
+def test_group_of_one_raises_as_syncbatchnorm_alone_and_leaves_the_statistics():
+    """A single value per channel, and (check_finite) a NaN batch, raise before any running
+    statistic changes; an empty batch changes none of them."""
+    layer = syncbn.SyncBatchNormAct(3, check_finite=True)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match="expected more than 1 value per channel"):
+        layer(torch.randn(1, 3) * 1.0)
+    bad = torch.randn(4, 3, 2)
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        layer(bad * 1.0)
+    layer(torch.zeros(0, 3, 2, requires_grad=True) * 1.0).sum().backward()
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_inplace_false_keeps_the_input_and_gives_the_same_results():
     scenario = Scenario(sizes=(4,))
     run = run_act_rank(scenario, "leaky_relu", torch.float64, inplace=False)
@@ -903,7 +948,7 @@ def test_many_tiles_and_programs_through_the_kernels(monkeypatch, channels_last)
 
 @in_interpreter
 def test_bias_false_and_a_weight_below_the_floor_through_the_kernels(monkeypatch):
-    assert syncbn.activated._Core.uses_triton(torch.zeros(1, 3))
+    assert syncbn.kernels.uses_triton(torch.zeros(1, 3))
     _assert_bias_false_trains_like_batchnorm(True, torch.float32)
     _assert_device_floor_check(monkeypatch, False, torch.float32)
 
@@ -943,8 +988,7 @@ def test_step_peak_grows_more_slowly_with_the_batch_than_syncbn_plus_activation(
     from benchmarks import memory
 
     # A child process with glibc's mmap threshold fixed, as the benchmark measures it.
-    peaks = memory.run_child({"model": "segmentation-style", "batches": [2, 4], "time_batch": 2,
-                              "reps": 1})["peaks"]
+    peaks = memory.run_child({"model": "segmentation-style", "batches": [2, 4], "time": False})["peaks"]
     per_sample = {arm: (peaks[arm]["4"] - peaks[arm]["2"]) / 2 for arm in memory.ARMS}
     assert per_sample["SyncBNAct"] <= 0.75 * per_sample["SyncBN + act"], per_sample
     assert per_sample["SyncBNAct"] <= 0.75 * per_sample["torch BN + act"], per_sample

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.adversarial import (DISTRIBUTIONS, DISTRIBUTIONS_BY_DTYPE, EPS, Case, Record, batchnorm_class,
-                                    compare, errors, extended_precision_available, floors, global_batch,
-                                    make_layer, merge_ranks)
+from benchmarks.adversarial import (DISTRIBUTIONS, DISTRIBUTIONS_BY_DTYPE, EPS, FLOOR_ULPS, LD, Case, Record, batchnorm_class,
+                                    channel_max, compare, errors, extended_precision_available, floors,
+                                    global_batch, initial_affine, make_layer, merge_ranks, to_extended)
 from syncbn import batchnorm_math as bnm
 from syncbn.kernels import native, reference
 
@@ -569,3 +569,295 @@ def test_ranks_starting_together_build_once_and_load_the_same_library(native_ker
     assert runs.count("link") == 1 and runs.count("compile") == 2, runs  # two parts, one library
     assert [p.name for p in (tmp_path / "cache").glob("*/*")] and not list((tmp_path / "cache").glob("*/*.tmp.so"))
     assert not list((tmp_path / "cache").glob("*/*.o"))
+
+
+# --- in-place activated BatchNorm: normalize_activate, activated_backward_payload, activated_input_grad
+
+ACTIVATED = {"identity": (0, 0.0), "leaky_relu": (1, 0.01), "elu": (2, 1.0)}
+FLOOR_XHAT = 6.0  # |xhat| of every value in these small batches is below this (n < 36)
+MEAN_ROUNDING_ULPS = 1.0
+# (sizes, channels, spatial, layout): short runs (2x2, walked as rows of C*S by the native
+# kernels), long runs with an empty rank, (N, C), channels_last with a channel count off the
+# vector width.
+ACTIVATED_GEOMETRIES = [((4, 3), 5, (2, 2), "contiguous"), ((3, 0), 17, (5, 6), "contiguous"),
+                        ((6, 5), 3, (), "contiguous"), ((2, 3), 17, (4, 5), "channels_last")]
+ACTIVATED_DATA = {F32: [("outlier_first", 1000.0), ("large_mean", 1e4), ("near_constant", 1.0), ("normal", 0.0)],
+                  F64: [("outlier_first", 1000.0), ("large_mean", 1e8), ("near_constant", 1e6)]}
+# Where the reference misses the bound (the native kernels meet it there): its normalize is
+# torch's eval batch_norm, which folds the mean into the shift, x * scale + (bias - mean * scale),
+# cancelling where |mean| >> std.
+ACTIVATED_REFERENCE_MISSES = {"leaky_relu near_constant(1) torch.float32 (2, 3)x17x(4, 5) channels_last"}
+
+
+def _activated_oracle(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], activation: str) -> dict:
+    """Training BatchNorm then the activation on the global batch, forward and backward, in numpy
+    extended precision: y, dx, dweight, dbias."""
+    x, dy = to_extended(x), to_extended(dy)
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + LD(EPS))
+    xhat = (x - mean) * invstd
+    w = to_extended(weight).reshape(shape) if weight is not None else LD(1)
+    z = w * xhat + (to_extended(bias).reshape(shape) if weight is not None else LD(0))
+    code, parameter = ACTIVATED[activation]
+    if code == 1:
+        y, slope = np.where(z > 0, z, z * LD(parameter)), np.where(z > 0, LD(1), LD(parameter))
+    elif code == 2:
+        y, slope = np.where(z > 0, z, LD(parameter) * np.expm1(z)), np.where(z > 0, LD(1), LD(parameter) * np.exp(z))
+    else:
+        y, slope = z, LD(1)
+    dz = dy * slope
+    g = dz * w  # dL/dxhat
+    dx = invstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    out = {"y": y, "dx": dx}
+    if weight is not None:
+        out.update(dweight=(dz * xhat).sum(axis=axes), dbias=dz.sum(axis=axes))
+    return out
+
+
+def _torch_activated_step(x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor],
+                          bias: Optional[torch.Tensor], activation: str) -> dict:
+    """torch's training BatchNorm then the activation module, on the global batch in x's dtype."""
+    xd = x.clone().requires_grad_()
+    params = [None if p is None else p.clone().requires_grad_() for p in (weight, bias)]
+    act = {"identity": torch.nn.Identity(), "leaky_relu": torch.nn.LeakyReLU(0.01), "elu": torch.nn.ELU(1.0)}
+    y = act[activation](torch.nn.functional.batch_norm(xd, None, None, *params, True, 0.0, EPS))
+    y.backward(dy)
+    out = {"y": y.detach(), "dx": xd.grad}
+    if weight is not None:
+        out.update(dweight=params[0].grad, dbias=params[1].grad)
+    return out
+
+
+def _activated_step(backend: ModuleType, x: torch.Tensor, dy: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], activation: str, sizes: Tuple[int, ...], layout: str,
+                    inplace: bool) -> dict:
+    """The three activated kernels on each rank's rows (``layout``), the sums added in place of
+    the all-reduce, about the statistics of the global batch correctly rounded to fp64 (the
+    statistics are not under test here)."""
+    code, parameter = ACTIVATED[activation]
+    values = to_extended(x)
+    axes = (0,) + tuple(range(2, x.dim()))
+    mean = torch.from_numpy(values.mean(axis=axes).astype(np.float64))
+    var = torch.from_numpy(((values - values.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes).astype(np.float64))
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=F64)
+    starts = np.cumsum((0,) + tuple(sizes))
+    xs = [in_layout(x[a:b], layout) for a, b in zip(starts[:-1], starts[1:])]
+    dys = [in_layout(dy[a:b], layout) for a, b in zip(starts[:-1], starts[1:])]
+    ys = []
+    for xr in xs:
+        given = xr.clone()
+        yr = backend.normalize_activate(given, mean, var, weight, bias, EPS, code, parameter, inplace)
+        assert yr.stride() == xr.stride()
+        if inplace:  # written over the input: the same storage, holding the output
+            assert yr.data_ptr() == given.data_ptr() and torch.equal(given, yr)
+        else:
+            assert torch.equal(given, xr)
+        ys.append(yr)
+    sums = sum(backend.activated_backward_payload(dyr, yr, weight, bias, code, parameter)
+               for dyr, yr in zip(dys, ys))
+    assert sums.dtype == F64 and sums.shape == (2 * x.shape[1],)
+    dxs = [backend.activated_input_grad(dyr, yr, var, weight, bias, EPS, code, parameter, sums, count)
+           for dyr, yr in zip(dys, ys)]
+    assert all(dxr.stride() == yr.stride() and dxr.dtype == x.dtype for dxr, yr in zip(dxs, ys))
+    out = {"y": torch.cat(ys), "dx": torch.cat(dxs)}
+    if weight is not None:
+        out.update(dweight=sums[x.shape[1]:], dbias=sums[:x.shape[1]])
+    return out
+
+
+def _activated_floor(case: Case, expected: dict, dy: torch.Tensor) -> dict:
+    """benchmarks/adversarial.py's floor of each quantity (one step; no running statistics here).
+
+    The activation's derivative is read at y (ELU's: y + alpha), so the sums carry y's floor
+    times sum |dy| (times |xhat| for dweight) on top of BatchNorm's.
+    """
+    zeros = np.zeros(case.channels, dtype=LD)
+    floor = floors(case, {"running_mean": [zeros], "running_var": [zeros + 1],
+                          **{name: [value] for name, value in expected.items()}})
+    axes = (0,) + tuple(range(2, dy.dim()))
+    sum_abs_dy = np.abs(to_extended(dy)).sum(axis=axes)
+    floor["dbias"] = floor["dbias"] + floor["y"] * sum_abs_dy
+    floor["dweight"] = floor["dweight"] + floor["y"] * sum_abs_dy * FLOOR_XHAT
+    return floor
+
+
+def _channel_errors(got: dict, expected: dict) -> dict:
+    return {name: channel_max(to_extended(got[name]) - want) for name, want in expected.items()}
+
+
+def _activated_cases() -> List:
+    cases = []
+    for dtype, data in ACTIVATED_DATA.items():
+        for distribution, parameter in data:
+            for activation in ACTIVATED:
+                geometry = ACTIVATED_GEOMETRIES[len(cases) % len(ACTIVATED_GEOMETRIES)]
+                marks = [requires_extended_precision]
+                cases.append(pytest.param(dtype, distribution, parameter, activation, geometry, marks=marks,
+                                          id=f"{activation} {distribution}({parameter:g}) {dtype} "
+                                             f"{geometry[0]}x{geometry[1]}x{geometry[2]} {geometry[3]}"))
+    return cases
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["in_place", "out_of_place"])
+@pytest.mark.parametrize("dtype,distribution,parameter,activation,geometry", _activated_cases())
+def test_activated_kernels_are_within_twice_torch_error_plus_floor(request, backend, dtype, distribution,
+                                                                   parameter, activation, geometry, inplace):
+    """y, dx, dweight and dbias of the activated kernels, per channel, against BatchNorm + the
+    activation on the global batch in extended precision: within 2x the error of torch's
+    BatchNorm + activation module in the same dtype plus benchmarks/adversarial.py's floor.
+    Adversarial data (an outlier first, |mean| >> std, near-constant channels), uneven and empty
+    ranks, short and long runs, (N, C), channels_last, in place and out of place."""
+    sizes, channels, spatial, layout = geometry
+    label = f"{activation} {distribution}({parameter:g}) {dtype} {sizes}x{channels}x{spatial} {layout}"
+    if backend is reference and label in ACTIVATED_REFERENCE_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the reference's normalize folds the mean"))
+    case = Case(distribution, dtype, sizes, parameter, channels=channels, spatial=spatial, grad_correlation=3.0)
+    x, dy = global_batch(case, 0)
+    weight, bias = initial_affine(case)
+    expected = _activated_oracle(x, dy, weight, bias, activation)
+    torch_errors = _channel_errors(_torch_activated_step(x, dy, weight, bias, activation), expected)
+    floor = _activated_floor(case, expected, dy)
+    errors_here = _channel_errors(_activated_step(backend, x, dy, weight, bias, activation, sizes, layout,
+                                                  inplace), expected)
+    for name, error in errors_here.items():
+        bound = 2 * torch_errors[name] + floor[name]
+        assert np.all(error <= bound), f"{name}: {error / bound} x the bound"
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATED))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_activated_kernels_without_affine_equal_the_oracle(backend, activation, layout):
+    """No weight: xhat is z itself. y and dx as above, against the extended-precision oracle."""
+    case = Case("outlier_first", F32, (3, 2), 100.0, channels=4, spatial=(3, 5), grad_correlation=3.0)
+    x, dy = global_batch(case, 0)
+    expected = _activated_oracle(x, dy, None, None, activation)
+    torch_errors = _channel_errors(_torch_activated_step(x, dy, None, None, activation), expected)
+    floor = _activated_floor(case, expected, dy)
+    got = _channel_errors(_activated_step(backend, x, dy, None, None, activation, case.sizes, layout, True),
+                          expected)
+    for name in ("y", "dx"):
+        # floors() assumes the affine of initial_affine (|weight| <= 1.5): 2x covers a weight of 1
+        assert np.all(got[name] <= 2 * torch_errors[name] + 2 * floor[name]), name
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 5), (0, 3, 2, 2)])
+def test_activated_kernels_on_an_empty_batch(backend, dtype, shape):
+    empty = torch.zeros(shape, dtype=dtype)
+    stats = (torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    weight, bias = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
+    for code, parameter in ACTIVATED.values():
+        assert backend.normalize_activate(empty, *stats, weight, bias, EPS, code, parameter, True).shape == shape
+        assert backend.normalize_activate(empty, *stats, weight, bias, EPS, code, parameter, False).shape == shape
+        sums = backend.activated_backward_payload(empty, empty, weight, bias, code, parameter)
+        assert torch.equal(sums, torch.zeros(6, dtype=F64))
+        dx = backend.activated_input_grad(empty, empty, stats[1], weight, bias, EPS, code, parameter, sums,
+                                          torch.zeros((), dtype=F64))
+        assert dx.shape == shape and dx.dtype == dtype
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATED))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("spatial", [(2, 2), (6, 7)], ids=["short_runs", "long_runs"])
+def test_native_activated_kernels_equal_the_reference(native_kernels, activation, layout, spatial):
+    """On benign fp32 data (where the reference is exact to its dtype), every output within the
+    floor of benchmarks/adversarial.py of the reference's."""
+    case = Case("normal", F32, (3, 4), channels=9, spatial=spatial, grad_correlation=3.0)
+    x, dy = global_batch(case, 0)
+    weight, bias = initial_affine(case)
+    ours = _activated_step(native_kernels, x, dy, weight, bias, activation, case.sizes, layout, True)
+    theirs = _activated_step(reference, x, dy, weight, bias, activation, case.sizes, layout, True)
+    expected = {name: to_extended(value) for name, value in theirs.items()}
+    floor = _activated_floor(case, expected, dy)
+    for name, difference in _channel_errors(ours, expected).items():
+        assert np.all(difference <= floor[name]), f"{name}: {difference / floor[name]} x floor"
+
+
+def test_native_activated_kernels_give_nan_on_a_nan_weight_channel(native_kernels):
+    """The device path's floor check: a NaN weight (a channel below the floor) makes that
+    channel's dx and dweight NaN, and only that channel's."""
+    x, dy = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    weight = torch.tensor([1.0, float("nan"), 0.7])
+    bias = torch.zeros(3)
+    var, mean = torch.var_mean(x.double(), (0, 2), correction=0)
+    y = native_kernels.normalize_activate(x, mean, var, torch.ones(3), bias, EPS, 1, 0.01, False)
+    sums = native_kernels.activated_backward_payload(dy, y, weight, bias, 1, 0.01)
+    dx = native_kernels.activated_input_grad(dy, y, var, weight, bias, EPS, 1, 0.01, sums,
+                                             torch.tensor(20.0, dtype=F64))
+    assert torch.isnan(sums[4]) and not torch.isnan(sums[[0, 1, 2, 3, 5]]).any()
+    assert torch.isnan(dx[:, 1]).all() and not torch.isnan(dx[:, [0, 2]]).any()
+
+
+@pytest.mark.parametrize("momentum", [0.1, 1.0])
+@pytest.mark.parametrize("case,layout", [
+    pytest.param(Case("outlier_first", F32, (6,), 1000.0, channels=5, spatial=(4, 4)), "contiguous", id="outlier"),
+    pytest.param(Case("large_mean", F32, (4,), 1e4, channels=17, spatial=(2, 3)), "channels_last", id="large_mean"),
+    pytest.param(Case("near_constant", F32, (7,), 1.0, channels=3, spatial=()), "contiguous", id="near_constant"),
+    pytest.param(Case("large_mean", F64, (5,), 1e8, channels=4, spatial=(3, 3)), "contiguous", id="large_mean_f64",
+                 marks=requires_extended_precision),
+])
+def test_update_stats_is_within_twice_torch_error_plus_floor(backend, case, layout, momentum):
+    """A group of one's statistics (torch.batch_norm_update_stats's semantics): the batch's mean
+    and biased variance, and the running statistics moved toward the mean and unbiased variance,
+    per channel within 2x torch's own error plus the floor, against the extended-precision ones."""
+    x, _ = global_batch(case, 0)
+    x = in_layout(x, layout)
+    values = to_extended(x)
+    axes = (0,) + tuple(range(2, x.dim()))
+    n = values.size // case.channels
+    exact_mean = values.mean(axis=axes)
+    exact_var = ((values - values.mean(axis=axes, keepdims=True)) ** 2).mean(axis=axes)
+    start_mean, start_var = torch.full((case.channels,), 0.5, dtype=case.dtype), torch.full((case.channels,), 2.0, dtype=case.dtype)
+    expected = {"mean": exact_mean, "var": exact_var,
+                "running_mean": (1 - LD(momentum)) * LD(0.5) + LD(momentum) * exact_mean,
+                "running_var": (1 - LD(momentum)) * LD(2) + LD(momentum) * exact_var * n / (n - 1)}
+
+    def run(update_stats) -> dict:
+        running_mean, running_var = start_mean.clone(), start_var.clone()
+        mean, var = update_stats(x, running_mean, running_var, momentum)
+        return {"mean": mean, "var": var, "running_mean": running_mean, "running_var": running_var}
+
+    torch_errors = _channel_errors(run(torch.batch_norm_update_stats), expected)
+    ulp = torch.finfo(case.dtype).eps
+    for name, error in _channel_errors(run(backend.update_stats), expected).items():
+        floor = FLOOR_ULPS * ulp * (np.abs(expected[name]) + np.abs(exact_mean) * (name == "var") + 1e-30)
+        if name in ("mean", "running_mean"):  # the mean rounded once to the dtype, then the lerp
+            floor = floor + MEAN_ROUNDING_ULPS * ulp * np.abs(exact_mean)
+        assert np.all(error <= 2 * torch_errors[name] + floor), f"{name}: {error} > {2 * torch_errors[name] + floor}"
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=str)
+def test_any_below_floor_agrees_with_the_reference(backend, dtype):
+    """The inversion floor |weight| < 1e-3 max(1, |bias|), per channel, with and without a bias:
+    each channel alone below it or not, just either side of it, as the reference's torch ops say."""
+    weights = [1.0, -0.5, 2e-3, -5e-4, 0.999e-3, 1.001e-3, 0.0]
+    biases = [0.0, 1.0, 3.0, -0.1, 0.0, 0.5, -7.0]
+    for w, b in zip(weights, biases):
+        weight, bias = torch.tensor([1.0, w], dtype=dtype), torch.tensor([0.2, b], dtype=dtype)
+        for with_bias in (bias, None):
+            expected = reference.any_below_floor(weight, with_bias, 1e-3)
+            assert backend.any_below_floor(weight, with_bias, 1e-3) == expected, (w, b, with_bias)
+    assert reference.any_below_floor(torch.tensor([2e-3], dtype=dtype), torch.tensor([3.0], dtype=dtype), 1e-3)
+    assert not reference.any_below_floor(torch.tensor([2e-3], dtype=dtype), None, 1e-3)
+
+
+def test_activated_operators_pass_opcheck(native_kernels):
+    """The activated operators' schemas (the in-place one declares x mutated), fake
+    implementations and tracing by AOT autograd."""
+    x, dy = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    weight, bias = torch.rand(3) + 0.5, torch.rand(3)
+    mean, var = native_kernels.update_stats(x, None, None, 0.0)
+    y = native_kernels.normalize_activate(x, mean, var, weight, bias, EPS, 1, 0.01, False)
+    sums = native_kernels.activated_backward_payload(dy, y, weight, bias, 1, 0.01)
+    count = torch.tensor(100.0, dtype=F64)
+    ops = torch.ops.syncbn_native
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for op, args in [(ops.update_stats, (channels_last, torch.zeros(3), torch.ones(3), 0.1)),
+                     (ops.normalize_activate, (channels_last, mean, var, weight, bias, EPS, 2, 1.0)),
+                     (ops.normalize_activate_, (x.clone(), mean, var, weight, bias, EPS, 1, 0.01)),
+                     (ops.activated_backward_payload, (dy, y, weight, bias, 1, 0.01)),
+                     (ops.activated_input_grad, (dy, y, var, weight, bias, EPS, 1, 0.01, sums, count))]:
+        torch.library.opcheck(op, args)

@@ -13,6 +13,19 @@ Every backend module has the same functions with the same semantics (those of
 - ``group_totals(payload, channels, world_size)``: what the reduced payload says about the group
   (a host read: batchnorm_math.group_totals).
 
+and, for SyncBatchNormAct (:mod:`syncbn.activated`), whose backward works from its output y:
+
+- ``normalize_activate(x, mean, var, weight, bias, eps, activation, parameter, inplace)``:
+  act(normalize(x)), written over x when ``inplace``;
+- ``activated_backward_payload(dy, y, weight, bias, activation, parameter)``: [sum dz,
+  sum dz * xhat] (2C fp64), z the activation's input recovered from y;
+- ``activated_input_grad(dy, y, var, weight, bias, eps, activation, parameter, group_sums,
+  count)``: the input gradient;
+- ``update_stats(x, running_mean, running_var, momentum)``: a group of one's statistics
+  (torch.batch_norm_update_stats' semantics);
+- ``any_below_floor(weight, bias, floor)``: whether a channel's weight is too small to invert
+  (a host read).
+
 Backends: :mod:`.reference` (plain torch: any device and dtype; the fallback, and the oracle
 the others are tested against), :mod:`.native` (CPU, C++ built on first use) and :mod:`.triton`
 (CUDA, fp32/fp16/bf16). :func:`for_input` picks one for an input. Switches, read once at import:

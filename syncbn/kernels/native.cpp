@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -59,6 +60,22 @@ void gradient_sums(DType dtype, const void* dy, const void* x, const Shape& shap
 // accumulation dtype, rounded once to x's; round_mean: the mean rounded to the accumulation dtype.
 void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& shape, const double* mean,
             const double* scale, const double* shift, const double* gain, bool round_mean);
+
+// In-place activated BatchNorm (syncbn.activated). activation: 0 identity, 1 leaky_relu
+// (parameter: its slope), 2 elu (parameter: alpha); y may be x (each value is read, then written).
+// y = act((x - mean) * scale + shift) per channel, one pass.
+void normalize_activate(DType dtype, const void* x, void* y, const Shape& shape, const double* mean,
+                        const double* scale, const double* shift, int activation, double parameter);
+
+// Per channel, from the output y and dy (z = act^-1(y), dz = dy * act'(z), xhat = (z - bias) /
+// weight, or z without weight): sum dz and sum dz * xhat, one pass.
+void activated_sums(DType dtype, const void* dy, const void* y, const Shape& shape, const double* weight,
+                    const double* bias, int activation, double parameter, double* sum_dz, double* sum_dz_xhat);
+
+// dx = gain * (dz - mean_dz - xhat * mean_dz_xhat) per channel, from y and dy, one pass.
+void activated_input_grad(DType dtype, const void* dy, const void* y, void* dx, const Shape& shape,
+                          const double* weight, const double* bias, const double* gain, const double* mean_dz,
+                          const double* mean_dz_xhat, int activation, double parameter);
 
 }  // namespace syncbn_native
 
@@ -955,6 +972,312 @@ void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& 
 }
 
 }  // namespace syncbn_native
+
+// ===== In-place activated BatchNorm: the activation, its inverse, and three passes =====
+// Elementwise in the accumulation dtype A (fp32 for fp32/fp16/bf16, fp64 for fp64), as the
+// reference computes them; sums of A partials of at most kActFlush terms per lane, added to fp64.
+
+namespace {
+
+// Values (planar) or rows (interleaved) summed in A before the partial is added to fp64.
+constexpr int64_t kActFlush = 256;
+constexpr int64_t kActRowFlush = 16;
+
+template <typename A, int kAct>
+inline A activate(A z, A p) {
+  if constexpr (kAct == 1) {
+    return z > A(0) ? z : z * p;
+  } else if constexpr (kAct == 2) {
+    return z > A(0) ? z : p * std::expm1(z);
+  } else {
+    return z;
+  }
+}
+
+// (z, dz) from (y, dy): the activation inverted, and its derivative written in y. At y = 0 the
+// derivative is the negative side's, as torch's backward of LeakyReLU and ELU takes it.
+// leaky_relu: p is the slope, inverse_p 1 / slope rounded to A (the reference's multiplier).
+template <typename A, int kAct>
+inline void preactivation(A y, A dy, A p, A inverse_p, A& z, A& dz) {
+  if constexpr (kAct == 1) {
+    const bool positive = y > A(0);
+    z = positive ? y : y * inverse_p;
+    dz = positive ? dy : dy * p;
+  } else if constexpr (kAct == 2) {
+    // y > -alpha in exact arithmetic; the floor keeps log finite where y rounded onto -alpha.
+    const bool positive = y > A(0);
+    const A ratio = std::max(y / p, A(-1) + std::numeric_limits<A>::epsilon());
+    z = positive ? y : std::log1p(ratio);
+    dz = positive ? dy : dy * (y + p);
+  } else {
+    z = y;
+    dz = dy;
+  }
+}
+
+// Per channel, in A: xhat = (z - bias) * reciprocal, the reciprocal of the weight taken in fp64
+// (1, bias 0 without affine), and for the input gradient dx = gain * dz + xhat * slope + offset.
+template <typename A>
+struct Inverse {
+  std::vector<A> bias, reciprocal, gain, slope, offset;
+  A parameter, inverse_parameter;
+  Inverse(int64_t C, double p, const double* w, const double* b, const double* g = nullptr,
+          const double* mean_dz = nullptr, const double* mean_dz_xhat = nullptr)
+      : bias(C), reciprocal(C), gain(C), slope(C), offset(C), parameter(static_cast<A>(p)),
+        inverse_parameter(static_cast<A>(1.0 / p)) {
+    for (int64_t c = 0; c < C; ++c) {
+      bias[c] = static_cast<A>(w ? b[c] : 0.0);
+      reciprocal[c] = static_cast<A>(w ? 1.0 / w[c] : 1.0);
+      if (g) {
+        gain[c] = static_cast<A>(g[c]);
+        slope[c] = static_cast<A>(-g[c] * mean_dz_xhat[c]);
+        offset[c] = static_cast<A>(-g[c] * mean_dz[c]);
+      }
+    }
+  }
+};
+
+// Runs f(index, channel) over every value: planar per run of one channel, interleaved per row,
+// in tasks that depend on the shape only.
+template <typename F>
+void each_value(const Shape& sh, const F& f) {
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    for_tasks(sh.n, C, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t off = r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) f(off + c, c);
+      }
+    });
+    return;
+  }
+  const int64_t S = sh.s;
+  for_tasks(sh.n * C, S, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) {
+      const int64_t c = run % C, off = run * S;
+#pragma omp simd
+      for (int64_t j = 0; j < S; ++j) f(off + j, c);
+    }
+  });
+}
+
+template <typename T, int kAct>
+void normalize_activate_pass(const typename Elem<T>::raw* xp, typename Elem<T>::raw* yp, const Shape& sh,
+                             const Affine<typename Elem<T>::acc>& k, double parameter) {
+  using A = typename Elem<T>::acc;
+  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data();
+  const A p = static_cast<A>(parameter);
+  each_value(sh, [&](int64_t i, int64_t c) {
+    yp[i] = Elem<T>::store(activate<A, kAct>((Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c], p));
+  });
+}
+
+template <typename T, int kAct>
+void activated_input_grad_pass(const typename Elem<T>::raw* dp, const typename Elem<T>::raw* yp,
+                               typename Elem<T>::raw* op, const Shape& sh, const Inverse<typename Elem<T>::acc>& k) {
+  using A = typename Elem<T>::acc;
+  const A *bi = k.bias.data(), *re = k.reciprocal.data(), *ga = k.gain.data(), *sl = k.slope.data(),
+          *of = k.offset.data();
+  const A p = k.parameter, ip = k.inverse_parameter;
+  each_value(sh, [&](int64_t i, int64_t c) {
+    A z, dz;
+    preactivation<A, kAct>(Elem<T>::load(yp[i]), Elem<T>::load(dp[i]), p, ip, z, dz);
+    const A xhat = (z - bi[c]) * re[c];
+    op[i] = Elem<T>::store(ga[c] * dz + (xhat * sl[c] + of[c]));
+  });
+}
+
+// sum dz and sum dz * xhat: planar, one partial per run (sample, channel), summed per channel
+// in order; interleaved, one partial per task of rows. Partials in A over at most kActFlush
+// values (kActRowFlush rows) per lane, added to fp64.
+template <typename T, int kAct>
+void activated_sums_pass(const typename Elem<T>::raw* dp, const typename Elem<T>::raw* yp, const Shape& sh,
+                         const Inverse<typename Elem<T>::acc>& k, double* sum_dz, double* sum_dz_xhat) {
+  using A = typename Elem<T>::acc;
+  const A *bi = k.bias.data(), *re = k.reciprocal.data();
+  const A p = k.parameter, ip = k.inverse_parameter;
+  const int64_t C = sh.c;
+  if (sh.interleaved) {
+    const int64_t R = sh.n;
+    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
+    Scratch<double, 8> scratch(tasks * 2 * C);
+    double* parts = scratch.data();
+    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
+      Scratch<A, 9> narrow(2 * C);
+      A* pa = narrow.data();
+      A* pb = pa + C;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
+        double* a = parts + task * 2 * C;
+        double* b = a + C;
+        std::fill(a, a + 2 * C, 0.0);
+        for (int64_t g0 = r0; g0 < r1; g0 += kActRowFlush) {
+          std::fill(pa, pa + 2 * C, A(0));
+          for (int64_t r = g0; r < std::min(r1, g0 + kActRowFlush); ++r) {
+            const auto* dq = dp + r * C;
+            const auto* yq = yp + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              A z, dz;
+              preactivation<A, kAct>(Elem<T>::load(yq[c]), Elem<T>::load(dq[c]), p, ip, z, dz);
+              pa[c] += dz;
+              pb[c] += dz * ((z - bi[c]) * re[c]);
+            }
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += static_cast<double>(pa[c]);
+            b[c] += static_cast<double>(pb[c]);
+          }
+        }
+      }
+    });
+    for (int64_t task = 0; task < tasks; ++task) {
+      const double* part = parts + task * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dz[c] += part[c];
+        sum_dz_xhat[c] += part[C + c];
+      }
+    }
+    return;
+  }
+  const int64_t N = sh.n, S = sh.s;
+  Scratch<double, 10> scratch(N * C * 2);
+  double* parts = scratch.data();
+  for_tasks(N * C, S, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) {
+      const int64_t c = run % C, off = run * S;
+      const A bias = bi[c], reciprocal = re[c];
+      double a = 0, b = 0;
+      for (int64_t j0 = 0; j0 < S; j0 += kActFlush) {
+        const int64_t j1 = std::min(S, j0 + kActFlush);
+        A sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+        for (int64_t j = j0; j < j1; ++j) {
+          A z, dz;
+          preactivation<A, kAct>(Elem<T>::load(yp[off + j]), Elem<T>::load(dp[off + j]), p, ip, z, dz);
+          sa += dz;
+          sb += dz * ((z - bias) * reciprocal);
+        }
+        a += static_cast<double>(sa);
+        b += static_cast<double>(sb);
+      }
+      parts[2 * run] = a;
+      parts[2 * run + 1] = b;
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dz[c] += parts[2 * (n * C + c)];
+      sum_dz_xhat[c] += parts[2 * (n * C + c) + 1];
+    }
+  }
+}
+
+// Planar input with short runs (3x3 positions and fewer) is walked as interleaved rows, one per
+// sample, of C * S values, each channel's coefficients repeated S times: per run of a channel the
+// set-up would cost more than its few values.
+constexpr int64_t kShortRun = 16;
+constexpr int64_t kMaxRowValues = int64_t(1) << 18;
+
+bool short_runs(const Shape& sh) { return !sh.interleaved && sh.s > 1 && sh.s < kShortRun && sh.c * sh.s <= kMaxRowValues; }
+
+Shape sample_rows(const Shape& sh) {
+  Shape rows;
+  rows.n = sh.n;
+  rows.c = sh.c * sh.s;
+  rows.interleaved = true;
+  return rows;
+}
+
+// Per channel values, each repeated `times` times (empty for none).
+std::vector<double> repeated(const double* values, int64_t channels, int64_t times) {
+  std::vector<double> out;
+  if (!values) return out;
+  out.reserve(channels * times);
+  for (int64_t c = 0; c < channels; ++c) out.insert(out.end(), times, values[c]);
+  return out;
+}
+
+const double* data_or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+
+// f.template operator()<kAct>() for the activation's code.
+template <typename F>
+void by_activation(int activation, const F& f) {
+  switch (activation) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<0>(); break;
+  }
+}
+
+}  // namespace
+
+namespace syncbn_native {
+
+void normalize_activate(DType dtype, const void* x, void* y, const Shape& shape, const double* mean,
+                        const double* scale, const double* shift, int activation, double parameter) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    normalize_activate(dtype, x, y, sample_rows(shape), repeated(mean, C, S).data(), repeated(scale, C, S).data(),
+                       repeated(shift, C, S).data(), activation, parameter);
+    return;
+  }
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Affine<typename Elem<T>::acc> k(shape.c);
+    for (int64_t c = 0; c < shape.c; ++c) k.set(c, mean[c], scale[c], shift[c]);
+    auto* out = static_cast<typename Elem<T>::raw*>(y);
+    by_activation(activation, [&]<int kAct>() { normalize_activate_pass<T, kAct>(raw<T>(x), out, shape, k, parameter); });
+  });
+}
+
+void activated_sums(DType dtype, const void* dy, const void* y, const Shape& shape, const double* weight,
+                    const double* bias, int activation, double parameter, double* sum_dz, double* sum_dz_xhat) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    std::vector<double> a(C * S, 0.0), b(C * S, 0.0);
+    activated_sums(dtype, dy, y, sample_rows(shape), data_or_null(repeated(weight, C, S)),
+                   data_or_null(repeated(bias, C, S)), activation, parameter, a.data(), b.data());
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t j = 0; j < S; ++j) {
+        sum_dz[c] += a[c * S + j];
+        sum_dz_xhat[c] += b[c * S + j];
+      }
+    }
+    return;
+  }
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Inverse<typename Elem<T>::acc> k(shape.c, parameter, weight, bias);
+    by_activation(activation, [&]<int kAct>() {
+      activated_sums_pass<T, kAct>(raw<T>(dy), raw<T>(y), shape, k, sum_dz, sum_dz_xhat);
+    });
+  });
+}
+
+void activated_input_grad(DType dtype, const void* dy, const void* y, void* dx, const Shape& shape,
+                          const double* weight, const double* bias, const double* gain, const double* mean_dz,
+                          const double* mean_dz_xhat, int activation, double parameter) {
+  if (short_runs(shape)) {
+    const int64_t C = shape.c, S = shape.s;
+    activated_input_grad(dtype, dy, y, dx, sample_rows(shape), data_or_null(repeated(weight, C, S)),
+                         data_or_null(repeated(bias, C, S)), repeated(gain, C, S).data(),
+                         repeated(mean_dz, C, S).data(), repeated(mean_dz_xhat, C, S).data(), activation, parameter);
+    return;
+  }
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Inverse<typename Elem<T>::acc> k(shape.c, parameter, weight, bias, gain, mean_dz, mean_dz_xhat);
+    auto* out = static_cast<typename Elem<T>::raw*>(dx);
+    by_activation(activation, [&]<int kAct>() {
+      activated_input_grad_pass<T, kAct>(raw<T>(dy), raw<T>(y), out, shape, k);
+    });
+  });
+}
+
+}  // namespace syncbn_native
 #endif  // part 1
 
 #if !defined(SYNCBN_NATIVE_PART) || SYNCBN_NATIVE_PART == 2
@@ -1309,6 +1632,160 @@ SYNCBN_NO_FMA_ATTRIBUTE Tensor group_checks(const Tensor& payload_in, int64_t wo
   return result;
 }
 
+// --- in-place activated BatchNorm in a group of one: update_stats ------------------------------
+
+// torch.batch_norm_update_stats: the local batch's mean and biased variance (fp64, from the exact
+// local moments), and the running statistics moved by `momentum` toward the mean and unbiased var.
+std::tuple<Tensor, Tensor> update_stats(const Tensor& x_in, const optional<Tensor>& running_mean,
+                                        const optional<Tensor>& running_var, double momentum) {
+  auto [x, sh] = dense(x_in, "update_stats");
+  const int64_t C = sh.c;
+  TORCH_CHECK(sh.count() > 0, "syncbn_native::update_stats: expected a non-empty batch, got shape ", x_in.sizes());
+  std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
+  if (C > 0) syncbn_native::local_moments(dtype_of(x, "update_stats"), x.const_data_ptr(), sh, hi.data(), lo.data(), m2.data());
+  auto options = x.options().dtype(at::kDouble);
+  Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
+  double* mu = mean.mutable_data_ptr<double>();
+  double* v = var.mutable_data_ptr<double>();
+  const double n = static_cast<double>(sh.count()), bessel = n / std::max(n - 1.0, 1.0);
+  std::vector<double> unbiased(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = hi[c] + lo[c];
+    v[c] = m2[c] / n;
+    unbiased[c] = v[c] * bessel;
+  }
+  if (running_mean.has_value() && running_mean->defined()) {
+    TORCH_CHECK(running_var.has_value() && running_var->defined(),
+                "syncbn_native::update_stats: running_mean without running_var");
+    Tensor rm = *running_mean, rv = *running_var;
+    update_buffer(rm, mu, momentum, "running_mean", C);
+    update_buffer(rv, unbiased.data(), momentum, "running_var", C);
+  }
+  return {mean, var};
+}
+
+// Whether any channel's |weight| is below floor * max(1, |bias|) (the inversion's floor), computed
+// in the weight's dtype as torch computes it (fp32 weights: in fp32), read on the host.
+template <typename A>
+bool any_below(const std::vector<double>& w, const std::vector<double>& b, double floor) {
+  const A f = static_cast<A>(floor);
+  bool below = false;
+  for (size_t c = 0; c < w.size(); ++c) {
+    below |= std::abs(static_cast<A>(w[c])) < std::max(A(1), std::abs(static_cast<A>(b[c]))) * f;
+  }
+  return below;
+}
+
+bool any_below_floor(const Tensor& weight, const optional<Tensor>& bias, double floor) {
+  const int64_t C = weight.numel();
+  const std::vector<double> w = doubles(weight);
+  const std::vector<double> b = channel_values(bias, C, 0.0, "any_below_floor", "bias");
+  return weight.scalar_type() == at::kDouble ? any_below<double>(w, b, floor) : any_below<float>(w, b, floor);
+}
+
+// --- in-place activated BatchNorm: normalize_activate, activated_backward_payload, activated_input_grad
+
+void check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK(activation >= 0 && activation <= 2, "syncbn_native::", op, ": activation must be 0 (identity), ",
+              "1 (leaky_relu) or 2 (elu), got ", activation);
+}
+
+// y = act((x - mean) * weight * invstd + bias) into `out` (the dense form of x, or x's own).
+void normalize_activate_into(const Tensor& x, const Shape& sh, void* out, const Tensor& mean, const Tensor& var,
+                             const optional<Tensor>& weight, const optional<Tensor>& bias, double eps,
+                             int64_t activation, double parameter, const char* op) {
+  check_activation(activation, op);
+  const int64_t C = sh.c;
+  std::vector<double> mu = channel_values(mean, C, 0.0, op, "mean");
+  std::vector<double> v = channel_values(var, C, 0.0, op, "var");
+  std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
+  std::vector<double> b = channel_values(bias, C, 0.0, op, "bias");
+  std::vector<double> scale(C);
+  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
+  syncbn_native::normalize_activate(dtype_of(x, op), x.const_data_ptr(), out, sh, mu.data(), scale.data(), b.data(),
+                                    static_cast<int>(activation), parameter);
+}
+
+Tensor normalize_activate(const Tensor& x_in, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
+                          const optional<Tensor>& bias, double eps, int64_t activation, double parameter) {
+  auto [x, sh] = dense(x_in, "normalize_activate");
+  Output out = output_like(x_in, x);
+  normalize_activate_into(x, sh, out.work.mutable_data_ptr(), mean, var, weight, bias, eps, activation, parameter,
+                          "normalize_activate");
+  return finish(out);
+}
+
+// The same written over x: each value is read, then its output written in its place.
+void normalize_activate_(const Tensor& x_in, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
+                         const optional<Tensor>& bias, double eps, int64_t activation, double parameter) {
+  auto [x, sh] = dense(x_in, "normalize_activate_");
+  normalize_activate_into(x, sh, x.mutable_data_ptr(), mean, var, weight, bias, eps, activation, parameter,
+                          "normalize_activate_");
+  if (!x.is_same(x_in)) x_in.copy_(x);  // x had no dense form: it was computed on a copy
+}
+
+// Per channel (weight, bias) as the inversion xhat = (z - bias) / weight reads them: none without
+// a weight (xhat = z), else the bias or 0.
+struct InverseAffine {
+  std::vector<double> weight, bias;
+  bool affine;
+  InverseAffine(const optional<Tensor>& w, const optional<Tensor>& b, int64_t C, const char* op)
+      : affine(w.has_value() && w->defined()) {
+    if (affine) {
+      weight = channel_values(w, C, 1.0, op, "weight");
+      bias = channel_values(b, C, 0.0, op, "bias");
+    }
+  }
+  const double* w() const { return affine ? weight.data() : nullptr; }
+  const double* b() const { return affine ? bias.data() : nullptr; }
+};
+
+Tensor activated_backward_payload(const Tensor& dy_in, const Tensor& y_in, const optional<Tensor>& weight,
+                                  const optional<Tensor>& bias, int64_t activation, double parameter) {
+  const char* op = "activated_backward_payload";
+  check_activation(activation, op);
+  auto [y, sh] = dense(y_in, op);
+  Tensor dy = like(dy_in, y, op, "dy");
+  const int64_t C = sh.c;
+  const InverseAffine inverse(weight, bias, C, op);
+  Tensor sums = at::zeros({2 * C}, y.options().dtype(at::kDouble));
+  double* s = sums.mutable_data_ptr<double>();
+  if (sh.count() > 0 && C > 0) {
+    syncbn_native::activated_sums(dtype_of(y, op), dy.const_data_ptr(), y.const_data_ptr(), sh, inverse.w(),
+                                  inverse.b(), static_cast<int>(activation), parameter, s, s + C);
+  }
+  return sums;
+}
+
+Tensor activated_input_grad(const Tensor& dy_in, const Tensor& y_in, const Tensor& var, const optional<Tensor>& weight,
+                            const optional<Tensor>& bias, double eps, int64_t activation, double parameter,
+                            const Tensor& group_sums, const Tensor& count) {
+  const char* op = "activated_input_grad";
+  check_activation(activation, op);
+  auto [y, sh] = dense(y_in, op);
+  Tensor dy = like(dy_in, y, op, "dy");
+  const int64_t C = sh.c;
+  const InverseAffine inverse(weight, bias, C, op);
+  std::vector<double> v = channel_values(var, C, 0.0, op, "var");
+  TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::", op, ": group_sums has ", group_sums.numel(),
+              " values, expected ", 2 * C);
+  const std::vector<double> sums = doubles(group_sums);
+  const double total = std::max(scalar_of(count), 1.0);
+  // dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)): the weight it inverts with
+  // scales it too (a NaN channel stays NaN).
+  std::vector<double> gain(C), mean_dz(C), mean_dz_xhat(C);
+  for (int64_t c = 0; c < C; ++c) {
+    gain[c] = (inverse.affine ? inverse.weight[c] : 1.0) / std::sqrt(v[c] + eps);
+    mean_dz[c] = sums[c] / total;
+    mean_dz_xhat[c] = sums[C + c] / total;
+  }
+  Output out = output_like(y_in, y);
+  syncbn_native::activated_input_grad(dtype_of(y, op), dy.const_data_ptr(), y.const_data_ptr(),
+                                      out.work.mutable_data_ptr(), sh, inverse.w(), inverse.b(), gain.data(),
+                                      mean_dz.data(), mean_dz_xhat.data(), static_cast<int>(activation), parameter);
+  return finish(out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(syncbn_native, m) {
@@ -1321,6 +1798,17 @@ TORCH_LIBRARY(syncbn_native, m) {
         "Tensor group_sums, Tensor count) -> Tensor");
   m.def("group_checks(Tensor payload, int world_size, float shift_tolerance, "
         "float mixed_dtype_shift_tolerance, float fp32_condition_limit) -> Tensor");
+  m.def("any_below_floor(Tensor weight, Tensor? bias, float floor) -> bool");
+  m.def("update_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) "
+        "-> (Tensor, Tensor)");
+  m.def("normalize_activate(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+        "int activation, float parameter) -> Tensor");
+  m.def("normalize_activate_(Tensor(a!) x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+        "int activation, float parameter) -> ()");
+  m.def("activated_backward_payload(Tensor dy, Tensor y, Tensor? weight, Tensor? bias, int activation, "
+        "float parameter) -> Tensor");
+  m.def("activated_input_grad(Tensor dy, Tensor y, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+        "int activation, float parameter, Tensor group_sums, Tensor count) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
@@ -1330,5 +1818,11 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("backward_sums", &backward_sums);
   m.impl("input_grad", &input_grad);
   m.impl("group_checks", &group_checks);
+  m.impl("any_below_floor", &any_below_floor);
+  m.impl("update_stats", &update_stats);
+  m.impl("normalize_activate", &normalize_activate);
+  m.impl("normalize_activate_", &normalize_activate_);
+  m.impl("activated_backward_payload", &activated_backward_payload);
+  m.impl("activated_input_grad", &activated_input_grad);
 }
 #endif  // part 2

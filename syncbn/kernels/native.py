@@ -11,10 +11,13 @@ no ninja, no pybind11. If the build or the load fails, :func:`available` says Fa
 warning that says why, and the pure-torch reference serves instead.
 
 The functions below are the operators themselves (resolved on first access, after the build):
-``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``, with the
-semantics of the kernel interface (see syncbn/kernels/reference.py). Each has a fake
-implementation, so torch.compile traces through them. :func:`group_totals` reads the reduced
-payload through the ``group_checks`` operator.
+``forward_payload``, ``finalize``, ``normalize``, ``backward_sums``, ``input_grad``,
+``any_below_floor``, ``update_stats``, ``activated_backward_payload``, ``activated_input_grad``,
+with the semantics of the kernel interface (see syncbn/kernels/reference.py);
+``normalize_activate`` picks the operator that writes a new tensor or the one that writes over
+x. Each operator but any_below_floor (a host read, never traced: SyncBatchNormAct runs unfused
+under torch.compile) has a fake implementation, so torch.compile traces through them.
+:func:`group_totals` reads the reduced payload through the ``group_checks`` operator.
 """
 from __future__ import annotations
 
@@ -40,11 +43,13 @@ except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad", "group_totals"]
+           "backward_sums", "input_grad", "group_totals", "any_below_floor", "update_stats",
+           "normalize_activate", "activated_backward_payload", "activated_input_grad"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "group_checks")
+_OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "group_checks",
+        "any_below_floor", "update_stats", "activated_backward_payload", "activated_input_grad")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
 
@@ -86,6 +91,20 @@ def group_totals(payload: torch.Tensor, channels: int, world_size: int) -> bnm.G
     return bnm.GroupTotals(count, int(invalid_ranks), int(fp64_ranks),
                            tuple(int(channel) for channel in checks[5:]), bool(finite),
                            bool(ill_conditioned))
+
+
+def normalize_activate(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                       activation: int, parameter: float, inplace: bool) -> torch.Tensor:
+    """act(weight * (x - mean) * invstd + bias), in one pass; written over x when ``inplace``."""
+    if not available():
+        raise RuntimeError("syncbn.kernels.native.normalize_activate: the native kernels are not available")
+    if inplace:
+        torch.ops.syncbn_native.normalize_activate_.default(x, mean, var, weight, bias, eps,
+                                                            activation, parameter)
+        return x
+    return torch.ops.syncbn_native.normalize_activate.default(x, mean, var, weight, bias, eps,
+                                                              activation, parameter)
 
 
 def compiler() -> str:
@@ -249,3 +268,23 @@ def _bind() -> None:
     def _(payload, world_size, shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit):
         # Five checks, then the differing channels: a length known only from the data.
         return payload.new_empty(torch.library.get_ctx().new_dynamic_size(min=5))
+
+    @torch.library.register_fake("syncbn_native::update_stats")
+    def _(x, running_mean, running_var, momentum):
+        return (x.new_empty(x.shape[1], dtype=torch.float64), x.new_empty(x.shape[1], dtype=torch.float64))
+
+    @torch.library.register_fake("syncbn_native::normalize_activate")
+    def _(x, mean, var, weight, bias, eps, activation, parameter):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("syncbn_native::normalize_activate_")
+    def _(x, mean, var, weight, bias, eps, activation, parameter):
+        return None
+
+    @torch.library.register_fake("syncbn_native::activated_backward_payload")
+    def _(dy, y, weight, bias, activation, parameter):
+        return y.new_empty(2 * y.shape[1], dtype=torch.float64)
+
+    @torch.library.register_fake("syncbn_native::activated_input_grad")
+    def _(dy, y, var, weight, bias, eps, activation, parameter, group_sums, count):
+        return torch.empty_like(y)

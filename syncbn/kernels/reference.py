@@ -176,3 +176,92 @@ def input_grad(
     centered = x.to(acc) - channel_view(mean.to(acc), ndim)
     dx = torch.addcmul(channel_view(c, ndim), centered, channel_view(b, ndim))
     return dx.addcmul_(dy.to(acc), channel_view(scale, ndim)).to(x.dtype)
+
+
+# ----- in-place activated BatchNorm (syncbn.activated) -------------------------------------------
+
+def below_floor(weight: Tensor, bias: Optional[Tensor], floor: float) -> Tensor:
+    """Per channel, on the weights' device: whether |weight| < floor * max(1, |bias|), where the
+    inversion xhat = (z - bias) / weight would amplify the output's rounding too much."""
+    with torch.no_grad():
+        limit = floor if bias is None else bias.abs().clamp(min=1.0).mul_(floor)
+        return weight.abs() < limit
+
+
+def any_below_floor(weight: Tensor, bias: Optional[Tensor], floor: float) -> bool:
+    """Whether any channel is below the floor (a host read)."""
+    return bool(below_floor(weight, bias, floor).any())
+
+
+def update_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                 momentum: float) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) of a non-empty local batch; the running statistics (when given) moved
+    by ``momentum`` toward the mean and the unbiased variance: torch.batch_norm_update_stats.
+    The statistics of a group of one."""
+    return torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+
+
+# ``activation``: 0 identity, 1 leaky_relu (``parameter``: its slope), 2 elu (``parameter``: alpha).
+# The backward reads the output y, not x: z = act^-1(y), dz = dy * act'(z), xhat = (z - bias) /
+# weight (z without a weight; the caller passes a bias of 0 for bias=False).
+
+def _activate_(z: Tensor, activation: int, parameter: float) -> Tensor:
+    if activation == 1:
+        return torch.nn.functional.leaky_relu_(z, parameter)
+    if activation == 2:
+        return torch.nn.functional.elu_(z, parameter)
+    return z
+
+
+def normalize_activate(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float, activation: int, parameter: float,
+                       inplace: bool) -> Tensor:
+    """act(weight * (x - mean) * invstd + bias), written into x's storage when ``inplace``."""
+    y = _activate_(normalize(x, mean, var, weight, bias, eps), activation, parameter)
+    return x.copy_(y) if inplace else y
+
+
+def _preactivation(y: Tensor, dy: Tensor, activation: int, parameter: float) -> Tuple[Tensor, Tensor]:
+    """(z, dL/dz) from the output y and dL/dy (one fused op each where torch has one): the
+    activation inverted, and its derivative written in y."""
+    if activation == 1:
+        # leaky_relu with slope 1/s undoes leaky_relu with slope s.
+        return (torch.nn.functional.leaky_relu(y, 1.0 / parameter),
+                torch.ops.aten.leaky_relu_backward(dy, y, parameter, True))
+    if activation == 2:
+        # y > -alpha in exact arithmetic; the clamp keeps log finite where y rounded onto -alpha.
+        z = y.clamp(max=0.0).div_(parameter).clamp_(min=-1.0 + torch.finfo(y.dtype).eps).log1p_()
+        return z.add_(y.clamp(min=0.0)), torch.ops.aten.elu_backward(dy, parameter, 1.0, 1.0, True, y)
+    return y, dy
+
+
+def _activated_terms(dy: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     activation: int, parameter: float) -> Tuple[Tensor, Tensor]:
+    """(xhat, dz) in the accumulation dtype, from y and dy."""
+    acc = accumulation_dtype(y.dtype)
+    z, dz = _preactivation(y.to(acc), dy.to(acc), activation, parameter)
+    if weight is None:
+        return z, dz
+    ndim = y.dim()
+    return (z - channel_view(bias.to(acc), ndim)) / channel_view(weight.to(acc), ndim), dz
+
+
+def activated_backward_payload(dy: Tensor, y: Tensor, weight: Optional[Tensor],
+                               bias: Optional[Tensor], activation: int, parameter: float) -> Tensor:
+    """[sum dz (C), sum dz * xhat (C)] of the local batch, in fp64."""
+    xhat, dz = _activated_terms(dy, y, weight, bias, activation, parameter)
+    return torch.cat([_channel_sums_fp64(dz), _channel_sums_fp64(dz * xhat)])
+
+
+def activated_input_grad(dy: Tensor, y: Tensor, var: Tensor, weight: Optional[Tensor],
+                         bias: Optional[Tensor], eps: float, activation: int, parameter: float,
+                         group_sums: Tensor, count: Tensor) -> Tensor:
+    """dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)), means over the group;
+    scaled by the weight it inverts with (a NaN channel stays NaN). In y's dtype and layout."""
+    xhat, dz = _activated_terms(dy, y, weight, bias, activation, parameter)
+    acc, ndim = xhat.dtype, y.dim()
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    mean_dz, mean_dz_xhat = (group_sums.view(2, -1).to(acc) / count.to(acc).clamp(min=1.0)).unbind()
+    dx = torch.addcmul(dz - channel_view(mean_dz, ndim), xhat, channel_view(-mean_dz_xhat, ndim))
+    return dx.mul_(channel_view(scale, ndim)).to(y.dtype)

@@ -42,8 +42,7 @@ fails: any exception while importing Triton leaves ``TRITON_AVAILABLE`` False. B
 device first takes these kernels, :func:`usable` runs a small self-test there against the
 reference kernels; a failure to compile or a disagreement switches that device to the reference
 for good, with one warning. A kernel that fails later (a new shape's compile) does the same,
-and the call is served by the reference (the activated functions, which have no reference
-here, raise instead, naming syncbn and the switch).
+and the call is served by the reference.
 """
 from __future__ import annotations
 
@@ -72,6 +71,8 @@ __all__ = [
     "backward_sums",
     "input_grad",
     "group_totals",
+    "any_below_floor",
+    "update_stats",
     "normalize_activate",
     "activated_backward_payload",
     "activated_input_grad",
@@ -862,9 +863,9 @@ def _switch_off(device: torch.device, problem: str) -> None:
                       stacklevel=3)
 
 
-def _falls_back_to(reference_fn: Optional[Callable[..., Any]]):
+def _falls_back_to(reference_fn: Callable[..., Any]):
     """The kernel function, handing the call to ``reference_fn`` (same arguments, same
-    semantics) if it fails on CUDA; without a reference, the error names syncbn and the switch."""
+    semantics) if it fails on CUDA."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -876,10 +877,6 @@ def _falls_back_to(reference_fn: Optional[Callable[..., Any]]):
             except Exception as error:
                 problem = f"{fn.__name__.lstrip('_')} failed: {type(error).__name__}: {error}"
                 _switch_off(device, problem)
-                if reference_fn is None:
-                    raise RuntimeError(f"syncbn: a Triton kernel failed on {device} ({problem}); "
-                                       f"the next call takes syncbn's torch kernels, or set "
-                                       f"{SWITCH}") from error
                 return reference_fn(*args, **kwargs)
         return run
     return wrap
@@ -923,9 +920,13 @@ input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
 # The reduced payload's checks run on the host: the reference's (read only under the debug guard
 # or check_finite, as the read is a sync).
 group_totals = reference.group_totals
-normalize_activate = _falls_back_to(None)(_normalize_activate)
-activated_backward_payload = _falls_back_to(None)(_activated_backward_payload)
-activated_input_grad = _falls_back_to(None)(_activated_input_grad)
+# Host-side helpers of syncbn.activated (the floor check, a group of one's statistics): torch's.
+any_below_floor = reference.any_below_floor
+update_stats = reference.update_stats
+normalize_activate = _falls_back_to(reference.normalize_activate)(_normalize_activate)
+activated_backward_payload = _falls_back_to(reference.activated_backward_payload)(
+    _activated_backward_payload)
+activated_input_grad = _falls_back_to(reference.activated_input_grad)(_activated_input_grad)
 
 
 def self_test(device: torch.device) -> Optional[str]:
