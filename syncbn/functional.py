@@ -137,6 +137,14 @@ def recomputing_checkpoint() -> bool:
     return False
 
 
+def _host_reads_payload(device: torch.device, debug: bool, check_finite: bool) -> bool:
+    """Whether every rank reads the reduced forward payload on the host: free on CPU, a sync on a
+    GPU, taken there only under the debug guard or check_finite. A rank with invalid input follows
+    the same rule, so that it joins the all-reduce naming the invalid ranks exactly when the
+    others start it."""
+    return device.type == "cpu" or debug or check_finite
+
+
 def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    num_batches_tracked: Optional[Tensor], momentum: Optional[float], update: bool,
                    comm_key: int, layer: str, debug: bool, check_finite: bool
@@ -156,7 +164,7 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     all_reduce(comm, payload, layer, "forward", channels, debug)
     moments, shift = payload[:bnm.moments_numel(channels)], running_mean
     on_host = payload.device.type == "cpu"
-    if on_host or debug or check_finite:  # free on CPU, a sync on GPU
+    if _host_reads_payload(payload.device, debug, check_finite):
         totals = backend.group_totals(payload, channels, comm.size)
         _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
                             payload.device, debug)
@@ -250,7 +258,7 @@ def report_invalid_input(comm: Communicator, channels: int, device: torch.device
     payload = torch.zeros(forward_payload_numel(channels), dtype=torch.float64, device=device)
     payload[bnm.INVALID_INPUT] = 1.0
     all_reduce(comm, payload, layer, "forward", channels, debug)
-    if device.type == "cpu" or debug or check_finite:
+    if _host_reads_payload(device, debug, check_finite):
         _invalid_ranks(comm, device, layer, debug, invalid_here=True)
     raise problem
 
