@@ -327,16 +327,17 @@ def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optio
     so that ranks with different input dtypes still agree. The group sums are None when x needs
     no gradient.
     """
-    local_sums = local_sums.double()  # the backends give fp64 already: no copy then
-    channels = local_sums.numel() // 2
+    channels = local_sums.numel() // 2  # fp64, from every backend
     grad_weight = grad_bias = group_sums = None
     want_weight = weight is not None and ctx.needs_input_grad[1]
     want_bias = bias is not None and ctx.needs_input_grad[2]
     if want_weight or want_bias:
-        dtype = weight.dtype if weight is not None else bias.dtype
-        sum_dy, sum_dy_xhat = local_sums.view(2, channels).to(dtype, copy=True).unbind()
-        grad_weight = sum_dy_xhat if want_weight else None
-        grad_bias = sum_dy.to(bias.dtype) if want_bias else None
+        # One copy for both, in the parameters' dtype (a bias of another dtype: its own copy).
+        sums = local_sums.to(weight.dtype if weight is not None else bias.dtype, copy=True)
+        grad_weight = sums[channels:] if want_weight else None
+        grad_bias = sums[:channels] if want_bias else None
+        if grad_bias is not None and grad_bias.dtype != bias.dtype:
+            grad_bias = grad_bias.to(bias.dtype)
     if ctx.needs_input_grad[0]:
         if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
             group_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,

@@ -771,6 +771,7 @@ template <typename T>
 std::vector<double> round_to_accumulation(const double* mean, int64_t channels) {
   using A = typename Elem<T>::acc;
   std::vector<double> rounded(channels);
+#pragma omp simd
   for (int64_t c = 0; c < channels; ++c) rounded[c] = static_cast<double>(static_cast<A>(mean[c]));
   return rounded;
 }
@@ -961,6 +962,7 @@ void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& 
     const std::vector<double> m =
         round_mean ? round_to_accumulation<T>(mean, shape.c) : std::vector<double>(mean, mean + shape.c);
     Affine<A> k(shape.c);
+#pragma omp simd
     for (int64_t c = 0; c < shape.c; ++c) k.set(c, m[c], scale[c], shift[c], gain ? gain[c] : 0.0);
     auto* o = static_cast<typename Elem<T>::raw*>(out);
     if (gain) {
@@ -1414,6 +1416,7 @@ Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
   double* p = payload.mutable_data_ptr<double>();
   const double n = static_cast<double>(sh.count());
   p[0] = n;
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     // mean - K taken as (hi - K) + lo: no rounding of the mean to one double in between.
     const double offset = any ? (hi[c] - k[c]) + lo[c] : 0.0;
@@ -1440,7 +1443,9 @@ template <typename A>
 void lerp_into(Tensor& buffer, const double* value, double factor_in) {
   A* b = buffer.mutable_data_ptr<A>();
   const A factor = static_cast<A>(factor_in);
-  for (int64_t c = 0; c < buffer.numel(); ++c) b[c] = lerp<A>(b[c], static_cast<A>(value[c]), factor);
+  const int64_t channels = buffer.numel();
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) b[c] = lerp<A>(b[c], static_cast<A>(value[c]), factor);
 }
 
 void update_buffer(Tensor& buffer, const double* value, double factor, const char* name, int64_t channels) {
@@ -1473,6 +1478,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
   count.mutable_data_ptr<double>()[0] = total;
   double* mu = mean.mutable_data_ptr<double>();
   double* v = var.mutable_data_ptr<double>();
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const double offset = m[1 + c] / divisor, square = m[1 + C + c] / divisor;
     mu[c] = k[c] + offset;
@@ -1508,6 +1514,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
     if (!has_values) factor = 0.0;
     std::vector<double> unbiased(C);
     const double bessel = total / std::max(total - 1.0, 1.0);
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) unbiased[c] = v[c] * bessel;
     update_buffer(rm, mu, factor, "running_mean", C);
     update_buffer(rv, unbiased.data(), factor, "running_var", C);
@@ -1528,6 +1535,7 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
   const DType dtype = dtype_of(x, "normalize");
   Output out = output_like(x_in, x);
   std::vector<double> scale(C);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
   syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.data(),
                         b.data(), nullptr, false);
@@ -1548,6 +1556,7 @@ Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean
   if (sh.count() > 0 && C > 0) {
     syncbn_native::gradient_sums(dtype, dy.const_data_ptr(), x.const_data_ptr(), sh, mu.data(), s, s + C);
   }
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
   return sums;
 }
@@ -1572,6 +1581,7 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   // dx = a dy + b (x - mean) + c per channel; x - mean about the mean rounded to the accumulation
   // dtype, as backward_sums took it: dx is the exact gradient at the layer's own statistics.
   std::vector<double> gain(C), scale(C), shift(C);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
     gain[c] = a;
@@ -1604,29 +1614,37 @@ SYNCBN_NO_FMA_ATTRIBUTE Tensor group_checks(const Tensor& payload_in, int64_t wo
   TORCH_CHECK(payload_in.dim() == 1 && payload_in.numel() % 4 == 3 && world_size > 0,
               "syncbn_native::group_checks: expected a 4C+3 payload and a positive world size, got shape ",
               payload_in.sizes(), " and ", world_size);
-  const std::vector<double> values = doubles(payload_in);
-  const double* p = values.data();
+  const Tensor payload = payload_in.to(at::kCPU, at::kDouble).contiguous();  // itself, where it is
+  const double* p = payload.const_data_ptr<double>();
   const int64_t C = (payload_in.numel() - 3) / 4, n = payload_in.numel();
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(p[i]);
+  int finite = 1;
+#pragma omp simd reduction(& : finite)
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
   const double count = p[0], divisor = std::max(count, 1.0), ranks = static_cast<double>(world_size);
   const double fp64_ranks = p[n - 1];
   const double tolerance = (fp64_ranks == 0.0 || fp64_ranks == ranks) ? shift_tolerance : mixed_dtype_shift_tolerance;
   const double squared_tolerance = tolerance * tolerance;
   const double limit = fp64_ranks != 0.0 ? 1.0 : fp32_condition_limit / (ranks + 1.0);
-  bool ill_conditioned = false;
-  std::vector<double> checks = {count, p[n - 2], fp64_ranks, finite ? 1.0 : 0.0, 0.0};
+  // Per channel, branch-free (so it vectorizes: a layer has thousands of channels): whether its
+  // shifts differ, and whether its merge is ill-conditioned; the differing ones listed after.
+  std::vector<uint8_t> differs(C);
+  const double *s1 = p + 1, *s2 = p + 1 + C, *k1 = p + 1 + 2 * C, *k2 = p + 1 + 3 * C;
+  int ill_conditioned = 0;
+#pragma omp simd reduction(| : ill_conditioned)
   for (int64_t c = 0; c < C; ++c) {
-    const double offset = p[1 + c] / divisor;
+    const double offset = s1[c] / divisor;
     const double square = offset * offset;
-    double var = p[1 + C + c] / divisor - square;
+    double var = s2[c] / divisor - square;
     var = var < 0.0 ? 0.0 : var;  // np.maximum: NaN stays NaN
-    const double k_mean = p[1 + 2 * C + c] / ranks, k2_mean = p[1 + 3 * C + c] / ranks;
+    const double k_mean = k1[c] / ranks, k2_mean = k2[c] / ranks;
     const double spread = k2_mean - k_mean * k_mean;
-    if (spread > squared_tolerance * (k2_mean + var)) checks.push_back(static_cast<double>(c));
-    ill_conditioned = ill_conditioned || square > limit * var;
+    differs[c] = spread > squared_tolerance * (k2_mean + var);
+    ill_conditioned |= square > limit * var;
   }
-  checks[4] = ill_conditioned ? 1.0 : 0.0;
+  std::vector<double> checks = {count, p[n - 2], fp64_ranks, finite ? 1.0 : 0.0, ill_conditioned ? 1.0 : 0.0};
+  for (int64_t c = 0; c < C; ++c) {
+    if (differs[c]) checks.push_back(static_cast<double>(c));
+  }
   Tensor result = at::empty({static_cast<int64_t>(checks.size())}, payload_in.options().dtype(at::kDouble));
   std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
   return result;
@@ -1701,6 +1719,7 @@ void normalize_activate_into(const Tensor& x, const Shape& sh, void* out, const 
   std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
   std::vector<double> b = channel_values(bias, C, 0.0, op, "bias");
   std::vector<double> scale(C);
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
   syncbn_native::normalize_activate(dtype_of(x, op), x.const_data_ptr(), out, sh, mu.data(), scale.data(), b.data(),
                                     static_cast<int>(activation), parameter);

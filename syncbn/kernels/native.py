@@ -132,7 +132,7 @@ def _arch_flags() -> List[str]:
 def _flags() -> List[str]:
     """Compile flags of both parts (see _build)."""
     # -ffp-contract=fast: a * b + c may be one fused multiply-add (ISO mode would forbid it).
-    return ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi",
+    return ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *_arch_flags()]
 
 
