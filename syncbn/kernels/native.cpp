@@ -98,8 +98,8 @@ constexpr int64_t kBlock = 4096;
 // Rows per block in the interleaved layout, at least (wide rows: the block's per-channel
 // bookkeeping is amortized over this many values per channel; the block then lives in L2).
 constexpr int64_t kMinBlockRows = 64;
-// Rows of interleaved input taken together per channel vector: its coefficients (elementwise
-// passes) are loaded, and its fp64 sums (reductions, kRowGroup * kFlush rows) written, once.
+// Rows of interleaved input a reduction takes together per channel vector: its fp64 sums are
+// written once per kRowGroup * kFlush rows.
 constexpr int64_t kRowGroup = 4;
 // Values per task at least, and tasks at most: enough tasks to balance many threads, few
 // enough partial results to keep their merge negligible.
@@ -723,24 +723,21 @@ void affine_pass(const typename Elem<T>::raw* xp, const typename Elem<T>::raw* d
   const int64_t C = sh.c;
   if (sh.interleaved) {
     const int64_t whole = std::is_same_v<A, float> ? C - C % kLanes : 0;
+    // Row by row, in memory order: each output row is written whole, front to back, the
+    // coefficients read from L1. (Taking a few rows per channel vector instead makes several
+    // write streams of partial cache lines: as fast alone, up to 1.8x slower inside a training
+    // step, where the output is fresh memory.)
     for_tasks(sh.n, C, [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin; r0 < end; r0 += kRowGroup) {
-        const int64_t r1 = std::min(end, r0 + kRowGroup);
+      for (int64_t r = begin; r < end; ++r) {
         if constexpr (std::is_same_v<A, float>) {
           for (int64_t c = 0; c < whole; c += kLanes) {
-            const f32v h = load_f32(hi + c), s = load_f32(sc + c), b = load_f32(sf + c);
-            const f32v g = kGrad ? load_f32(ga + c) : f32v{};
-            for (int64_t r = r0; r < r1; ++r) {
-              f32v v = (load_f32(xp + r * C + c) - h) * s + b;
-              if constexpr (kGrad) v = g * load_f32(dp + r * C + c) + v;
-              store_f32(op + r * C + c, v);
-            }
+            f32v v = (load_f32(xp + r * C + c) - load_f32(hi + c)) * load_f32(sc + c) + load_f32(sf + c);
+            if constexpr (kGrad) v = load_f32(ga + c) * load_f32(dp + r * C + c) + v;
+            store_f32(op + r * C + c, v);
           }
         }
-        for (int64_t r = r0; r < r1; ++r) {
 #pragma omp simd
-          for (int64_t c = whole; c < C; ++c) one(r * C + c, c);
-        }
+        for (int64_t c = whole; c < C; ++c) one(r * C + c, c);
       }
     });
     return;
