@@ -40,11 +40,20 @@ class CollectiveMismatchError(CollectiveError):
     """Ranks were about to issue different SyncBatchNorm collectives (debug guard)."""
 
 
+# SYNCBN_DEBUG, read once, by the first call that asks (None: not yet): every training forward
+# asks, and an environment lookup costs as much there as one of the layer's small ops.
+_debug_by_default: Optional[bool] = None
+
+
 def debug_enabled(requested: Optional[bool] = None) -> bool:
-    """``requested`` if given, else whether SYNCBN_DEBUG is set to a true value."""
+    """``requested`` if given, else whether SYNCBN_DEBUG is set to a true value (as it was when
+    first asked: by the first training forward of a layer in a group)."""
+    global _debug_by_default
     if requested is not None:
         return requested
-    return os.environ.get("SYNCBN_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    if _debug_by_default is None:
+        _debug_by_default = os.environ.get("SYNCBN_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    return _debug_by_default
 
 
 # Texts behind the codes this process has sent: ranks running the same model know each

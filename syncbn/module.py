@@ -23,7 +23,7 @@ class SyncBatchNorm(_BatchNorm):
     :func:`syncbn.convert_sync_batchnorm` sets it to the module's path in the model. A layer
     without a name is known by its construction order (``#k``), which is the same on every
     rank that built the same model, so the debug guard tells unnamed layers apart.
-    ``debug`` turns on the collective cross-check (default: the SYNCBN_DEBUG variable);
+    ``debug`` turns on the collective cross-check (default: SYNCBN_DEBUG, read once);
     ``check_finite`` refuses NaN/Inf batches on every rank before running statistics change.
     """
 

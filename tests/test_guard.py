@@ -1,7 +1,10 @@
 """Failures are loud, fast and raised on every rank: the guard, group-wide errors, timeouts."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -57,6 +60,41 @@ def test_debug_guard_adds_one_small_cross_check_before_each_collective():
     # a (world size x 5) fingerprint table before the 4C+3 forward and 2C backward payloads
     assert recording.calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
 
+
+
+_GUARD_CALLS_SCRIPT = """
+import os, sys, torch, syncbn
+from syncbn.comm import Communicator
+from syncbn.testing import RecordingCommunicator
+
+class TwoIdenticalRanks(Communicator):  # one process standing in for two ranks that agree
+    rank, size = 0, 2
+    def all_reduce_sum_(self, tensor):
+        return tensor.mul_(2)
+
+recording = RecordingCommunicator(TwoIdenticalRanks())
+layer = syncbn.SyncBatchNorm(3, process_group=recording)
+for value in sys.argv[1:]:  # set before each step; read by the first
+    os.environ["SYNCBN_DEBUG"] = value
+    recording.calls.clear()
+    try:  # the guard's cross-check cannot pass here: rank 1's fingerprint never arrives
+        layer(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    except syncbn.CollectiveMismatchError:
+        pass
+    print(recording.calls[0][0])  # what the step reduced first
+"""
+
+
+@pytest.mark.parametrize("first, then, guarded", [("1", "0", True), ("0", "1", False), ("", "1", False)])
+def test_syncbn_debug_turns_the_guard_on_as_set_at_the_first_training_step(first, then, guarded):
+    env = {k: v for k, v in os.environ.items() if k != "SYNCBN_DEBUG"}
+    done = subprocess.run([sys.executable, "-c", _GUARD_CALLS_SCRIPT, first, then], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # guarded: each step first reduces the guard's fingerprints (world size x 5 values), else the
+    # forward payload (4C+3); the value at the first step holds for the second
+    first_reduced = "10" if guarded else "15"
+    assert done.stdout.split() == [first_reduced, first_reduced]
 
 @ranks_over_each_backend(3, timeout=60)
 def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank, backend):

@@ -433,8 +433,9 @@ CLAIMS: List[Claim] = [
           GUARD + "test_by_default_nan_propagates_like_batchnorm",
           GUARD + "test_check_finite_refuses_a_nan_batch_on_every_rank_and_keeps_running_stats",
           GUARD + "test_check_finite_refuses_a_non_finite_batch_in_a_group_of_one_and_keeps_running_stats"),
-    claim("**Debug guard**: `SYNCBN_DEBUG=1` (or `debug=True`) makes ranks cross-check",
-          GUARD + "test_debug_guard_names_different_channel_counts_across_ranks",
+    claim("**Debug guard**: `SYNCBN_DEBUG=1` (read at the first training step) or `debug=True` makes "
+          "ranks cross-check", GUARD + "test_debug_guard_names_different_channel_counts_across_ranks",
+          GUARD + "test_syncbn_debug_turns_the_guard_on_as_set_at_the_first_training_step",
           GUARD + "test_debug_guard_adds_one_small_cross_check_before_each_collective",
           MATRIX + "test_row3_debug_guard_tells_unnamed_layers_of_the_same_width_apart",
           BENCH + "test_guard_rows_compare_debug_on_and_off_at_world_size_2", *SKIPPED_LAYER),
