@@ -137,12 +137,12 @@ def recomputing_checkpoint() -> bool:
     return False
 
 
-def _host_reads_payload(device: torch.device, debug: bool, check_finite: bool) -> bool:
+def _host_reads_payload(on_cpu: bool, debug: bool, check_finite: bool) -> bool:
     """Whether every rank reads the reduced forward payload on the host: free on CPU, a sync on a
     GPU, taken there only under the debug guard or check_finite. A rank with invalid input follows
     the same rule, so that it joins the all-reduce naming the invalid ranks exactly when the
     others start it."""
-    return device.type == "cpu" or debug or check_finite
+    return on_cpu or debug or check_finite
 
 
 def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -163,13 +163,12 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     finite_here = check_finite and bool(torch.isfinite(payload).all())  # check_finite syncs anyway
     all_reduce(comm, payload, layer, "forward", channels, debug)
     moments, shift = payload[:bnm.moments_numel(channels)], running_mean
-    on_host = payload.device.type == "cpu"
-    if _host_reads_payload(payload.device, debug, check_finite):
+    on_cpu = x.is_cpu  # the payload is on x's device
+    if _host_reads_payload(on_cpu, debug, check_finite):
         totals = backend.group_totals(payload, channels, comm.size)
-        _raise_group_errors(totals, comm, layer, list(x.shape), check_finite, finite_here,
-                            payload.device, debug)
+        _raise_group_errors(totals, comm, layer, x, check_finite, finite_here, debug)
         # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-        if on_host and totals.ill_conditioned:
+        if on_cpu and totals.ill_conditioned:
             # Merge again, from the data, about the global mean just found (the same on every rank).
             _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
             moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
@@ -197,12 +196,12 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, update, comm_
 _sync_moments.register_kernel("meta")(_group_moments)
 
 
-def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str, shape: List[int],
-                        check_finite: bool, finite_here: bool, device: torch.device,
-                        debug: bool) -> None:
-    """Errors every rank can see in the reduced payload, so all of them raise together."""
+def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str, x: Tensor,
+                        check_finite: bool, finite_here: bool, debug: bool) -> None:
+    """Errors every rank can see in the reduced payload, so all of them raise together (``x``:
+    this rank's input, named in them)."""
     if totals.invalid_ranks:
-        bad = _invalid_ranks(comm, device, layer, debug, invalid_here=False)
+        bad = _invalid_ranks(comm, x.device, layer, debug, invalid_here=False)
         raise CollectiveError(f"{layer}: {_ranks_text(bad, comm.size)} gave this layer invalid input "
                               "(see their error); no statistics were updated")
     if totals.differing_channels:
@@ -212,7 +211,7 @@ def _raise_group_errors(totals: bnm.GroupTotals, comm: Communicator, layer: str,
                          "rank, or let DistributedDataParallel broadcast buffers (its default); no "
                          "statistics were updated")
     if totals.count == 1:
-        raise _single_value_error(layer, comm.rank, shape)
+        raise _single_value_error(layer, comm.rank, list(x.shape))
     if check_finite and not totals.finite:
         raise _non_finite_error(layer, "not this rank's" if finite_here else "including this rank's")
 
@@ -258,7 +257,7 @@ def report_invalid_input(comm: Communicator, channels: int, device: torch.device
     payload = torch.zeros(forward_payload_numel(channels), dtype=torch.float64, device=device)
     payload[bnm.INVALID_INPUT] = 1.0
     all_reduce(comm, payload, layer, "forward", channels, debug)
-    if _host_reads_payload(device, debug, check_finite):
+    if _host_reads_payload(device.type == "cpu", debug, check_finite):
         _invalid_ranks(comm, device, layer, debug, invalid_here=True)
     raise problem
 
@@ -277,9 +276,10 @@ def group_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
                      ) -> Tuple[Tensor, Tensor, Tensor]:
     """(count, mean, biased var) of the group; the running statistics updated, except in a
     checkpoint's recompute of this step."""
-    update = running_mean is not None and (torch.compiler.is_compiling() or not recomputing_checkpoint())
+    compiling = torch.compiler.is_compiling()
+    update = running_mean is not None and (compiling or not recomputing_checkpoint())
     # Eager calls skip the operator's dispatch (tens of µs a call on CPU): the same body.
-    merge = _sync_moments if torch.compiler.is_compiling() else _group_moments
+    merge = _sync_moments if compiling else _group_moments
     return merge(x, running_mean, running_var, num_batches_tracked, momentum, update, comm_key,
                  layer, debug, check_finite)
 

@@ -87,10 +87,10 @@ def group_totals(payload: torch.Tensor, channels: int, world_size: int) -> bnm.G
     call instead of a dozen numpy calls: the decisions are numpy's, bitwise."""
     checks = group_checks(payload, world_size, bnm.SHIFT_TOLERANCE,  # noqa: F821 (bound by _bind)
                           bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT).tolist()
-    count, invalid_ranks, fp64_ranks, finite, ill_conditioned = checks[:5]
+    count, invalid_ranks, fp64_ranks, finite, ill_conditioned, *differing = checks
     return bnm.GroupTotals(count, int(invalid_ranks), int(fp64_ranks),
-                           tuple(int(channel) for channel in checks[5:]), bool(finite),
-                           bool(ill_conditioned))
+                           tuple(map(int, differing)) if differing else (), finite != 0,
+                           ill_conditioned != 0)
 
 
 def normalize_activate(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
