@@ -309,7 +309,8 @@ class _SyncBatchNorm(torch.autograd.Function):
 def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, weight, bias, mean, var, count = ctx.saved_tensors
     backend = kernels.for_input(x)
-    dy = dy.contiguous(memory_format=memory_format(x))
+    if dy.stride() != x.stride():  # the kernels take dy in x's layout
+        dy = dy.contiguous(memory_format=memory_format(x))
     local_sums = backend.backward_sums(dy, x, mean, var, ctx.eps)
     grad_weight, grad_bias, group_sums = backward_sums(ctx, local_sums, weight, bias)
     grad_x = None
