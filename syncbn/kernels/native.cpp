@@ -853,38 +853,43 @@ bool row_grad_sums(const typename Elem<T>::raw* dy, const typename Elem<T>::raw*
   return !(std::is_same_v<P, float> && probe != 0.0);
 }
 
+// Two per-channel sums over the rows of interleaved input, added to (sum_a, sum_b): the rows are
+// split into tasks by the shape alone (the result is the same, bitwise, at any thread count),
+// task_sums(r0, r1, a, b) writes the sums of rows [r0, r1) to a task's own a and b (C each, not
+// zeroed), and the tasks' sums are added in task order.
+template <typename TaskSums>
+void interleaved_sums(const Shape& sh, double* sum_a, double* sum_b, const TaskSums& task_sums) {
+  const int64_t C = sh.c, R = sh.n;
+  // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
+  const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
+  Scratch<double, 4> scratch(tasks * 2 * C);
+  double* parts = scratch.data();
+  for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      double* a = parts + task * 2 * C;
+      task_sums(R * task / tasks, R * (task + 1) / tasks, a, a + C);
+    }
+  });
+  for (int64_t task = 0; task < tasks; ++task) {
+    const double* part = parts + task * 2 * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sum_a[c] += part[c];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sum_b[c] += part[C + c];
+  }
+}
+
 template <typename T>
 void grad_sums(const typename Elem<T>::raw* dp, const typename Elem<T>::raw* xp, const Shape& sh,
                const std::vector<double>& mean, double* sum_dy, double* sum_dyx) {
   const int64_t C = sh.c;
   if (sh.interleaved) {
-    const int64_t R = sh.n;
-    // At least kMinBlockRows rows a task: its set-up and its partial sums cost O(C).
-    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
-    Scratch<double, 4> scratch(tasks * 2 * C);
-    double* parts = scratch.data();
-    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-      Scratch<float, 5> narrow(std::is_same_v<T, double> ? 0 : C);
-      Scratch<double, 6> wide(C);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-        double* a = parts + task * 2 * C;
-        with_partials<T>([&]<typename P>() {
-          if constexpr (std::is_same_v<P, float>) {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), narrow.data(), a, a + C);
-          } else {
-            return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), wide.data(), a, a + C);
-          }
-        });
-      }
+    interleaved_sums(sh, sum_dy, sum_dyx, [&](int64_t r0, int64_t r1, double* a, double* b) {
+      with_partials<T>([&]<typename P>() {
+        Scratch<P, 5> mean_in_p(C);  // the thread's own buffer, kept from task to task
+        return row_grad_sums<T, P>(dp, xp, C, r0, r1, mean.data(), mean_in_p.data(), a, b);
+      });
     });
-    for (int64_t task = 0; task < tasks; ++task) {
-      const double* part = parts + task * 2 * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sum_dy[c] += part[c];
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sum_dyx[c] += part[C + c];
-    }
     return;
   }
   const int64_t N = sh.n, S = sh.s;
@@ -1098,47 +1103,32 @@ void activated_sums_pass(const typename Elem<T>::raw* dp, const typename Elem<T>
   const A p = k.parameter, ip = k.inverse_parameter;
   const int64_t C = sh.c;
   if (sh.interleaved) {
-    const int64_t R = sh.n;
-    const int64_t tasks = task_count(sh.numel(), ceil_div(R, kMinBlockRows));
-    Scratch<double, 8> scratch(tasks * 2 * C);
-    double* parts = scratch.data();
-    for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-      Scratch<A, 9> narrow(2 * C);
+    interleaved_sums(sh, sum_dz, sum_dz_xhat, [&](int64_t r0, int64_t r1, double* a, double* b) {
+      Scratch<A, 9> narrow(2 * C);  // the thread's own buffer, kept from task to task
       A* pa = narrow.data();
       A* pb = pa + C;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-        double* a = parts + task * 2 * C;
-        double* b = a + C;
-        std::fill(a, a + 2 * C, 0.0);
-        for (int64_t g0 = r0; g0 < r1; g0 += kActRowFlush) {
-          std::fill(pa, pa + 2 * C, A(0));
-          for (int64_t r = g0; r < std::min(r1, g0 + kActRowFlush); ++r) {
-            const auto* dq = dp + r * C;
-            const auto* yq = yp + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              A z, dz;
-              preactivation<A, kAct>(Elem<T>::load(yq[c]), Elem<T>::load(dq[c]), p, ip, z, dz);
-              pa[c] += dz;
-              pb[c] += dz * ((z - bi[c]) * re[c]);
-            }
-          }
+      std::fill(a, a + C, 0.0);
+      std::fill(b, b + C, 0.0);
+      for (int64_t g0 = r0; g0 < r1; g0 += kActRowFlush) {
+        std::fill(pa, pa + 2 * C, A(0));
+        for (int64_t r = g0; r < std::min(r1, g0 + kActRowFlush); ++r) {
+          const auto* dq = dp + r * C;
+          const auto* yq = yp + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            a[c] += static_cast<double>(pa[c]);
-            b[c] += static_cast<double>(pb[c]);
+            A z, dz;
+            preactivation<A, kAct>(Elem<T>::load(yq[c]), Elem<T>::load(dq[c]), p, ip, z, dz);
+            pa[c] += dz;
+            pb[c] += dz * ((z - bi[c]) * re[c]);
           }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          a[c] += static_cast<double>(pa[c]);
+          b[c] += static_cast<double>(pb[c]);
         }
       }
     });
-    for (int64_t task = 0; task < tasks; ++task) {
-      const double* part = parts + task * 2 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dz[c] += part[c];
-        sum_dz_xhat[c] += part[C + c];
-      }
-    }
     return;
   }
   const int64_t N = sh.n, S = sh.s;
