@@ -94,7 +94,8 @@ def compute_plan(mode: str) -> ComputePlan:
         return ComputePlan(tuple(ISSUE_SHAPES), threads, warmup=1, reps=5)
     resnet50 = tuple((n, c) + spatial for c, spatial in RESNET50_LAYERS for n in (2, 8, 16))
     shapes = tuple(dict.fromkeys(tuple(ISSUE_SHAPES) + resnet50))  # the issue's first, no repeats
-    return ComputePlan(shapes, threads, warmup=3, reps=25)  # single steps on a shared machine: enough for a stable median
+    # Medians of single steps on a shared machine: 25 keep a row steady between runs, 9 did not.
+    return ComputePlan(shapes, threads, warmup=3, reps=25)
 
 
 def compute_goal(shape: Tuple[int, ...]) -> float:

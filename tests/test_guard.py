@@ -61,7 +61,6 @@ def test_debug_guard_adds_one_small_cross_check_before_each_collective():
     assert recording.calls == [(10, torch.float64), (15, torch.float64), (10, torch.float64), (6, torch.float64)]
 
 
-
 _GUARD_CALLS_SCRIPT = """
 import os, sys, torch, syncbn
 from syncbn.comm import Communicator
@@ -95,6 +94,7 @@ def test_syncbn_debug_turns_the_guard_on_as_set_at_the_first_training_step(first
     # forward payload (4C+3); the value at the first step holds for the second
     first_reduced = "10" if guarded else "15"
     assert done.stdout.split() == [first_reduced, first_reduced]
+
 
 @ranks_over_each_backend(3, timeout=60)
 def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging(rank, backend):
