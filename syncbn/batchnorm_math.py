@@ -164,6 +164,14 @@ def group_totals(payload: np.ndarray, channels: int, world_size: int) -> GroupTo
     return _group_totals(payload, channels, world_size, finite)
 
 
+def statistics_ready(totals: GroupTotals, check_finite: bool) -> bool:
+    """Whether the group's statistics follow from the reduced payload as it is: no rank's input
+    invalid, no shift differing, more than one value, finite where ``check_finite`` asks, and a
+    well-conditioned merge. Otherwise there is an error to raise or (on CPU) a merge to redo."""
+    return not (totals.invalid_ranks or totals.differing_channels or totals.count == 1
+                or (check_finite and not totals.finite) or totals.ill_conditioned)
+
+
 def _group_totals(payload: np.ndarray, channels: int, world_size: int, finite: bool) -> GroupTotals:
     c = channels
     count = float(payload[0])

@@ -162,19 +162,26 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     payload = backend.forward_payload(x, running_mean)
     finite_here = check_finite and bool(torch.isfinite(payload).all())  # check_finite syncs anyway
     all_reduce(comm, payload, layer, "forward", channels, debug)
-    moments, shift = payload[:bnm.moments_numel(channels)], running_mean
-    on_cpu = x.is_cpu  # the payload is on x's device
-    if _host_reads_payload(on_cpu, debug, check_finite):
-        totals = backend.group_totals(payload, channels, comm.size)
-        _raise_group_errors(totals, comm, layer, x, check_finite, finite_here, debug)
-        # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-        if on_cpu and totals.ill_conditioned:
-            # Merge again, from the data, about the global mean just found (the same on every rank).
-            _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
-            moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
-                                 "forward, re-centred", channels, debug)
+    shift = running_mean
     if not update:
         running_mean = running_var = num_batches_tracked = None
+    on_cpu = x.is_cpu  # the payload is on x's device
+    if not _host_reads_payload(on_cpu, debug, check_finite):
+        return backend.finalize(payload[:bnm.moments_numel(channels)], shift, running_mean,
+                                running_var, num_batches_tracked, momentum)
+    # The common case in one call: the checks pass and the statistics are final.
+    checked = backend.checked_finalize(payload, shift, running_mean, running_var,
+                                       num_batches_tracked, momentum, comm.size, check_finite)
+    if not isinstance(checked, bnm.GroupTotals):
+        return checked
+    _raise_group_errors(checked, comm, layer, x, check_finite, finite_here, debug)
+    moments = payload[:bnm.moments_numel(channels)]
+    # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
+    if on_cpu and checked.ill_conditioned:
+        # Merge again, from the data, about the global mean just found (the same on every rank).
+        _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
+        moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
+                             "forward, re-centred", channels, debug)
     return backend.finalize(moments, shift, running_mean, running_var, num_batches_tracked, momentum)
 
 

@@ -451,6 +451,45 @@ def test_group_totals_cases_reach_every_decision():
     assert {0.0, 1.0, 96.0} <= {t.count for t in totals}
 
 
+@pytest.mark.parametrize("check_finite", [False, True])
+@pytest.mark.parametrize("name,payload,world", _adversarial_payloads(), ids=lambda v: v if isinstance(v, str) else "")
+def test_native_checked_finalize_decides_and_updates_as_the_reference(native_kernels, name, payload, world,
+                                                                      check_finite):
+    """checked_finalize, one native call, against the reference's group_totals and finalize: the
+    same readiness on every payload, the same statistics and running-stat update where ready,
+    the same totals and buffers left untouched where not."""
+    channels = (payload.numel() - 3) // 4
+    results = []
+    for backend in (native_kernels, reference):
+        shift = torch.linspace(-1.0, 1.0, channels)
+        buffers = [shift.clone(), torch.linspace(0.5, 2.0, channels), torch.tensor(3)]
+        checked = backend.checked_finalize(payload.clone(), shift, *buffers, 0.1, world, check_finite)
+        results.append((checked, buffers))
+    (ours, our_buffers), (theirs, their_buffers) = results
+    totals = reference.group_totals(payload, channels, world)
+    assert isinstance(theirs, bnm.GroupTotals) == (not bnm.statistics_ready(totals, check_finite))
+    assert type(ours) is type(theirs)
+    if isinstance(theirs, bnm.GroupTotals):
+        assert ours == theirs == totals
+        assert int(our_buffers[2]) == int(their_buffers[2]) == 3  # nothing updated
+        torch.testing.assert_close(our_buffers[0], torch.linspace(-1.0, 1.0, channels), rtol=0, atol=0)
+    else:
+        # NaN where the payload has one (check_finite off lets it through, as torch does)
+        torch.testing.assert_close(ours[:2], theirs[:2], rtol=2 * U64, atol=0.0, equal_nan=True)
+        torch.testing.assert_close(ours[2], theirs[2], rtol=1e-12, atol=1e-300, equal_nan=True)
+        assert int(our_buffers[2]) == int(their_buffers[2]) == 3 + (totals.count > 0)
+        for a, b in zip(our_buffers[:2], their_buffers[:2]):
+            torch.testing.assert_close(a, b, rtol=2 * torch.finfo(F32).eps, atol=0.0, equal_nan=True)
+
+
+def test_checked_finalize_cases_are_ready_and_not():
+    """The payloads reach both outcomes of checked_finalize (the comparison above cannot pass on
+    one path alone)."""
+    ready = [bnm.statistics_ready(reference.group_totals(payload, (payload.numel() - 3) // 4, world), False)
+             for _, payload, world in _adversarial_payloads()]
+    assert any(ready) and not all(ready)
+
+
 # --- torch.compile: fake implementations and mutation annotations -------------------------------------
 
 def test_operators_pass_opcheck(native_kernels):

@@ -11,7 +11,10 @@ Every backend module has the same functions with the same semantics (those of
 - ``backward_sums(dy, x, mean, var, eps)``: [sum dy, sum dy * xhat] (2C fp64);
 - ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient;
 - ``group_totals(payload, channels, world_size)``: what the reduced payload says about the group
-  (a host read: batchnorm_math.group_totals).
+  (a host read: batchnorm_math.group_totals);
+- ``checked_finalize(payload, shift, running_mean, running_var, num_batches_tracked, momentum,
+  world_size, check_finite)``: ``finalize`` of the reduced payload where
+  batchnorm_math.statistics_ready holds, else its group totals and nothing updated (a host read).
 
 and, for SyncBatchNormAct (:mod:`syncbn.activated`), whose backward works from its output y:
 

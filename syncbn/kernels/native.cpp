@@ -1448,19 +1448,15 @@ void update_buffer(Tensor& buffer, const double* value, double factor, const cha
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const optional<Tensor>& shift,
-                                            const optional<Tensor>& running_mean,
-                                            const optional<Tensor>& running_var,
-                                            const optional<Tensor>& num_batches_tracked,
-                                            optional<double> momentum) {
-  TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
-              "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
-  const std::vector<double> moments = doubles(moments_in);
-  const int64_t C = (moments_in.numel() - 1) / 2;
+// finalize on the reduced moments m = [n, S1 (C), S2 (C)], read on the host.
+std::tuple<Tensor, Tensor, Tensor> finalize_moments(const double* m, int64_t C, const at::TensorOptions& options,
+                                                    const optional<Tensor>& shift,
+                                                    const optional<Tensor>& running_mean,
+                                                    const optional<Tensor>& running_var,
+                                                    const optional<Tensor>& num_batches_tracked,
+                                                    optional<double> momentum) {
   std::vector<double> k = channel_values(shift, C, 0.0, "finalize", "shift");
-  const double* m = moments.data();
   const double total = m[0], divisor = std::max(total, 1.0);
-  auto options = moments_in.options().dtype(at::kDouble);
   Tensor count = at::empty({}, options), mean = at::empty({C}, options), var = at::empty({C}, options);
   count.mutable_data_ptr<double>()[0] = total;
   double* mu = mean.mutable_data_ptr<double>();
@@ -1507,6 +1503,18 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
     update_buffer(rv, unbiased.data(), factor, "running_var", C);
   }
   return {count, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const optional<Tensor>& shift,
+                                            const optional<Tensor>& running_mean,
+                                            const optional<Tensor>& running_var,
+                                            const optional<Tensor>& num_batches_tracked,
+                                            optional<double> momentum) {
+  TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
+              "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
+  const std::vector<double> moments = doubles(moments_in);
+  return finalize_moments(moments.data(), (moments_in.numel() - 1) / 2, moments_in.options().dtype(at::kDouble),
+                          shift, running_mean, running_var, num_batches_tracked, momentum);
 }
 
 // --- normalize -----------------------------------------------------------------------------------
@@ -1595,15 +1603,11 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
 #define SYNCBN_NO_FMA_ATTRIBUTE __attribute__((optimize("fp-contract=off")))
 #endif
 
-SYNCBN_NO_FMA_ATTRIBUTE Tensor group_checks(const Tensor& payload_in, int64_t world_size, double shift_tolerance,
-                                            double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
+SYNCBN_NO_FMA_ATTRIBUTE std::vector<double> checks_of(const double* p, int64_t n, int64_t world_size,
+                                                      double shift_tolerance, double mixed_dtype_shift_tolerance,
+                                                      double fp32_condition_limit) {
   SYNCBN_NO_FMA
-  TORCH_CHECK(payload_in.dim() == 1 && payload_in.numel() % 4 == 3 && world_size > 0,
-              "syncbn_native::group_checks: expected a 4C+3 payload and a positive world size, got shape ",
-              payload_in.sizes(), " and ", world_size);
-  const Tensor payload = payload_in.to(at::kCPU, at::kDouble).contiguous();  // itself, where it is
-  const double* p = payload.const_data_ptr<double>();
-  const int64_t C = (payload_in.numel() - 3) / 4, n = payload_in.numel();
+  const int64_t C = (n - 3) / 4;
   int finite = 1;
 #pragma omp simd reduction(& : finite)
   for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
@@ -1632,9 +1636,56 @@ SYNCBN_NO_FMA_ATTRIBUTE Tensor group_checks(const Tensor& payload_in, int64_t wo
   for (int64_t c = 0; c < C; ++c) {
     if (differs[c]) checks.push_back(static_cast<double>(c));
   }
+  return checks;
+}
+
+// The reduced 4C+3 payload on the host as fp64: itself, where it is one already.
+Tensor host_payload(const Tensor& payload_in, int64_t world_size, const char* op) {
+  TORCH_CHECK(payload_in.dim() == 1 && payload_in.numel() % 4 == 3 && world_size > 0, "syncbn_native::", op,
+              ": expected a 4C+3 payload and a positive world size, got shape ", payload_in.sizes(), " and ",
+              world_size);
+  return payload_in.to(at::kCPU, at::kDouble).contiguous();
+}
+
+Tensor group_checks(const Tensor& payload_in, int64_t world_size, double shift_tolerance,
+                    double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
+  const Tensor payload = host_payload(payload_in, world_size, "group_checks");
+  const std::vector<double> checks = checks_of(payload.const_data_ptr<double>(), payload.numel(), world_size,
+                                               shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit);
   Tensor result = at::empty({static_cast<int64_t>(checks.size())}, payload_in.options().dtype(at::kDouble));
   std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
   return result;
+}
+
+// --- checked_finalize ----------------------------------------------------------------------------
+
+// group_checks, then finalize where the checks leave nothing to do first (batchnorm_math.
+// statistics_ready: no rank's input invalid, no shift differing, more than one value, finite where
+// asked, a well-conditioned merge): (ready, checks, count, mean, var). One call instead of two
+// for a small layer's every step; when not ready nothing is updated, the checks are returned (the
+// caller raises or merges again) and count, mean and var are empty.
+std::tuple<bool, Tensor, Tensor, Tensor, Tensor> checked_finalize(
+    const Tensor& payload_in, const optional<Tensor>& shift, const optional<Tensor>& running_mean,
+    const optional<Tensor>& running_var, const optional<Tensor>& num_batches_tracked, optional<double> momentum,
+    int64_t world_size, double shift_tolerance, double mixed_dtype_shift_tolerance, double fp32_condition_limit,
+    bool check_finite) {
+  const Tensor payload = host_payload(payload_in, world_size, "checked_finalize");
+  const double* p = payload.const_data_ptr<double>();
+  std::vector<double> checks = checks_of(p, payload.numel(), world_size, shift_tolerance,
+                                         mixed_dtype_shift_tolerance, fp32_condition_limit);
+  auto options = payload_in.options().dtype(at::kDouble);
+  // [count, invalid ranks, fp64 ranks, finite, ill-conditioned, differing channels...]
+  const bool ready = checks.size() == 5 && checks[1] == 0.0 && checks[0] != 1.0 &&
+                     (!check_finite || checks[3] != 0.0) && checks[4] == 0.0;
+  if (!ready) {
+    Tensor result = at::empty({static_cast<int64_t>(checks.size())}, options);
+    std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
+    Tensor none = at::empty({0}, options);
+    return {false, result, none, none, none};
+  }
+  auto [count, mean, var] = finalize_moments(p, (payload.numel() - 3) / 4, options, shift, running_mean,
+                                             running_var, num_batches_tracked, momentum);
+  return {true, at::empty({0}, options), count, mean, var};
 }
 
 // --- in-place activated BatchNorm in a group of one: update_stats ------------------------------
@@ -1804,6 +1855,10 @@ TORCH_LIBRARY(syncbn_native, m) {
         "Tensor group_sums, Tensor count) -> Tensor");
   m.def("group_checks(Tensor payload, int world_size, float shift_tolerance, "
         "float mixed_dtype_shift_tolerance, float fp32_condition_limit) -> Tensor");
+  m.def("checked_finalize(Tensor payload, Tensor? shift, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor(c!)? num_batches_tracked, float? momentum, int world_size, float shift_tolerance, "
+        "float mixed_dtype_shift_tolerance, float fp32_condition_limit, bool check_finite) "
+        "-> (bool, Tensor, Tensor, Tensor, Tensor)");
   m.def("any_below_floor(Tensor weight, Tensor? bias, float floor) -> bool");
   m.def("update_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) "
         "-> (Tensor, Tensor)");
@@ -1824,6 +1879,7 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("backward_sums", &backward_sums);
   m.impl("input_grad", &input_grad);
   m.impl("group_checks", &group_checks);
+  m.impl("checked_finalize", &checked_finalize);
   m.impl("any_below_floor", &any_below_floor);
   m.impl("update_stats", &update_stats);
   m.impl("normalize_activate", &normalize_activate);

@@ -15,9 +15,11 @@ The functions below are the operators themselves (resolved on first access, afte
 ``any_below_floor``, ``update_stats``, ``activated_backward_payload``, ``activated_input_grad``,
 with the semantics of the kernel interface (see syncbn/kernels/reference.py);
 ``normalize_activate`` picks the operator that writes a new tensor or the one that writes over
-x. Each operator but any_below_floor (a host read, never traced: SyncBatchNormAct runs unfused
-under torch.compile) has a fake implementation, so torch.compile traces through them.
-:func:`group_totals` reads the reduced payload through the ``group_checks`` operator.
+x. Each operator but any_below_floor and checked_finalize (host reads, never traced:
+SyncBatchNormAct runs unfused under torch.compile, and the forward's merge runs inside an operator
+it does not enter) has a fake implementation, so torch.compile traces through them.
+:func:`group_totals` reads the reduced payload through the ``group_checks`` operator,
+:func:`checked_finalize` through ``checked_finalize``.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -43,8 +45,8 @@ except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad", "group_totals", "any_below_floor", "update_stats",
-           "normalize_activate", "activated_backward_payload", "activated_input_grad"]
+           "backward_sums", "input_grad", "group_totals", "checked_finalize", "any_below_floor",
+           "update_stats", "normalize_activate", "activated_backward_payload", "activated_input_grad"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -85,9 +87,27 @@ def __getattr__(name: str):
 def group_totals(payload: torch.Tensor, channels: int, world_size: int) -> bnm.GroupTotals:
     """batchnorm_math.group_totals of the reduced forward payload (on the host), by one operator
     call instead of a dozen numpy calls: the decisions are numpy's, bitwise."""
-    checks = group_checks(payload, world_size, bnm.SHIFT_TOLERANCE,  # noqa: F821 (bound by _bind)
-                          bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT).tolist()
-    count, invalid_ranks, fp64_ranks, finite, ill_conditioned, *differing = checks
+    return _totals(group_checks(payload, world_size, bnm.SHIFT_TOLERANCE,  # noqa: F821 (bound by _bind)
+                                bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT))
+
+
+def checked_finalize(payload: torch.Tensor, shift: Optional[torch.Tensor],
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+                     world_size: int, check_finite: bool
+                     ) -> Union[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], bnm.GroupTotals]:
+    """finalize where batchnorm_math.statistics_ready holds, else the group totals (nothing
+    updated): group_totals and finalize in one operator call."""
+    ready, checks, count, mean, var = _checked_finalize(  # noqa: F821 (bound by _bind)
+        payload, shift, running_mean, running_var, num_batches_tracked, momentum, world_size,
+        bnm.SHIFT_TOLERANCE, bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT, check_finite)
+    return (count, mean, var) if ready else _totals(checks)
+
+
+def _totals(checks: torch.Tensor) -> bnm.GroupTotals:
+    """GroupTotals from native.cpp's checks: [count, invalid ranks, fp64 ranks, finite,
+    ill-conditioned, differing channels...]."""
+    count, invalid_ranks, fp64_ranks, finite, ill_conditioned, *differing = checks.tolist()
     return bnm.GroupTotals(count, int(invalid_ranks), int(fp64_ranks),
                            tuple(map(int, differing)) if differing else (), finite != 0,
                            ill_conditioned != 0)
@@ -240,6 +260,7 @@ def _bind() -> None:
     module = sys.modules[__name__]
     for name in _OPS:
         setattr(module, name, getattr(ops, name).default)
+    module._checked_finalize = ops.checked_finalize.default  # called by checked_finalize
 
     @torch.library.register_fake("syncbn_native::forward_payload")
     def _(x, shift):

@@ -6,7 +6,7 @@ semantics as every backend of :mod:`syncbn.kernels`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
@@ -122,6 +122,27 @@ def group_totals(payload: Tensor, channels: int, world_size: int) -> bnm.GroupTo
     """What the reduced forward payload says about the group (batchnorm_math.group_totals, on a
     host copy: on a GPU, a sync)."""
     return bnm.group_totals(payload.cpu().numpy(), channels, world_size)
+
+
+def checked_finalize_from(group_totals: Callable[[Tensor, int, int], bnm.GroupTotals],
+                          finalize: Callable[..., Tuple[Tensor, Tensor, Tensor]]) -> Callable[..., Any]:
+    """A backend's ``checked_finalize`` made of its own ``group_totals`` and ``finalize``."""
+
+    def checked_finalize(payload: Tensor, shift: Optional[Tensor], running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                         momentum: Optional[float], world_size: int, check_finite: bool
+                         ) -> Union[Tuple[Tensor, Tensor, Tensor], bnm.GroupTotals]:
+        channels = (payload.numel() - 3) // 4
+        totals = group_totals(payload, channels, world_size)
+        if not bnm.statistics_ready(totals, check_finite):
+            return totals
+        return finalize(payload[:bnm.moments_numel(channels)], shift, running_mean, running_var,
+                        num_batches_tracked, momentum)
+
+    return checked_finalize
+
+
+checked_finalize = checked_finalize_from(group_totals, finalize)
 
 
 def _affine_in(param: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -71,6 +71,7 @@ __all__ = [
     "backward_sums",
     "input_grad",
     "group_totals",
+    "checked_finalize",
     "any_below_floor",
     "update_stats",
     "normalize_activate",
@@ -920,6 +921,7 @@ input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
 # The reduced payload's checks run on the host: the reference's (read only under the debug guard
 # or check_finite, as the read is a sync).
 group_totals = reference.group_totals
+checked_finalize = reference.checked_finalize_from(group_totals, finalize)
 # Host-side helpers of syncbn.activated (the floor check, a group of one's statistics): torch's.
 any_below_floor = reference.any_below_floor
 update_stats = reference.update_stats
