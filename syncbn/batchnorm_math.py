@@ -89,6 +89,18 @@ def global_moments(moments: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tens
     return count, shift + offset, var
 
 
+# ----- the backward payload: 2C fp64 values, summed over the group ------------------------------
+#   [0 : C]        sum dy                    (a rank's own: dbias)
+#   [C : 2C]       sum dy * xhat             (a rank's own: dweight)
+
+def parameter_sums(sums: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(dbias, dweight): this rank's own backward sums in the parameters' dtype, copied out of
+    ``sums`` before the sums take the backward all-reduce in place."""
+    copied = sums.to(dtype, copy=True)
+    channels = copied.numel() // 2
+    return copied[:channels], copied[channels:]
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,

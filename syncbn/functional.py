@@ -318,42 +318,51 @@ def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     backend = kernels.for_input(x)
     if dy.stride() != x.stride():  # the kernels take dy in x's layout
         dy = dy.contiguous(memory_format=memory_format(x))
-    local_sums = backend.backward_sums(dy, x, mean, var, ctx.eps)
-    grad_weight, grad_bias, group_sums = backward_sums(ctx, local_sums, weight, bias)
+    parameter = weight if weight is not None else bias
+    local_sums, own_bias, own_weight = backend.backward_sums(
+        dy, x, mean, var, ctx.eps, torch.float64 if parameter is None else parameter.dtype)
+    grad_weight, grad_bias = parameter_grads(ctx, weight, bias, own_weight, own_bias)
+    group_sums = group_gradient_sums(ctx, local_sums)
     grad_x = None
     if group_sums is not None:
         grad_x = backend.input_grad(dy, x, mean, var, weight, ctx.eps, group_sums, count)
     return grad_x, grad_weight, grad_bias
 
 
+def parameter_grads(ctx, weight: Optional[Tensor], bias: Optional[Tensor], own_weight: Optional[Tensor],
+                    own_bias: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dweight, dbias) of the parameters that want one: this rank's own sums, ``own_weight`` and
+    ``own_bias`` (DDP averages them; reducing them here too would count them twice), converted
+    from the fp64 sums, so that ranks with different input dtypes still agree."""
+    grad_weight = own_weight if weight is not None and ctx.needs_input_grad[1] else None
+    grad_bias = own_bias if bias is not None and ctx.needs_input_grad[2] else None
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:  # a bias in another dtype
+        grad_bias = grad_bias.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
+def group_gradient_sums(ctx, local_sums: Tensor) -> Optional[Tensor]:
+    """The group's [sum dy, sum dy * xhat]: the backward all-reduce of this rank's (in place);
+    None when x needs no gradient."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    channels = local_sums.numel() // 2  # fp64, from every backend
+    if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
+        return all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels, ctx.debug)
+    return all_reduce(communicator_for(ctx.comm_key), local_sums, ctx.layer, "backward", channels,
+                      ctx.debug)
+
+
 def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                   ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dweight, dbias, group sums) from this rank's [sum dy, sum dy * xhat] (C each).
-
-    dweight and dbias are this rank's own sums (DDP averages them; reducing them here too would
-    count them twice), copied out before the sums take the backward all-reduce in place, in fp64
-    so that ranks with different input dtypes still agree. The group sums are None when x needs
-    no gradient.
-    """
-    channels = local_sums.numel() // 2  # fp64, from every backend
-    grad_weight = grad_bias = group_sums = None
-    want_weight = weight is not None and ctx.needs_input_grad[1]
-    want_bias = bias is not None and ctx.needs_input_grad[2]
-    if want_weight or want_bias:
-        # One copy for both, in the parameters' dtype (a bias of another dtype: its own copy).
-        sums = local_sums.to(weight.dtype if weight is not None else bias.dtype, copy=True)
-        grad_weight = sums[channels:] if want_weight else None
-        grad_bias = sums[:channels] if want_bias else None
-        if grad_bias is not None and grad_bias.dtype != bias.dtype:
-            grad_bias = grad_bias.to(bias.dtype)
-    if ctx.needs_input_grad[0]:
-        if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
-            group_sums = all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels,
-                                         ctx.debug)
-        else:
-            group_sums = all_reduce(communicator_for(ctx.comm_key), local_sums, ctx.layer,
-                                    "backward", channels, ctx.debug)
-    return grad_weight, grad_bias, group_sums
+    """(dweight, dbias, group sums) from this rank's [sum dy, sum dy * xhat] (C each), for a
+    backward whose kernel gives the sums alone: the parameters' own copied out first."""
+    parameter = weight if weight is not None else bias
+    own_bias = own_weight = None
+    if parameter is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        own_bias, own_weight = bnm.parameter_sums(local_sums, parameter.dtype)
+    return (*parameter_grads(ctx, weight, bias, own_weight, own_bias),
+            group_gradient_sums(ctx, local_sums))
 
 
 def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:

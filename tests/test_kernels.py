@@ -101,9 +101,10 @@ def run_group(backend: ModuleType, case: Case, layout: str = "contiguous") -> Li
                                                 layer.num_batches_tracked, case.momentum)
             weight, bias = layer.weight.detach(), layer.bias.detach()
             record.y.append(backend.normalize(x, mean, var, weight, bias, EPS))
-            local_sums.append(backend.backward_sums(dy, x, mean, var, EPS))
-            record.dbias.append(local_sums[-1][:channels].to(bias.dtype))
-            record.dweight.append(local_sums[-1][channels:].to(weight.dtype))
+            sums, own_bias, own_weight = backend.backward_sums(dy, x, mean, var, EPS, weight.dtype)
+            local_sums.append(sums)
+            record.dbias.append(own_bias.to(bias.dtype))
+            record.dweight.append(own_weight)
             record.running_mean.append(layer.running_mean.clone())
             record.running_var.append(layer.running_var.clone())
             record.num_batches_tracked.append(int(layer.num_batches_tracked))
@@ -313,7 +314,7 @@ def test_outputs_take_the_layout_of_empty_like(native_kernels, shape, layout):
     x = torch.randn(shape).permute(0, 1, 3, 2) if layout == "permuted" else in_layout(torch.randn(shape), layout)
     dy = torch.randn(x.shape).contiguous(memory_format=_memory_format(x))
     mean, var = x.double().mean(bnm.reduction_dims(x.dim())), x.double().var(bnm.reduction_dims(x.dim()))
-    sums = native_kernels.backward_sums(dy, x, mean, var, EPS)
+    sums, _, _ = native_kernels.backward_sums(dy, x, mean, var, EPS, F32)
     count = torch.tensor(float(bnm.local_count(x)), dtype=F64)
     for ours, theirs in ((native_kernels.normalize(x, mean, var, None, None, EPS),
                           reference.normalize(x, mean, var, None, None, EPS)),
@@ -334,7 +335,9 @@ def test_empty_batch(native_kernels, dtype, shape):
     assert torch.equal(payload, reference.forward_payload(x, torch.ones(channels)))
     mean, var = torch.zeros(channels, dtype=F64), torch.ones(channels, dtype=F64)
     assert native_kernels.normalize(x, mean, var, None, None, EPS).shape == shape
-    assert torch.equal(native_kernels.backward_sums(x, x, mean, var, EPS), torch.zeros(2 * channels, dtype=F64))
+    sums, own_bias, own_weight = native_kernels.backward_sums(x, x, mean, var, EPS, dtype)
+    assert torch.equal(sums, torch.zeros(2 * channels, dtype=F64))
+    assert torch.equal(own_bias, torch.zeros(channels, dtype=dtype)) and torch.equal(own_weight, own_bias)
     grad = native_kernels.input_grad(x, x, mean, var, None, EPS, torch.zeros(2 * channels), torch.tensor(0.0))
     assert grad.shape == shape and grad.dtype == dtype
 
@@ -371,6 +374,20 @@ def test_finalize_equals_the_reference(native_kernels, buffers, momentum, count)
         torch.testing.assert_close(a, b, rtol=2 * torch.finfo(buffers).eps, atol=0.0)
     no_buffers = native_kernels.finalize(moments, None, None, None, None, momentum)
     torch.testing.assert_close(no_buffers[1], moments[1:1 + channels] / max(count, 1.0), rtol=2 * U64, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=str)
+def test_backward_sums_give_the_parameter_sums_rounded_as_tensor_to_rounds(native_kernels, dtype):
+    """(dbias, dweight) come out of the native call itself: the fp64 sums, rounded to the
+    parameters' dtype bitwise as Tensor.to rounds them, in tensors of their own."""
+    generator = torch.Generator().manual_seed(3)
+    x, dy = (torch.randn(4, 7, 5, 5, generator=generator, dtype=F64) * 1e3 for _ in range(2))
+    mean, var = x.mean(bnm.reduction_dims(4)), x.var(bnm.reduction_dims(4))
+    sums, own_bias, own_weight = native_kernels.backward_sums(dy, x, mean, var, EPS, dtype)
+    assert torch.equal(own_bias, sums[:7].to(dtype)) and torch.equal(own_weight, sums[7:].to(dtype))
+    assert own_bias.data_ptr() != own_weight.data_ptr() != sums.data_ptr()
+    sums.mul_(2)  # the backward all-reduce, in place: the parameters' sums stay this rank's
+    assert torch.equal(own_bias, (sums[:7] / 2).to(dtype))
 
 
 # --- group_totals: what every rank reads from the reduced payload ------------------------------------
@@ -498,12 +515,12 @@ def test_operators_pass_opcheck(native_kernels):
     shift, weight, bias = torch.randn(3), torch.rand(3), torch.rand(3)
     payload = native_kernels.forward_payload(x, shift)
     count, mean, var = native_kernels.finalize(payload[:7], shift, None, None, None, 0.1)
-    sums = native_kernels.backward_sums(dy, x, mean, var, EPS)
+    sums, _, _ = native_kernels.backward_sums(dy, x, mean, var, EPS, F32)
     ops = torch.ops.syncbn_native
     for op, args in [(ops.forward_payload, (x.contiguous(memory_format=torch.channels_last), shift)),
                      (ops.finalize, (payload[:7], shift, torch.zeros(3), torch.ones(3), torch.tensor(0), None)),
                      (ops.normalize, (x.contiguous(memory_format=torch.channels_last), mean, var, weight, bias, EPS)),
-                     (ops.backward_sums, (dy, x, mean, var, EPS)),
+                     (ops.backward_sums, (dy, x, mean, var, EPS, F32)),
                      (ops.input_grad, (dy, x, mean, var, weight, EPS, sums, count)),
                      (ops.group_checks, (native_kernels.forward_payload(x, shift), 2, bnm.SHIFT_TOLERANCE,
                                          bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT))]:

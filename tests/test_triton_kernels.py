@@ -151,8 +151,9 @@ def _check_all(x: torch.Tensor, tol: Optional[Tuple[float, float]] = None,
     _close(y, _xhat(x, mean, var), "normalize, no affine", rtol, atol)
 
     dy = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device, x.dtype)  # contiguous
-    sums = tk.backward_sums(dy, x, mean, var, EPS)
+    sums, own_bias, own_weight = tk.backward_sums(dy, x, mean, var, EPS, torch.float32)
     assert sums.dtype == torch.float64 and sums.shape == (2 * channels,)
+    assert torch.equal(torch.cat([own_bias, own_weight]), sums.float())  # copies, in the given dtype
     dyd = dy.double()
     expected_sums = torch.cat([dyd.sum(dims), (dyd * _xhat(x, mean, var)).sum(dims)])
     _close(sums, expected_sums, "backward sums", 1e-4, 1e-4)
@@ -220,7 +221,7 @@ def test_empty_input(device, dtype) -> None:
     zero = torch.zeros(3, dtype=torch.float64, device=device)
     y = tk.normalize(x, zero, zero, None, None, EPS)
     assert y.shape == x.shape and y.dtype == dtype
-    assert torch.equal(tk.backward_sums(x, x, zero, zero, EPS).cpu(), torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(tk.backward_sums(x, x, zero, zero, EPS, dtype)[0].cpu(), torch.zeros(6, dtype=torch.float64))
     dx = tk.input_grad(x, x, zero, zero, None, EPS, torch.zeros(6, dtype=torch.float64, device=device),
                        torch.zeros((), dtype=torch.float64, device=device))
     assert dx.shape == x.shape and dx.dtype == dtype
@@ -372,7 +373,7 @@ def test_a_tensor_above_2_31_elements() -> None:
     y = tk.normalize(x, torch.zeros_like(var), var, None, None, 0.0)
     assert torch.all(y[0, -1, -1000:] == 8.0)
     del y
-    sums = tk.backward_sums(x, x, torch.zeros_like(var), var, 0.0)
+    sums, _, _ = tk.backward_sums(x, x, torch.zeros_like(var), var, 0.0, torch.float32)
     torch.testing.assert_close(sums[channels - 1], x[0, -1].float().sum(dtype=torch.float64),
                                rtol=1e-6, atol=1e-3)
 
@@ -403,7 +404,7 @@ def _every_kernel_launch() -> list:
         big = torch.empty(1, 2, 2**30 + 8, dtype=torch.float16, device="meta")
         tk.forward_payload(big, None)
         tk.normalize(big, *stats, None, None, EPS)
-        tk.backward_sums(big, big, *stats, EPS)
+        tk.backward_sums(big, big, *stats, EPS, torch.float32)
         tk.input_grad(big, big, *stats, None, EPS, sums, count)
     return recorded + counted.calls
 
@@ -443,7 +444,7 @@ def test_self_test_catches_a_failing_and_a_wrong_kernel(monkeypatch) -> None:
     monkeypatch.setattr(tk, "_finalize_kernel", _KernelThatFailsToCompile())
     assert "ptxas fatal" in tk.self_test(torch.device("cpu"))
     monkeypatch.undo()
-    monkeypatch.setattr(tk, "_backward_sums", lambda *args: reference.backward_sums(*args) * 1.01)
+    monkeypatch.setattr(tk, "_backward_sums", lambda *args: reference.gradient_sums(*args) * 1.01)
     assert "backward_sums" in tk.self_test(torch.device("cpu"))
 
 

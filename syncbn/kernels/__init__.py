@@ -8,7 +8,8 @@ Every backend module has the same functions with the same semantics (those of
 - ``finalize(moments, shift, running_mean, running_var, num_batches_tracked, momentum)``: the
   group's (count, mean, var) from the reduced payload, and the running-stat update;
 - ``normalize(x, mean, var, weight, bias, eps)``: the output;
-- ``backward_sums(dy, x, mean, var, eps)``: [sum dy, sum dy * xhat] (2C fp64);
+- ``backward_sums(dy, x, mean, var, eps, parameter_dtype)``: [sum dy, sum dy * xhat] (2C fp64),
+  and this rank's own (dbias, dweight): the same sums in ``parameter_dtype`` (copies);
 - ``input_grad(dy, x, mean, var, weight, eps, group_sums, count)``: the input gradient;
 - ``group_totals(payload, channels, world_size)``: what the reduced payload says about the group
   (a host read: batchnorm_math.group_totals);

@@ -1539,7 +1539,27 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
 
 // --- backward_sums -------------------------------------------------------------------------------
 
-Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& var, double eps) {
+// n fp64 values as a new tensor of `dtype`, rounded as Tensor.to rounds: fp32 and fp64 here (a
+// copy_ costs a small layer's step more than the loop), the others by torch.
+Tensor converted(const double* values, int64_t n, const at::TensorOptions& options, at::ScalarType dtype) {
+  Tensor out = at::empty({n}, options.dtype(dtype));
+  if (dtype == at::kFloat) {
+    float* o = out.mutable_data_ptr<float>();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(values[i]);
+  } else if (dtype == at::kDouble) {
+    std::copy(values, values + n, out.mutable_data_ptr<double>());
+  } else {
+    out.copy_(at::from_blob(const_cast<double*>(values), {n}, options.dtype(at::kDouble)));
+  }
+  return out;
+}
+
+// [sum dy, sum dy * xhat] (2C fp64), and the same sums in the parameters' dtype as (dbias,
+// dweight): this rank's own gradients, copied out here (one call, not three) before the sums
+// take the backward all-reduce in place; converted as Tensor.to converts.
+std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean,
+                                                 const Tensor& var, double eps, at::ScalarType parameter_dtype) {
   auto [x, sh] = dense(x_in, "backward_sums");
   Tensor dy = like(dy_in, x, "backward_sums", "dy");
   const int64_t C = sh.c;
@@ -1553,7 +1573,7 @@ Tensor backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean
   }
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
-  return sums;
+  return {sums, converted(s, C, sums.options(), parameter_dtype), converted(s + C, C, sums.options(), parameter_dtype)};
 }
 
 // --- input_grad ----------------------------------------------------------------------------------
@@ -1850,7 +1870,8 @@ TORCH_LIBRARY(syncbn_native, m) {
   m.def("finalize(Tensor moments, Tensor? shift, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor, Tensor, Tensor)");
   m.def("normalize(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
-  m.def("backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> Tensor");
+  m.def("backward_sums(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps, ScalarType parameter_dtype) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("input_grad(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
         "Tensor group_sums, Tensor count) -> Tensor");
   m.def("group_checks(Tensor payload, int world_size, float shift_tolerance, "

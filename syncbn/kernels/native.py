@@ -278,8 +278,10 @@ def _bind() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("syncbn_native::backward_sums")
-    def _(dy, x, mean, var, eps):
-        return x.new_empty(2 * x.shape[1], dtype=torch.float64)
+    def _(dy, x, mean, var, eps, parameter_dtype):
+        channels = x.shape[1]
+        return (x.new_empty(2 * channels, dtype=torch.float64), x.new_empty(channels, dtype=parameter_dtype),
+                x.new_empty(channels, dtype=parameter_dtype))
 
     @torch.library.register_fake("syncbn_native::input_grad")
     def _(dy, x, mean, var, weight, eps, group_sums, count):

@@ -160,7 +160,7 @@ def normalize(
     )
 
 
-def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+def gradient_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
     """[sum dy (C), sum dy * xhat (C)] of the local batch, in fp64."""
     channels = x.shape[1]
     if local_count(x) == 0:  # the fused kernel below faults on empty input
@@ -173,6 +173,20 @@ def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) 
         dy, x, ones, mean.to(acc), var.to(acc), None, None, False, eps, [False, True, True]
     )
     return torch.cat([sum_dy, sum_dy_xhat]).double()
+
+
+def backward_sums_from(gradient_sums: Callable[..., Tensor]) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
+    """A backend's ``backward_sums`` made of its own ``gradient_sums`` (the 2C fp64 sums)."""
+
+    def backward_sums(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float,
+                      parameter_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        sums = gradient_sums(dy, x, mean, var, eps)
+        return (sums, *bnm.parameter_sums(sums, parameter_dtype))
+
+    return backward_sums
+
+
+backward_sums = backward_sums_from(gradient_sums)
 
 
 def input_grad(

@@ -914,8 +914,8 @@ forward_payload = _falls_back_to(reference.forward_payload)(_forward_payload)
 finalize = _falls_back_to(reference.finalize)(_finalize)
 normalize = _opaque_to_compile("normalize", _like_dense)(
     _falls_back_to(reference.normalize)(_normalize))
-backward_sums = _opaque_to_compile("backward_sums", _two_sums)(
-    _falls_back_to(reference.backward_sums)(_backward_sums))
+backward_sums = reference.backward_sums_from(_opaque_to_compile("backward_sums", _two_sums)(
+    _falls_back_to(reference.gradient_sums)(_backward_sums)))
 input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
     _falls_back_to(reference.input_grad)(_input_grad))
 # The reduced payload's checks run on the host: the reference's (read only under the debug guard
@@ -975,7 +975,7 @@ def _agrees_with_reference(device: torch.device, dtype: torch.dtype,
     ours["normalize"] = _normalize(x, mean, var, weight, bias, 1e-5)
     theirs["normalize"] = reference.normalize(x, mean, var, weight, bias, 1e-5)
     ours["backward_sums"] = _backward_sums(dy, x, mean, var, 1e-5)
-    theirs["backward_sums"] = reference.backward_sums(dy, x, mean, var, 1e-5)
+    theirs["backward_sums"] = reference.gradient_sums(dy, x, mean, var, 1e-5)
     ours["input_grad"] = _input_grad(dy, x, mean, var, weight, 1e-5, group_sums, count)
     theirs["input_grad"] = reference.input_grad(dy, x, mean, var, weight, 1e-5, group_sums, count)
     ours["normalize_activate"] = _normalize_activate(x, mean, var, weight, bias, 1e-5, 2, 1.0, False)
