@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import syncbn
+from benchmarks.layer_cost import TwoIdenticalRanks
 from conftest import BACKENDS
 from syncbn.functional import sync_batch_norm
 
@@ -32,6 +33,17 @@ def test_bias_without_weight_gets_the_gradient_f_batch_norm_gives():
     actual = _bias_grad(sync_batch_norm, x, dy)
     assert actual is not None, "sync_batch_norm(weight=None, bias=b) left b.grad None"
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_functorch_transform_takes_function_apply_and_meets_torchs_own_error():
+    """In eager mode the layer calls torch's C++ apply without Function.apply's Python wrapper;
+    under a functorch transform it must not: the wrapper is where torch refuses (or serves) the
+    transform, so the user sees torch's error, not a silently untransformed layer."""
+    layer = syncbn.SyncBatchNorm(CHANNELS, process_group=TwoIdenticalRanks())
+    x = _x(dtype=torch.float32)
+    layer(x).sum().backward()  # eager, at W=2: the direct path works
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda values: layer(values).sum())(x)
 
 
 def _rank_bias_grad(sizes) -> Optional[torch.Tensor]:
