@@ -178,10 +178,11 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     moments = payload[:bnm.moments_numel(channels)]
     # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
     if on_cpu and checked.ill_conditioned:
-        # Merge again, from the data, about the global mean just found (the same on every rank).
-        _, shift, _ = bnm.global_moments(moments, kernels.reference.shift_fp64(shift, channels, x.device))
-        moments = all_reduce(comm, kernels.reference.payload_about(x, shift), layer,
-                             "forward, re-centred", channels, debug)
+        # Merge again, from the data, about the global mean just found (the same on every rank,
+        # fp64): each rank's moments about it are nearly exact, whatever its mean's distance.
+        _, shift, _ = backend.finalize(moments, shift, None, None, None, momentum)
+        moments = all_reduce(comm, backend.moments_about(x, shift), layer, "forward, re-centred",
+                             channels, debug)
     return backend.finalize(moments, shift, running_mean, running_var, num_batches_tracked, momentum)
 
 

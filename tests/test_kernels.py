@@ -93,8 +93,8 @@ def run_group(backend: ModuleType, case: Case, layout: str = "contiguous") -> Li
         payload = sum(backend.forward_payload(x, layer.running_mean) for x, layer in zip(xs, layers))
         moments = payload[:bnm.moments_numel(channels)]
         if bnm.group_totals(payload.numpy(), channels, world).ill_conditioned:
-            _, shift, _ = bnm.global_moments(moments, reference.shift_fp64(shift, channels, payload.device))
-            moments = sum(reference.payload_about(x, shift) for x in xs)
+            _, shift, _ = backend.finalize(moments, shift, None, None, None, case.momentum)
+            moments = sum(backend.moments_about(x, shift) for x in xs)
         local_sums = []
         for x, dy, layer, record in zip(xs, dys, layers, records):
             count, mean, var = backend.finalize(moments.clone(), shift, layer.running_mean, layer.running_var,

@@ -15,7 +15,9 @@ Every backend module has the same functions with the same semantics (those of
   (a host read: batchnorm_math.group_totals);
 - ``checked_finalize(payload, shift, running_mean, running_var, num_batches_tracked, momentum,
   world_size, check_finite)``: ``finalize`` of the reduced payload where
-  batchnorm_math.statistics_ready holds, else its group totals and nothing updated (a host read).
+  batchnorm_math.statistics_ready holds, else its group totals and nothing updated (a host read);
+- ``moments_about(x, shift)``: [n, sum (x - shift), sum (x - shift)^2] (2C+1 fp64), nearly exact
+  for a shift close to the mean (the CPU's re-centring round).
 
 and, for SyncBatchNormAct (:mod:`syncbn.activated`), whose backward works from its output y:
 

@@ -45,8 +45,9 @@ except ImportError:  # not POSIX: no build (the reference serves)
     fcntl = None
 
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
-           "backward_sums", "input_grad", "group_totals", "checked_finalize", "any_below_floor",
-           "update_stats", "normalize_activate", "activated_backward_payload", "activated_input_grad"]
+           "backward_sums", "input_grad", "group_totals", "checked_finalize", "moments_about",
+           "any_below_floor", "update_stats", "normalize_activate", "activated_backward_payload",
+           "activated_input_grad"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -102,6 +103,13 @@ def checked_finalize(payload: torch.Tensor, shift: Optional[torch.Tensor],
         payload, shift, running_mean, running_var, num_batches_tracked, momentum, world_size,
         bnm.SHIFT_TOLERANCE, bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT, check_finite)
     return (count, mean, var) if ready else _totals(checks)
+
+
+def moments_about(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """[n, sum (x - shift), sum (x - shift)^2] (2C+1, fp64): the forward payload's moments, whose
+    local mean (a double-double) enters them unrounded, so they are nearly exact about a shift
+    close to the mean."""
+    return forward_payload(x, shift)[:bnm.moments_numel(x.shape[1])]  # noqa: F821 (bound by _bind)
 
 
 def _totals(checks: torch.Tensor) -> bnm.GroupTotals:

@@ -93,7 +93,7 @@ def payload_from_moments(x: Tensor, mean: Tensor, m2: Tensor, shift: Optional[Te
     return torch.cat([bnm.moments_payload(local_count(x), mean, m2, shift), shift, shift * shift, flags])
 
 
-def payload_about(x: Tensor, shift: Tensor) -> Tensor:
+def moments_about(x: Tensor, shift: Tensor) -> Tensor:
     """[n, sum (x - shift), sum (x - shift)^2] (2C+1, fp64) taken from the data.
 
     One more pass over x, for a shift close to the mean: x - shift is then nearly exact in fp64,

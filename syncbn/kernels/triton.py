@@ -72,6 +72,7 @@ __all__ = [
     "input_grad",
     "group_totals",
     "checked_finalize",
+    "moments_about",
     "any_below_floor",
     "update_stats",
     "normalize_activate",
@@ -922,6 +923,7 @@ input_grad = _opaque_to_compile("input_grad", _grad_like_dense)(
 # or check_finite, as the read is a sync).
 group_totals = reference.group_totals
 checked_finalize = reference.checked_finalize_from(group_totals, finalize)
+moments_about = reference.moments_about  # the CPU's re-centring round: not taken on a GPU
 # Host-side helpers of syncbn.activated (the floor check, a group of one's statistics): torch's.
 any_below_floor = reference.any_below_floor
 update_stats = reference.update_stats
