@@ -330,15 +330,15 @@ def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     parameter = weight if weight is not None else bias
     local_sums, own_bias, own_weight = backend.backward_sums(
         dy, x, mean, var, ctx.eps, torch.float64 if parameter is None else parameter.dtype)
-    grad_weight, grad_bias = parameter_grads(ctx, weight, bias, own_weight, own_bias)
-    group_sums = group_gradient_sums(ctx, local_sums)
+    grad_weight, grad_bias = _parameter_grads(ctx, weight, bias, own_weight, own_bias)
+    group_sums = _group_gradient_sums(ctx, local_sums)
     grad_x = None
     if group_sums is not None:
         grad_x = backend.input_grad(dy, x, mean, var, weight, ctx.eps, group_sums, count)
     return grad_x, grad_weight, grad_bias
 
 
-def parameter_grads(ctx, weight: Optional[Tensor], bias: Optional[Tensor], own_weight: Optional[Tensor],
+def _parameter_grads(ctx, weight: Optional[Tensor], bias: Optional[Tensor], own_weight: Optional[Tensor],
                     own_bias: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(dweight, dbias) of the parameters that want one: this rank's own sums, ``own_weight`` and
     ``own_bias`` (DDP averages them; reducing them here too would count them twice), converted
@@ -350,7 +350,7 @@ def parameter_grads(ctx, weight: Optional[Tensor], bias: Optional[Tensor], own_w
     return grad_weight, grad_bias
 
 
-def group_gradient_sums(ctx, local_sums: Tensor) -> Optional[Tensor]:
+def _group_gradient_sums(ctx, local_sums: Tensor) -> Optional[Tensor]:
     """The group's [sum dy, sum dy * xhat]: the backward all-reduce of this rank's (in place);
     None when x needs no gradient."""
     if not ctx.needs_input_grad[0]:
@@ -370,8 +370,8 @@ def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optio
     own_bias = own_weight = None
     if parameter is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
         own_bias, own_weight = bnm.parameter_sums(local_sums, parameter.dtype)
-    return (*parameter_grads(ctx, weight, bias, own_weight, own_bias),
-            group_gradient_sums(ctx, local_sums))
+    return (*_parameter_grads(ctx, weight, bias, own_weight, own_bias),
+            _group_gradient_sums(ctx, local_sums))
 
 
 def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
