@@ -162,7 +162,7 @@ CLAIMS: List[Claim] = [
     claim("The demo prints that the synchronized statistics equal those of the full global batch, "
           "and how much closer they are to the population statistics than each rank's own",
           DEMO + "test_demo_prints_match_and_payoff"),
-    claim("it took 42 s on 2 CPU cores when last measured, the first build of the native CPU kernels "
+    claim("it took 41 s on 2 CPU cores when last measured, the first build of the native CPU kernels "
           "included", source=MEASURED),
     claim("The second command installs the `test` extra:",
           DOCS + "test_readme_names_every_package_the_test_extra_installs"),
@@ -183,7 +183,7 @@ CLAIMS: List[Claim] = [
           LAYER_COST + "test_a_layer_step_at_w2_dispatches_at_most_20_ops_on_the_default_cpu_path"),
     claim("They are compiled on first use, not at `import syncbn`",
           KERNELS + "test_without_a_working_compiler_the_reference_serves_after_one_warning"),
-    claim("12 s on 2 CPU cores when measured", source=MEASURED),
+    claim("21 s on 2 CPU cores when last measured", source=MEASURED),
     claim("with `$SYNCBN_CXX`, else `$CXX`, else `c++`, for the CPU they run on, and cached per source, "
           "torch version, compiler and CPU under `$SYNCBN_CACHE` (default `~/.cache/syncbn`)",
           KERNELS + "test_the_compiler_and_the_cache_come_from_the_environment"),
