@@ -523,7 +523,8 @@ bool block_moments(const typename Elem<T>::raw* p, int64_t runs, int64_t stride,
 // Per-channel moments of planar input: channel c's values are blocks of whole runs (or pieces
 // of one run when a run is longer than a block); tasks own consecutive blocks of one channel.
 template <typename T>
-std::vector<Moments> planar_moments(const typename Elem<T>::raw* base, const Shape& sh) {
+void planar_moments(const typename Elem<T>::raw* base, const Shape& sh, double* out_hi, double* out_lo,
+                    double* out_m2) {
   const int64_t C = sh.c, N = sh.n, S = sh.s;
   const int64_t pieces = ceil_div(S, kBlock);  // blocks per run (long runs)
   const int64_t runs_per_block = pieces > 1 ? 1 : std::max<int64_t>(1, kBlock / S);
@@ -551,14 +552,16 @@ std::vector<Moments> planar_moments(const typename Elem<T>::raw* base, const Sha
       parts[task] = acc;
     }
   });
-  std::vector<Moments> out(C);
   for (int64_t c = 0; c < C; ++c) {
+    Moments out;
     for (int64_t p = 0; p < per_channel; ++p) {
       const Moments& m = parts[c * per_channel + p];
-      merge_into(out[c], m.n, m.hi, m.lo, m.m2);
+      merge_into(out, m.n, m.hi, m.lo, m.m2);
     }
+    out_hi[c] = out.hi;
+    out_lo[c] = out.lo;
+    out_m2[c] = out.m2;
   }
-  return out;
 }
 
 // Scratch of one interleaved task: per channel, in fp64 and in P.
@@ -652,7 +655,8 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
 // Per-channel moments of interleaved input: tasks own consecutive rows, taken in blocks of
 // `rows_per_block` rows (at least kMinBlockRows), each block two-pass over all channels.
 template <typename T>
-std::vector<Moments> interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh) {
+void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, double* out_hi, double* out_lo,
+                         double* out_m2) {
   const int64_t C = sh.c, R = sh.n;
   const int64_t rows_per_block = std::max<int64_t>(kMinBlockRows, kBlock / std::max<int64_t>(C, 1));
   const int64_t tasks = task_count(sh.numel(), ceil_div(R, rows_per_block));
@@ -678,17 +682,12 @@ std::vector<Moments> interleaved_moments(const typename Elem<T>::raw* base, cons
     }
   });
   // Tasks in order, all channels at once: task t holds R * (t + 1) / tasks - R * t / tasks rows.
-  std::vector<double> out_hi(C), out_lo(C), out_m2(C);
   double n = 0;
   for (int64_t task = 0; task < tasks; ++task) {
     const double rows = static_cast<double>(R * (task + 1) / tasks - R * task / tasks);
-    merge_channels(C, n, out_hi.data(), out_lo.data(), out_m2.data(), rows, hi + task * C, lo + task * C,
-                   m2 + task * C);
+    merge_channels(C, n, out_hi, out_lo, out_m2, rows, hi + task * C, lo + task * C, m2 + task * C);
     n += rows;
   }
-  std::vector<Moments> out(C);
-  for (int64_t c = 0; c < C; ++c) out[c] = Moments{n, out_hi[c], out_lo[c], out_m2[c]};
-  return out;
 }
 
 // Per channel, in the accumulation dtype A, the coefficients of
@@ -938,12 +937,10 @@ const typename Elem<T>::raw* raw(const void* p) {
 void local_moments(DType dtype, const void* x, const Shape& shape, double* hi, double* lo, double* m2) {
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const std::vector<Moments> moments =
-        shape.interleaved ? interleaved_moments<T>(raw<T>(x), shape) : planar_moments<T>(raw<T>(x), shape);
-    for (int64_t c = 0; c < shape.c; ++c) {
-      hi[c] = moments[c].hi;
-      lo[c] = moments[c].lo;
-      m2[c] = moments[c].m2;
+    if (shape.interleaved) {
+      interleaved_moments<T>(raw<T>(x), shape, hi, lo, m2);
+    } else {
+      planar_moments<T>(raw<T>(x), shape, hi, lo, m2);
     }
   });
 }
