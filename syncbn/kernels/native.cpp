@@ -1366,21 +1366,48 @@ double scalar_of(const Tensor& t) {
   return t.item<double>();
 }
 
-// A tensor's values as fp64 (any float dtype, any layout), read in place where they already are.
-std::vector<double> doubles(const Tensor& t) {
+// Values as fp64, for reading: a contiguous fp64 CPU tensor's own memory (the statistics, the
+// reduced sums: no copy per call), else a converted copy. Read it while the tensor lives.
+class Doubles {
+ public:
+  Doubles() : data_(nullptr), size_(0) {}
+  explicit Doubles(std::vector<double> own) : own_(std::move(own)), data_(own_.data()), size_(own_.size()) {}
+  Doubles(const double* data, size_t size) : data_(data), size_(size) {}
+  Doubles(Doubles&& other) noexcept { *this = std::move(other); }
+  Doubles& operator=(Doubles&& other) noexcept {
+    const bool owned = other.data_ == other.own_.data();
+    own_ = std::move(other.own_);
+    data_ = owned ? own_.data() : other.data_;
+    size_ = other.size_;
+    return *this;
+  }
+  const double* data() const { return data_; }
+  size_t size() const { return size_; }
+  double operator[](size_t i) const { return data_[i]; }
+
+ private:
+  std::vector<double> own_;
+  const double* data_;
+  size_t size_;
+};
+
+// A tensor's values as fp64 (any float dtype, any layout).
+Doubles doubles(const Tensor& t) {
   const int64_t n = t.numel();
   if (t.device().is_cpu() && t.is_contiguous()) {
-    if (t.scalar_type() == at::kDouble) return {t.const_data_ptr<double>(), t.const_data_ptr<double>() + n};
-    if (t.scalar_type() == at::kFloat) return {t.const_data_ptr<float>(), t.const_data_ptr<float>() + n};
+    if (t.scalar_type() == at::kDouble) return Doubles(t.const_data_ptr<double>(), n);
+    if (t.scalar_type() == at::kFloat) {
+      return Doubles(std::vector<double>(t.const_data_ptr<float>(), t.const_data_ptr<float>() + n));
+    }
   }
   const Tensor d = t.to(at::kCPU, at::kDouble).contiguous();
-  return {d.const_data_ptr<double>(), d.const_data_ptr<double>() + n};
+  return Doubles(std::vector<double>(d.const_data_ptr<double>(), d.const_data_ptr<double>() + n));
 }
 
 // A (C,) per-channel vector as fp64, or `fill` where there is none.
-std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, double fill,
-                                   const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return std::vector<double>(channels, fill);
+Doubles channel_values(const optional<Tensor>& t, int64_t channels, double fill, const char* op,
+                       const char* name) {
+  if (!t.has_value() || !t->defined()) return Doubles(std::vector<double>(channels, fill));
   TORCH_CHECK(t->numel() == channels, "syncbn_native::", op, ": ", name, " has ", t->numel(),
               " values, expected ", channels);
   return doubles(*t);
@@ -1391,7 +1418,7 @@ std::vector<double> channel_values(const optional<Tensor>& t, int64_t channels, 
 Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
   auto [x, sh] = dense(x_in, "forward_payload");
   const int64_t C = sh.c;
-  std::vector<double> k = channel_values(shift, C, 0.0, "forward_payload", "shift");
+  const Doubles k = channel_values(shift, C, 0.0, "forward_payload", "shift");
   const DType dtype = dtype_of(x, "forward_payload");
   std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
   const bool any = sh.count() > 0 && C > 0;
@@ -1452,7 +1479,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize_moments(const double* m, int64_t C, 
                                                     const optional<Tensor>& running_var,
                                                     const optional<Tensor>& num_batches_tracked,
                                                     optional<double> momentum) {
-  std::vector<double> k = channel_values(shift, C, 0.0, "finalize", "shift");
+  const Doubles k = channel_values(shift, C, 0.0, "finalize", "shift");
   const double total = m[0], divisor = std::max(total, 1.0);
   Tensor count = at::empty({}, options), mean = at::empty({C}, options), var = at::empty({C}, options);
   count.mutable_data_ptr<double>()[0] = total;
@@ -1509,7 +1536,7 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
                                             optional<double> momentum) {
   TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
               "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
-  const std::vector<double> moments = doubles(moments_in);
+  const Doubles moments = doubles(moments_in);
   return finalize_moments(moments.data(), (moments_in.numel() - 1) / 2, moments_in.options().dtype(at::kDouble),
                           shift, running_mean, running_var, num_batches_tracked, momentum);
 }
@@ -1520,10 +1547,10 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
                  const optional<Tensor>& bias, double eps) {
   auto [x, sh] = dense(x_in, "normalize");
   const int64_t C = sh.c;
-  std::vector<double> mu = channel_values(mean, C, 0.0, "normalize", "mean");
-  std::vector<double> v = channel_values(var, C, 0.0, "normalize", "var");
-  std::vector<double> w = channel_values(weight, C, 1.0, "normalize", "weight");
-  std::vector<double> b = channel_values(bias, C, 0.0, "normalize", "bias");
+  const Doubles mu = channel_values(mean, C, 0.0, "normalize", "mean");
+  const Doubles v = channel_values(var, C, 0.0, "normalize", "var");
+  const Doubles w = channel_values(weight, C, 1.0, "normalize", "weight");
+  const Doubles b = channel_values(bias, C, 0.0, "normalize", "bias");
   const DType dtype = dtype_of(x, "normalize");
   Output out = output_like(x_in, x);
   std::vector<double> scale(C);
@@ -1560,8 +1587,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& dy_in, const Tens
   auto [x, sh] = dense(x_in, "backward_sums");
   Tensor dy = like(dy_in, x, "backward_sums", "dy");
   const int64_t C = sh.c;
-  std::vector<double> mu = channel_values(mean, C, 0.0, "backward_sums", "mean");
-  std::vector<double> v = channel_values(var, C, 0.0, "backward_sums", "var");
+  const Doubles mu = channel_values(mean, C, 0.0, "backward_sums", "mean");
+  const Doubles v = channel_values(var, C, 0.0, "backward_sums", "var");
   Tensor sums = at::zeros({2 * C}, x.options().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
   const DType dtype = dtype_of(x, "backward_sums");
@@ -1580,12 +1607,12 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   auto [x, sh] = dense(x_in, "input_grad");
   Tensor dy = like(dy_in, x, "input_grad", "dy");
   const int64_t C = sh.c;
-  std::vector<double> mu = channel_values(mean, C, 0.0, "input_grad", "mean");
-  std::vector<double> v = channel_values(var, C, 0.0, "input_grad", "var");
-  std::vector<double> w = channel_values(weight, C, 1.0, "input_grad", "weight");
+  const Doubles mu = channel_values(mean, C, 0.0, "input_grad", "mean");
+  const Doubles v = channel_values(var, C, 0.0, "input_grad", "var");
+  const Doubles w = channel_values(weight, C, 1.0, "input_grad", "weight");
   TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::input_grad: group_sums has ", group_sums.numel(),
               " values, expected ", 2 * C);
-  const std::vector<double> sums = doubles(group_sums);
+  const Doubles sums = doubles(group_sums);
   const double* gs = sums.data();
   const double total = std::max(scalar_of(count), 1.0);
   const DType dtype = dtype_of(x, "input_grad");
@@ -1740,7 +1767,7 @@ std::tuple<Tensor, Tensor> update_stats(const Tensor& x_in, const optional<Tenso
 // Whether any channel's |weight| is below floor * max(1, |bias|) (the inversion's floor), computed
 // in the weight's dtype as torch computes it (fp32 weights: in fp32), read on the host.
 template <typename A>
-bool any_below(const std::vector<double>& w, const std::vector<double>& b, double floor) {
+bool any_below(const Doubles& w, const Doubles& b, double floor) {
   const A f = static_cast<A>(floor);
   bool below = false;
   for (size_t c = 0; c < w.size(); ++c) {
@@ -1751,8 +1778,8 @@ bool any_below(const std::vector<double>& w, const std::vector<double>& b, doubl
 
 bool any_below_floor(const Tensor& weight, const optional<Tensor>& bias, double floor) {
   const int64_t C = weight.numel();
-  const std::vector<double> w = doubles(weight);
-  const std::vector<double> b = channel_values(bias, C, 0.0, "any_below_floor", "bias");
+  const Doubles w = doubles(weight);
+  const Doubles b = channel_values(bias, C, 0.0, "any_below_floor", "bias");
   return weight.scalar_type() == at::kDouble ? any_below<double>(w, b, floor) : any_below<float>(w, b, floor);
 }
 
@@ -1769,10 +1796,10 @@ void normalize_activate_into(const Tensor& x, const Shape& sh, void* out, const 
                              int64_t activation, double parameter, const char* op) {
   check_activation(activation, op);
   const int64_t C = sh.c;
-  std::vector<double> mu = channel_values(mean, C, 0.0, op, "mean");
-  std::vector<double> v = channel_values(var, C, 0.0, op, "var");
-  std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
-  std::vector<double> b = channel_values(bias, C, 0.0, op, "bias");
+  const Doubles mu = channel_values(mean, C, 0.0, op, "mean");
+  const Doubles v = channel_values(var, C, 0.0, op, "var");
+  const Doubles w = channel_values(weight, C, 1.0, op, "weight");
+  const Doubles b = channel_values(bias, C, 0.0, op, "bias");
   std::vector<double> scale(C);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
@@ -1801,7 +1828,7 @@ void normalize_activate_(const Tensor& x_in, const Tensor& mean, const Tensor& v
 // Per channel (weight, bias) as the inversion xhat = (z - bias) / weight reads them: none without
 // a weight (xhat = z), else the bias or 0.
 struct InverseAffine {
-  std::vector<double> weight, bias;
+  Doubles weight, bias;
   bool affine;
   InverseAffine(const optional<Tensor>& w, const optional<Tensor>& b, int64_t C, const char* op)
       : affine(w.has_value() && w->defined()) {
@@ -1840,10 +1867,10 @@ Tensor activated_input_grad(const Tensor& dy_in, const Tensor& y_in, const Tenso
   Tensor dy = like(dy_in, y, op, "dy");
   const int64_t C = sh.c;
   const InverseAffine inverse(weight, bias, C, op);
-  std::vector<double> v = channel_values(var, C, 0.0, op, "var");
+  const Doubles v = channel_values(var, C, 0.0, op, "var");
   TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::", op, ": group_sums has ", group_sums.numel(),
               " values, expected ", 2 * C);
-  const std::vector<double> sums = doubles(group_sums);
+  const Doubles sums = doubles(group_sums);
   const double total = std::max(scalar_of(count), 1.0);
   // dx = weight * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)): the weight it inverts with
   // scales it too (a NaN channel stays NaN).
