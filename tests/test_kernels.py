@@ -175,6 +175,9 @@ MULTI_BLOCK = [
     pytest.param(Case("near_constant", BF16, (37, 30), 1.0, channels=33, spatial=(9, 9)), "channels_last",
                  id="many row blocks"),
     pytest.param(Case("relu", F16, (300, 211), channels=19, spatial=()), "contiguous", id="rows"),
+    # Few rows of many channels: tasks own chunks of channels (300: whole vectors and a tail).
+    pytest.param(Case("outlier_first", F32, (3, 2), 100.0, channels=300, spatial=(7, 7)), "channels_last",
+                 id="channel chunks"),
 ]
 
 
@@ -183,7 +186,7 @@ def test_multi_block_layer_step_is_within_twice_torch_error_plus_floor(native_ke
     compare(case, run_group(native_kernels, case, layout)).check()
 
 
-@pytest.mark.parametrize("case,layout", MULTI_BLOCK[:3])
+@pytest.mark.parametrize("case,layout", MULTI_BLOCK[:3] + MULTI_BLOCK[4:])
 def test_native_results_do_not_depend_on_the_thread_count(native_kernels, case, layout):
     """The work is split by the shape alone: 1 and 2 threads give the same bits."""
     threads = torch.get_num_threads()
@@ -244,7 +247,8 @@ def test_forward_payload_has_the_interface_layout(native_kernels, dtype):
 ADVERSARIAL = [("outlier_first", 1000.0), ("large_mean", 1e4), ("near_constant", 100.0), ("relu", 0.0),
                ("heavy_tail", 0.0), ("large_mean_small_std", 1e8)]
 MOMENT_SHAPES = [((3, 2, 5000), "contiguous"), ((40, 3, 16, 16), "contiguous"), ((40, 35, 7, 7), "channels_last"),
-                 ((700, 5), "contiguous"), ((2, 3, 3), "contiguous"), ((5, 4, 3, 3), "strided")]
+                 ((3, 300, 7, 7), "channels_last"), ((700, 5), "contiguous"), ((2, 3, 3), "contiguous"),
+                 ((5, 4, 3, 3), "strided")]
 
 
 def _exact_moments(x: torch.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

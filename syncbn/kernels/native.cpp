@@ -98,6 +98,9 @@ constexpr int64_t kBlock = 4096;
 // Rows per block in the interleaved layout, at least (wide rows: the block's per-channel
 // bookkeeping is amortized over this many values per channel; the block then lives in L2).
 constexpr int64_t kMinBlockRows = 64;
+// Interleaved input with fewer rows than this and at least two chunks of kChunkChannels channels
+// (whole vectors) is split among tasks by channels, not by rows (see interleaved_moments).
+constexpr int64_t kChannelSplitRows = 1024;
 // Rows of interleaved input a reduction takes together per channel vector: its fp64 sums are
 // written once per kRowGroup * kFlush rows.
 constexpr int64_t kRowGroup = 4;
@@ -211,6 +214,9 @@ constexpr int kLanes = 8;
 // at most kFlush terms, so it is accurate to a few ulps of fp32 (and cannot overflow where the
 // terms do not).
 constexpr int kFlush = 4;
+// Channels per task, about, where interleaved input is split by channels: whole vectors, a few
+// hundred bytes of each row.
+constexpr int64_t kChunkChannels = 8 * kLanes;
 
 typedef float f32v __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float f32h __attribute__((vector_size(kLanes / 2 * sizeof(float))));
@@ -582,13 +588,14 @@ struct RowScratch {
   }
 };
 
-// Two-pass moments of rows [r0, r1) of interleaved input, merged into (hi, lo, m2) that hold
-// `na` values per channel; false if a partial sum in P was not finite. As block_moments, kLanes
-// channels at a time (pass 1 reads the rows from memory, pass 2 from cache), kFlush rows per
-// P partial; channels beyond the last whole vector in fp64.
+// Two-pass moments of rows [r0, r1) of C channels of interleaved input (a row every `stride`
+// values from x), merged into (hi, lo, m2) that hold `na` values per channel; false if a partial
+// sum in P was not finite. As block_moments, kLanes channels at a time (pass 1 reads the rows
+// from memory, pass 2 from cache), kFlush rows per P partial; channels beyond the last whole
+// vector in fp64.
 template <typename T, typename P>
-bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, int64_t r1, RowScratch<P>& w,
-                       double na, double* hi, double* lo, double* m2) {
+bool row_block_moments(const typename Elem<T>::raw* x, int64_t stride, int64_t C, int64_t r0, int64_t r1,
+                       RowScratch<P>& w, double na, double* hi, double* lo, double* m2) {
   using L = Lanes<P>;
   using V = typename L::vec;
   constexpr bool kResidualPass = std::is_same_v<P, double>;
@@ -598,8 +605,8 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   std::fill(sum, sum + C, 0.0);
   // Pass 1 reads the rows from memory, in order (two at a time: the sums stay in L1).
   for (int64_t r = r0; r < r1; r += 2) {
-    const auto* q = x + r * C;
-    const auto* q2 = r + 1 < r1 ? q + C : nullptr;
+    const auto* q = x + r * stride;
+    const auto* q2 = r + 1 < r1 ? q + stride : nullptr;
     for (int64_t c = 0; c < whole; c += kLanes) {
       f64v part = load_f64(q + c);
       if (q2) part += load_f64(q2 + c);
@@ -617,7 +624,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
     for (int64_t f0 = r0; f0 < r1; f0 += kFlush) {
       V pr = {}, pq = {};
       for (int64_t r = f0; r < std::min(r1, f0 + kFlush); ++r) {
-        const V d = L::load(x + r * C + c) - pv;
+        const V d = L::load(x + r * stride + c) - pv;
         if constexpr (kResidualPass) pr += d;
         pq += d * d;
       }
@@ -630,7 +637,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   for (int64_t c = whole; c < C; ++c) {
     Sum64 tr, tq;
     for (int64_t r = r0; r < r1; ++r) {
-      const double d = static_cast<double>(Elem<T>::load(x[r * C + c])) - static_cast<double>(pivot[c]);
+      const double d = static_cast<double>(Elem<T>::load(x[r * stride + c])) - static_cast<double>(pivot[c]);
       tr.add(d);
       tq.add(d * d);
     }
@@ -652,33 +659,54 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t C, int64_t r0, in
   return true;
 }
 
-// Per-channel moments of interleaved input: tasks own consecutive rows, taken in blocks of
-// `rows_per_block` rows (at least kMinBlockRows), each block two-pass over all channels.
+// Per-channel moments of interleaved input, in blocks of `rows_per_block` rows (at least
+// kMinBlockRows), each block two-pass over its channels. Tasks own consecutive rows, and their
+// results are merged for every channel; or, for few rows of many channels (a small batch of a
+// wide layer), tasks own chunks of whole channel vectors over all the rows, and nothing is merged
+// across tasks. Either way the tasks follow from the shape alone.
 template <typename T>
 void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, double* out_hi, double* out_lo,
                          double* out_m2) {
   const int64_t C = sh.c, R = sh.n;
   const int64_t rows_per_block = std::max<int64_t>(kMinBlockRows, kBlock / std::max<int64_t>(C, 1));
+  // Moments of channels [c0, c0 + channels) over rows [r0, r1) into (h, l, m) (C apart per row).
+  auto rows_moments = [&](int64_t c0, int64_t channels, int64_t r0, int64_t r1, double* h, double* l, double* m) {
+    RowScratch<float> narrow(std::is_same_v<T, double> ? 0 : channels);
+    RowScratch<double> wide(channels);
+    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
+      const int64_t b1 = std::min(r1, b0 + rows_per_block);
+      const double na = static_cast<double>(b0 - r0);
+      with_partials<T>([&]<typename P>() {
+        if constexpr (std::is_same_v<P, float>) {
+          return row_block_moments<T, P>(base + c0, C, channels, b0, b1, narrow, na, h, l, m);
+        } else {
+          return row_block_moments<T, P>(base + c0, C, channels, b0, b1, wide, na, h, l, m);
+        }
+      });
+    }
+  };
+  if (R < kChannelSplitRows && C >= 2 * kChunkChannels) {
+    const int64_t vectors = C / kLanes;
+    const int64_t chunks = task_count(sh.numel(), C / kChunkChannels);
+    auto start = [&](int64_t chunk) { return chunk == chunks ? C : kLanes * (vectors * chunk / chunks); };
+    Scratch<double, 3> partials(3 * C);
+    double *hi = partials.data(), *lo = hi + C, *m2 = lo + C;
+    for_tasks(chunks, sh.numel() / chunks, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t c0 = start(chunk), channels = start(chunk + 1) - c0;
+        rows_moments(c0, channels, 0, R, hi + c0, lo + c0, m2 + c0);
+        merge_channels(channels, 0, out_hi + c0, out_lo + c0, out_m2 + c0, static_cast<double>(R), hi + c0,
+                       lo + c0, m2 + c0);
+      }
+    });
+    return;
+  }
   const int64_t tasks = task_count(sh.numel(), ceil_div(R, rows_per_block));
   Scratch<double, 3> partials(3 * tasks * C);
   double *hi = partials.data(), *lo = hi + tasks * C, *m2 = lo + tasks * C;
   for_tasks(tasks, sh.numel() / tasks, [&](int64_t begin, int64_t end) {
-    RowScratch<float> narrow(std::is_same_v<T, double> ? 0 : C);
-    RowScratch<double> wide(C);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = R * task / tasks, r1 = R * (task + 1) / tasks;
-      double *h = hi + task * C, *l = lo + task * C, *m = m2 + task * C;
-      for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-        const int64_t b1 = std::min(r1, b0 + rows_per_block);
-        const double na = static_cast<double>(b0 - r0);
-        with_partials<T>([&]<typename P>() {
-          if constexpr (std::is_same_v<P, float>) {
-            return row_block_moments<T, P>(base, C, b0, b1, narrow, na, h, l, m);
-          } else {
-            return row_block_moments<T, P>(base, C, b0, b1, wide, na, h, l, m);
-          }
-        });
-      }
+      rows_moments(0, C, R * task / tasks, R * (task + 1) / tasks, hi + task * C, lo + task * C, m2 + task * C);
     }
   });
   // Tasks in order, all channels at once: task t holds R * (t + 1) / tasks - R * t / tasks rows.
