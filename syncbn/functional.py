@@ -322,6 +322,19 @@ _apply_without_wrapper = super(torch.autograd.Function, _SyncBatchNorm).apply
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 
 
+def _native_layer(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
+                  comm_key: int, layer: str, debug: bool, check_finite: bool) -> Tensor:
+    """_SyncBatchNorm's forward for the native backend in eager mode: the group statistics here,
+    then normalize as a C++ autograd node whose backward is _fused_backward's, without a Python
+    autograd.Function's cost on the host (tens of µs a step)."""
+    count, mean, var = group_statistics(x.detach(), running_mean, running_var, num_batches_tracked,
+                                        momentum, comm_key, layer, debug, check_finite)
+    return kernels.native.synchronized_normalize(x, weight, bias, mean, var, count, eps, comm_key,
+                                                 layer, debug)
+
+
 def _fused_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     x, weight, bias, mean, var, count = ctx.saved_tensors
     backend = kernels.for_input(x)
@@ -355,11 +368,16 @@ def _group_gradient_sums(ctx, local_sums: Tensor) -> Optional[Tensor]:
     None when x needs no gradient."""
     if not ctx.needs_input_grad[0]:
         return None
-    channels = local_sums.numel() // 2  # fp64, from every backend
     if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
-        return all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward", channels, ctx.debug)
-    return all_reduce(communicator_for(ctx.comm_key), local_sums, ctx.layer, "backward", channels,
-                      ctx.debug)
+        return all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward",
+                               local_sums.numel() // 2, ctx.debug)
+    return _reduce_gradient_sums(local_sums, ctx.comm_key, ctx.layer, ctx.debug)
+
+
+def _reduce_gradient_sums(local_sums: Tensor, comm_key: int, layer: str, debug: bool) -> Tensor:
+    """The backward all-reduce of [sum dy, sum dy * xhat] (2C fp64, from every backend), in place."""
+    return all_reduce(communicator_for(comm_key), local_sums, layer, "backward", local_sums.numel() // 2,
+                      debug)
 
 
 def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
@@ -381,14 +399,20 @@ def _differentiable_backward(ctx, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
     conditioned; its all-reduce is differentiable, so every order of derivative is exact.
     """
     x, weight, bias, mean, _, _ = ctx.saved_tensors
-    wanted = [(i, t) for i, t in enumerate((x, weight, bias))
-              if t is not None and ctx.needs_input_grad[i]]
-    y = _differentiable_forward(x, weight, bias, mean, ctx.eps, ctx.comm_key, ctx.layer, ctx.debug)
-    found = torch.autograd.grad(y, [t for _, t in wanted], dy, create_graph=True, allow_unused=True)
-    grads: List[Optional[Tensor]] = [None, None, None]
-    for (index, tensor), grad in zip(wanted, found):
-        grads[index] = torch.zeros_like(tensor) if grad is None else grad
-    return tuple(grads)
+    wanted = [t is not None and ctx.needs_input_grad[i] for i, t in enumerate((x, weight, bias))]
+    found = iter(_differentiable_grads(dy, x, weight, bias, mean, ctx.eps, ctx.comm_key, ctx.layer,
+                                       ctx.debug, *wanted))
+    return tuple(next(found) if want else None for want in wanted)
+
+
+def _differentiable_grads(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          mean: Tensor, eps: float, comm_key: int, layer: str, debug: bool,
+                          x_wanted: bool, weight_wanted: bool, bias_wanted: bool) -> List[Tensor]:
+    """The gradients, differentiable, of the wanted ones of x, weight and bias (in that order)."""
+    inputs = [t for t, want in zip((x, weight, bias), (x_wanted, weight_wanted, bias_wanted)) if want]
+    y = _differentiable_forward(x, weight, bias, mean, eps, comm_key, layer, debug)
+    found = torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True)
+    return [torch.zeros_like(t) if grad is None else grad for t, grad in zip(inputs, found)]
 
 
 def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -410,6 +434,20 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     if bias is not None:
         y = y + bnm.channel_view(bias.to(acc), ndim)
     return y.to(x.dtype)
+
+
+# What the native node (syncbn_native::synchronized_normalize) calls back into Python for, as
+# operators it finds by name: the backward all-reduce, in place, and under create_graph=True the
+# differentiable backward (above autograd, so its results keep their graph).
+_native_node_callbacks = torch.library.Library("syncbn", "FRAGMENT")
+_native_node_callbacks.define("all_reduce_gradient_sums_(Tensor(a!) local_sums, int comm_key, str layer, "
+                              "bool debug) -> Tensor(a!)")
+_native_node_callbacks.impl("all_reduce_gradient_sums_", _reduce_gradient_sums, "CPU")
+_native_node_callbacks.define("differentiable_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, "
+                              "Tensor mean, float eps, int comm_key, str layer, bool debug, "
+                              "bool x_wanted, bool weight_wanted, bool bias_wanted) -> Tensor[]")
+_native_node_callbacks.impl("differentiable_backward", _differentiable_grads,
+                            "CompositeImplicitAutograd")
 
 
 def alone_running_stats(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -512,7 +550,11 @@ def sync_batch_norm(
         device = reference.device if reference is not None else input.device
         report_invalid_input(communicator_for(comm_key), channels, device, layer, problem, debug,
                              check_finite)
-    apply = (_SyncBatchNorm.apply if torch.compiler.is_compiling() or _functorch_transforms_active()
-             else _apply_without_wrapper)
+    if torch.compiler.is_compiling() or _functorch_transforms_active():
+        apply = _SyncBatchNorm.apply
+    elif kernels.for_input(input) is kernels.native:
+        apply = _native_layer
+    else:
+        apply = _apply_without_wrapper
     return apply(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                  comm_key, layer, debug, check_finite)

@@ -196,3 +196,103 @@ def test_running_means_that_differ_only_by_their_dtype_rounding_train_on(rank_po
     assert not torch.equal(results[0]["running_mean"], results[1]["running_mean"]), (
         "the ranks' running means are bitwise equal: this case checks nothing")
     torch.testing.assert_close(results[0]["running_mean"], results[1]["running_mean"], rtol=1e-6, atol=0)
+
+
+# --- the native backend's C++ autograd node (issue 26) -------------------------------------------
+
+# name: (shape, x's layout, dtype, parameters, dy in another layout than x, x wants a gradient)
+NODE_CASES = {
+    "channels_last fp32, weight and bias": ((2, 64, 7, 7), torch.channels_last, torch.float32, "both", False, True),
+    "channels_last fp32, dy contiguous": ((2, 16, 5, 5), torch.channels_last, torch.float32, "both", True, True),
+    "contiguous fp64, no parameters": ((4, 8, 3, 3), torch.contiguous_format, torch.float64, "none", False, True),
+    "2-D fp32, bias only": ((5, 6), torch.contiguous_format, torch.float32, "bias", False, True),
+    "channels_last_3d bf16, weight only": ((2, 4, 3, 2, 2), torch.channels_last_3d, torch.bfloat16, "weight",
+                                           False, True),
+    "fp16 1x1": ((2, 64, 1, 1), torch.contiguous_format, torch.float16, "both", False, True),
+    "x without a gradient": ((3, 8, 4, 4), torch.contiguous_format, torch.float32, "both", False, False),
+}
+
+
+def _node_case(case: str):
+    """(x, dy, weight, bias, wanted inputs) of NODE_CASES[case]: values far from 0 with an outlier
+    first, parameters in fp32 (fp64 for fp64 input), as a model's."""
+    shape, layout, dtype, parameters, dy_elsewhere, x_wanted = NODE_CASES[case]
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randn(*shape, generator=generator, dtype=torch.float64) * 3 + 40
+    values.view(-1)[0] = 400.0
+    x = values.to(dtype).contiguous(memory_format=layout).requires_grad_(x_wanted)
+    dy = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+    dy = dy.contiguous() if dy_elsewhere else dy.contiguous(memory_format=layout)
+    parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    channels = shape[1]
+    weight = torch.linspace(0.5, 2.0, channels, dtype=parameter_dtype).requires_grad_()
+    bias = torch.linspace(-1.0, 1.0, channels, dtype=parameter_dtype).requires_grad_()
+    weight = weight if parameters in ("both", "weight") else None
+    bias = bias if parameters in ("both", "bias") else None
+    wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    return x, dy, weight, bias, wanted
+
+
+def _step_through(apply, case: str, stand_in, create_graph: bool = False) -> Dict:
+    """One training step of NODE_CASES[case] through ``apply`` (sync_batch_norm's last call)."""
+    x, dy, weight, bias, wanted = _node_case(case)
+    channels = x.shape[1]
+    running_mean = torch.zeros(channels, dtype=weight.dtype if weight is not None else torch.float32)
+    running_var, tracked = torch.ones_like(running_mean), torch.zeros((), dtype=torch.long)
+    comm_key, _ = syncbn.functional.group_of(stand_in)
+    y = apply(x, weight, bias, running_mean, running_var, tracked, 0.1, 1e-5, comm_key, "node case", False, False)
+    grads = torch.autograd.grad(y, wanted, dy, create_graph=create_graph)
+    result = {"node": y.grad_fn.name(), "y": y.detach(), "running_mean": running_mean,
+              "running_var": running_var, "tracked": tracked, "grads": [g.detach() for g in grads]}
+    if create_graph:  # second order: of the gradients' squares, to every input that wanted a gradient
+        total = sum((g.double() ** 2).sum() for g in grads)
+        # None: the gradients are no function of that input (the parameters' alone, without x's)
+        second = torch.autograd.grad(total, wanted, allow_unused=True) if total.requires_grad else ()
+        result["second"] = [torch.zeros(()) if g is None else g for g in second]
+    return result
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double_backward"])
+@pytest.mark.parametrize("case", list(NODE_CASES))
+def test_the_native_node_computes_bitwise_what_the_python_function_computes(case, create_graph):
+    """Eager CPU input on the native kernels takes the C++ node (syncbn_native::synchronized_normalize);
+    its output, gradients (second order too) and running statistics are the Python Function's,
+    which the other backends take and which the oracle tests check against float64 BatchNorm."""
+    if syncbn.kernels.for_input(_node_case(case)[0]) is not syncbn.kernels.native:
+        pytest.skip("the native kernels are off or failed to build")
+    stand_in = TwoIdenticalRanks()
+    via_node = _step_through(syncbn.functional._native_layer, case, stand_in, create_graph)
+    via_function = _step_through(syncbn.functional._SyncBatchNorm.apply, case, stand_in, create_graph)
+    assert "SynchronizedNormalize" in via_node["node"], via_node["node"]
+    x, _, _, _, wanted = _node_case(case)
+    assert len(via_node["grads"]) == len(wanted)
+    for name in ("y", "running_mean", "running_var", "tracked", "grads") + (("second",) if create_graph else ()):
+        expected, actual = via_function[name], via_node[name]
+        for a, e in zip(actual, expected) if isinstance(expected, (list, tuple)) else [(actual, expected)]:
+            assert a.dtype == e.dtype and a.stride() == e.stride(), name
+            assert torch.equal(a, e), f"{case}: {name} differs between the node and the Python Function"
+
+
+def test_sync_batch_norm_on_native_cpu_input_takes_the_node_and_w_1_takes_batchnorm():
+    layer = syncbn.SyncBatchNorm(CHANNELS, process_group=TwoIdenticalRanks())
+    x = _x(dtype=torch.float32).requires_grad_()
+    expected = "SynchronizedNormalize" if syncbn.kernels.for_input(x) is syncbn.kernels.native else "_SyncBatchNorm"
+    assert expected in layer(x).grad_fn.name()
+    assert "NativeBatchNorm" in syncbn.SyncBatchNorm(CHANNELS, process_group=None)(x).grad_fn.name()
+
+
+class _FailsOnBackward(TwoIdenticalRanks):
+    """A stand-in whose second all-reduce (the backward's) fails, as a dead peer's would."""
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.calls == 1:
+            raise RuntimeError("peer rank 1 closed the connection")
+        return super().all_reduce_sum_(tensor)
+
+
+def test_a_failed_backward_all_reduce_reaches_the_caller_as_collective_error_naming_the_layer():
+    # Raised in Python inside the C++ node's backward, it must come out of backward() as itself.
+    layer = syncbn.SyncBatchNorm(CHANNELS, process_group=_FailsOnBackward(), name="stem.bn")
+    y = layer(_x(dtype=torch.float32).requires_grad_())
+    with pytest.raises(syncbn.CollectiveError, match="backward all-reduce of SyncBatchNorm.*'stem.bn'.*closed"):
+        y.sum().backward()

@@ -1301,6 +1301,8 @@ void activated_input_grad(DType dtype, const void* dy, const void* y, void* dx, 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 namespace {
@@ -1915,6 +1917,89 @@ Tensor activated_input_grad(const Tensor& dy_in, const Tensor& y_in, const Tenso
   return finish(out);
 }
 
+// --- the synchronized layer as one autograd node ---------------------------------------------------
+
+// A layer step through a Python autograd.Function pays tens of µs on the host (the engine's call
+// into Python and back, the context, Function.apply): as much as a small layer's kernels. Here the
+// layer's normalize and its backward are one C++ node. The node reaches what only Python has
+// through two operators that syncbn/functional.py defines: the backward all-reduce of the gradient
+// sums (the communicator, the debug guard, the errors every rank raises) and, under
+// create_graph=True, the differentiable backward.
+const auto& all_reduce_gradient_sums_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("syncbn::all_reduce_gradient_sums_", "")
+                             .typed<Tensor(const Tensor&, int64_t, c10::string_view, bool)>();
+  return op;
+}
+
+const auto& differentiable_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("syncbn::differentiable_backward", "")
+                             .typed<std::vector<Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                                        const optional<Tensor>&, const Tensor&, double, int64_t,
+                                                        c10::string_view, bool, bool, bool, bool)>();
+  return op;
+}
+
+optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
+
+struct SynchronizedNormalize : public torch::autograd::Function<SynchronizedNormalize> {
+  static constexpr size_t kInputs = 10;  // forward's arguments, each given a gradient (most none)
+
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias, const Tensor& mean, const Tensor& var, const Tensor& count,
+                        double eps, int64_t comm_key, c10::string_view layer, bool debug) {
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, var, count});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["comm_key"] = comm_key;
+    ctx->saved_data["layer"] = std::string(layer);
+    ctx->saved_data["debug"] = debug;
+    return normalize(x, mean, var, weight, bias, eps);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t comm_key = ctx->saved_data["comm_key"].toInt();
+    const std::string& layer = ctx->saved_data["layer"].toStringRef();
+    const bool debug = ctx->saved_data["debug"].toBool();
+    // needs_input_grad counts the tensors given, an absent weight not among them; the gradients
+    // returned count every argument.
+    const bool wanted[3] = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
+                            bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1)};
+    torch::autograd::variable_list result(kInputs);  // undefined: no gradient
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a backward that is itself differentiable
+      const std::vector<Tensor> found = differentiable_backward_op().call(
+          grads[0], x, defined_or_none(weight), defined_or_none(bias), mean, eps, comm_key, layer, debug, wanted[0],
+          wanted[1], wanted[2]);
+      for (size_t i = 0, next = 0; i < 3; ++i) {
+        if (wanted[i]) result[i] = found[next++];
+      }
+      return result;
+    }
+    // What functional._fused_backward does for the other backends, step for step.
+    const Tensor dy = like(grads[0], dense(x, "synchronized_normalize").first, "synchronized_normalize", "dy");
+    const Tensor& parameter = weight.defined() ? weight : bias;
+    auto [sums, own_bias, own_weight] =
+        backward_sums(dy, x, mean, var, eps, parameter.defined() ? parameter.scalar_type() : at::kDouble);
+    if (wanted[1]) result[1] = own_weight;
+    if (wanted[2]) result[2] = own_bias.scalar_type() == bias.scalar_type() ? own_bias : own_bias.to(bias.scalar_type());
+    if (wanted[0]) {
+      all_reduce_gradient_sums_op().call(sums, comm_key, layer, debug);
+      result[0] = input_grad(dy, x, mean, var, defined_or_none(weight), eps, sums, saved[5]);
+    }
+    return result;
+  }
+};
+
+Tensor synchronized_normalize(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                              const Tensor& mean, const Tensor& var, const Tensor& count, double eps, int64_t comm_key,
+                              c10::string_view layer, bool debug) {
+  return SynchronizedNormalize::apply(x, weight, bias, mean, var, count, eps, comm_key, layer, debug);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(syncbn_native, m) {
@@ -1943,6 +2028,8 @@ TORCH_LIBRARY(syncbn_native, m) {
         "float parameter) -> Tensor");
   m.def("activated_input_grad(Tensor dy, Tensor y, Tensor var, Tensor? weight, Tensor? bias, float eps, "
         "int activation, float parameter, Tensor group_sums, Tensor count) -> Tensor");
+  m.def("synchronized_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, Tensor count, "
+        "float eps, int comm_key, str layer, bool debug) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
@@ -1959,5 +2046,10 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
   m.impl("normalize_activate_", &normalize_activate_);
   m.impl("activated_backward_payload", &activated_backward_payload);
   m.impl("activated_input_grad", &activated_input_grad);
+}
+
+// Above autograd: the kernel is the node's apply, which records the node where a gradient is wanted.
+TORCH_LIBRARY_IMPL(syncbn_native, CompositeImplicitAutograd, m) {
+  m.impl("synchronized_normalize", &synchronized_normalize);
 }
 #endif  // part 2

@@ -20,6 +20,11 @@ SyncBatchNormAct runs unfused under torch.compile, and the forward's merge runs 
 it does not enter) has a fake implementation, so torch.compile traces through them.
 :func:`group_totals` reads the reduced payload through the ``group_checks`` operator,
 :func:`checked_finalize` through ``checked_finalize``.
+
+Beyond the kernel interface, ``synchronized_normalize(x, weight, bias, mean, var, count, eps,
+comm_key, layer, debug)`` is the synchronized layer's normalize as a C++ autograd node, whose
+backward is the layer's fused backward (syncbn.functional calls it in eager mode; its backward
+calls back into syncbn.functional's operators for the all-reduce). Eager only: it has no fake.
 """
 from __future__ import annotations
 
@@ -47,12 +52,13 @@ except ImportError:  # not POSIX: no build (the reference serves)
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
            "backward_sums", "input_grad", "group_totals", "checked_finalize", "moments_about",
            "any_below_floor", "update_stats", "normalize_activate", "activated_backward_payload",
-           "activated_input_grad"]
+           "activated_input_grad", "synchronized_normalize"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "group_checks",
-        "any_below_floor", "update_stats", "activated_backward_payload", "activated_input_grad")
+        "any_below_floor", "update_stats", "activated_backward_payload", "activated_input_grad",
+        "synchronized_normalize")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
 
