@@ -25,6 +25,11 @@ torch.compile: the collectives and the host reads live inside custom operators
 compiles without a graph break. Double backward: under ``create_graph=True`` the backward is
 rebuilt from differentiable ops and the differentiable all-reduce, so second-order gradients
 are those of BatchNorm on the global batch.
+
+Where the native CPU kernels serve, in eager mode, the layer is one C++ autograd node
+(``kernels.native.synchronized_normalize``) rather than the Python autograd.Function below: the
+same kernels in the same order, without the host cost of a Python node, its backward calling back
+here for the all-reduce and the differentiable backward.
 """
 from __future__ import annotations
 
