@@ -179,10 +179,24 @@ def _group_moments(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
                                        num_batches_tracked, momentum, comm.size, check_finite)
     if not isinstance(checked, bnm.GroupTotals):
         return checked
-    _raise_group_errors(checked, comm, layer, x, check_finite, finite_here, debug)
+    return _moments_after_checks(checked, payload, x, shift, running_mean, running_var,
+                                 num_batches_tracked, momentum, comm, layer, debug, check_finite,
+                                 finite_here)
+
+
+def _moments_after_checks(totals: bnm.GroupTotals, payload: Tensor, x: Tensor, shift: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                          comm: Communicator, layer: str, debug: bool, check_finite: bool,
+                          finite_here: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """_group_moments' end where the reduced payload's checks are not all passed (``totals``):
+    raise on every rank what they show, else merge again about the global mean."""
+    _raise_group_errors(totals, comm, layer, x, check_finite, finite_here, debug)
+    backend = kernels.for_input(x)
+    channels = x.shape[1]
     moments = payload[:bnm.moments_numel(channels)]
     # Decided on the host, so only on CPU, and alike on every rank: the same reduced payload.
-    if on_cpu and checked.ill_conditioned:
+    if x.is_cpu and totals.ill_conditioned:
         # Merge again, from the data, about the global mean just found (the same on every rank,
         # fp64): each rank's moments about it are nearly exact, whatever its mean's distance.
         _, shift, _ = backend.finalize(moments, shift, None, None, None, momentum)
@@ -331,11 +345,24 @@ def _native_layer(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
                   comm_key: int, layer: str, debug: bool, check_finite: bool) -> Tensor:
-    """_SyncBatchNorm's forward for the native backend in eager mode: the group statistics here,
-    then normalize as a C++ autograd node whose backward is _fused_backward's, without a Python
-    autograd.Function's cost on the host (tens of µs a step)."""
-    count, mean, var = group_statistics(x.detach(), running_mean, running_var, num_batches_tracked,
-                                        momentum, comm_key, layer, debug, check_finite)
+    """_SyncBatchNorm's forward for the native backend in eager mode, without a Python
+    autograd.Function's cost on the host (tens of µs a step): _group_moments' common case and
+    normalize in one operator call, whose output's autograd node is a C++ one with
+    _fused_backward's steps; _group_moments' other cases here, then the same node."""
+    comm = communicator_for(comm_key)
+    update = running_mean is not None and not recomputing_checkpoint()
+    y, payload, finite_here = kernels.native.synchronized_batch_norm(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, update, eps, comm_key,
+        layer, debug, comm.size, check_finite)
+    if y is not None:
+        return y
+    shift = running_mean
+    if not update:
+        running_mean = running_var = num_batches_tracked = None
+    totals = kernels.native.group_totals(payload, x.shape[1], comm.size)
+    count, mean, var = _moments_after_checks(totals, payload, x.detach(), shift, running_mean, running_var,
+                                             num_batches_tracked, momentum, comm, layer, debug, check_finite,
+                                             finite_here)
     return kernels.native.synchronized_normalize(x, weight, bias, mean, var, count, eps, comm_key,
                                                  layer, debug)
 
@@ -376,13 +403,14 @@ def _group_gradient_sums(ctx, local_sums: Tensor) -> Optional[Tensor]:
     if torch.compiler.is_compiling():  # the operator, opaque to the compiler: on a copy
         return all_reduce_copy(local_sums, ctx.comm_key, ctx.layer, "backward",
                                local_sums.numel() // 2, ctx.debug)
-    return _reduce_gradient_sums(local_sums, ctx.comm_key, ctx.layer, ctx.debug)
+    return _all_reduce_by_key(local_sums, ctx.comm_key, ctx.layer, "backward", local_sums.numel() // 2,
+                              ctx.debug)
 
 
-def _reduce_gradient_sums(local_sums: Tensor, comm_key: int, layer: str, debug: bool) -> Tensor:
-    """The backward all-reduce of [sum dy, sum dy * xhat] (2C fp64, from every backend), in place."""
-    return all_reduce(communicator_for(comm_key), local_sums, layer, "backward", local_sums.numel() // 2,
-                      debug)
+def _all_reduce_by_key(payload: Tensor, comm_key: int, layer: str, direction: str, channels: int,
+                       debug: bool) -> Tensor:
+    """all_reduce, in place, over the communicator registered under ``comm_key``."""
+    return all_reduce(communicator_for(comm_key), payload, layer, direction, channels, debug)
 
 
 def backward_sums(ctx, local_sums: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
@@ -441,13 +469,13 @@ def _differentiable_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[
     return y.to(x.dtype)
 
 
-# What the native node (syncbn_native::synchronized_normalize) calls back into Python for, as
-# operators it finds by name: the backward all-reduce, in place, and under create_graph=True the
-# differentiable backward (above autograd, so its results keep their graph).
+# What the native forward and node (syncbn_native::synchronized_batch_norm, ::synchronized_normalize)
+# call back into Python for, as operators they find by name: the all-reduce, in place, and under
+# create_graph=True the differentiable backward (above autograd, so its results keep their graph).
 _native_node_callbacks = torch.library.Library("syncbn", "FRAGMENT")
-_native_node_callbacks.define("all_reduce_gradient_sums_(Tensor(a!) local_sums, int comm_key, str layer, "
-                              "bool debug) -> Tensor(a!)")
-_native_node_callbacks.impl("all_reduce_gradient_sums_", _reduce_gradient_sums, "CPU")
+_native_node_callbacks.define("all_reduce_(Tensor(a!) payload, int comm_key, str layer, str direction, "
+                              "int channels, bool debug) -> Tensor(a!)")
+_native_node_callbacks.impl("all_reduce_", _all_reduce_by_key, "CPU")
 _native_node_callbacks.define("differentiable_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, "
                               "Tensor mean, float eps, int comm_key, str layer, bool debug, "
                               "bool x_wanted, bool weight_wanted, bool bias_wanted) -> Tensor[]")

@@ -200,26 +200,32 @@ def test_running_means_that_differ_only_by_their_dtype_rounding_train_on(rank_po
 
 # --- the native backend's C++ autograd node (issue 26) -------------------------------------------
 
-# name: (shape, x's layout, dtype, parameters, dy in another layout than x, x wants a gradient)
+# name: (shape, x's layout, dtype, parameters, dy in another layout than x, x wants a gradient,
+# the data's mean: 1e5 from a running mean of 0 takes the forward's second merge, about the mean,
+# as fp64 does wherever the mean is further from the running mean than a standard deviation)
 NODE_CASES = {
-    "channels_last fp32, weight and bias": ((2, 64, 7, 7), torch.channels_last, torch.float32, "both", False, True),
-    "channels_last fp32, dy contiguous": ((2, 16, 5, 5), torch.channels_last, torch.float32, "both", True, True),
-    "contiguous fp64, no parameters": ((4, 8, 3, 3), torch.contiguous_format, torch.float64, "none", False, True),
-    "2-D fp32, bias only": ((5, 6), torch.contiguous_format, torch.float32, "bias", False, True),
+    "channels_last fp32, weight and bias": ((2, 64, 7, 7), torch.channels_last, torch.float32, "both", False, True,
+                                            40.0),
+    "channels_last fp32, dy contiguous": ((2, 16, 5, 5), torch.channels_last, torch.float32, "both", True, True, 40.0),
+    "contiguous fp64, no parameters": ((4, 8, 3, 3), torch.contiguous_format, torch.float64, "none", False, True,
+                                       40.0),
+    "2-D fp32, bias only": ((5, 6), torch.contiguous_format, torch.float32, "bias", False, True, 40.0),
     "channels_last_3d bf16, weight only": ((2, 4, 3, 2, 2), torch.channels_last_3d, torch.bfloat16, "weight",
-                                           False, True),
-    "fp16 1x1": ((2, 64, 1, 1), torch.contiguous_format, torch.float16, "both", False, True),
-    "x without a gradient": ((3, 8, 4, 4), torch.contiguous_format, torch.float32, "both", False, False),
+                                           False, True, 40.0),
+    "fp16 1x1": ((2, 64, 1, 1), torch.contiguous_format, torch.float16, "both", False, True, 40.0),
+    "x without a gradient": ((3, 8, 4, 4), torch.contiguous_format, torch.float32, "both", False, False, 40.0),
+    "fp32 far from the running mean": ((4, 8, 3, 3), torch.contiguous_format, torch.float32, "both", False, True,
+                                       1e5),
 }
 
 
 def _node_case(case: str):
     """(x, dy, weight, bias, wanted inputs) of NODE_CASES[case]: values far from 0 with an outlier
     first, parameters in fp32 (fp64 for fp64 input), as a model's."""
-    shape, layout, dtype, parameters, dy_elsewhere, x_wanted = NODE_CASES[case]
+    shape, layout, dtype, parameters, dy_elsewhere, x_wanted, mean = NODE_CASES[case]
     generator = torch.Generator().manual_seed(7)
-    values = torch.randn(*shape, generator=generator, dtype=torch.float64) * 3 + 40
-    values.view(-1)[0] = 400.0
+    values = torch.randn(*shape, generator=generator, dtype=torch.float64) * 3 + mean
+    values.view(-1)[0] = 10 * mean
     x = values.to(dtype).contiguous(memory_format=layout).requires_grad_(x_wanted)
     dy = torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
     dy = dy.contiguous() if dy_elsewhere else dy.contiguous(memory_format=layout)
@@ -240,10 +246,12 @@ def _step_through(apply, case: str, stand_in, create_graph: bool = False) -> Dic
     running_mean = torch.zeros(channels, dtype=weight.dtype if weight is not None else torch.float32)
     running_var, tracked = torch.ones_like(running_mean), torch.zeros((), dtype=torch.long)
     comm_key, _ = syncbn.functional.group_of(stand_in)
+    calls = stand_in.calls
     y = apply(x, weight, bias, running_mean, running_var, tracked, 0.1, 1e-5, comm_key, "node case", False, False)
     grads = torch.autograd.grad(y, wanted, dy, create_graph=create_graph)
     result = {"node": y.grad_fn.name(), "y": y.detach(), "running_mean": running_mean,
-              "running_var": running_var, "tracked": tracked, "grads": [g.detach() for g in grads]}
+              "running_var": running_var, "tracked": tracked, "grads": [g.detach() for g in grads],
+              "all-reduces": stand_in.calls - calls}
     if create_graph:  # second order: of the gradients' squares, to every input that wanted a gradient
         total = sum((g.double() ** 2).sum() for g in grads)
         # None: the gradients are no function of that input (the parameters' alone, without x's)
@@ -266,6 +274,9 @@ def test_the_native_node_computes_bitwise_what_the_python_function_computes(case
     assert "SynchronizedNormalize" in via_node["node"], via_node["node"]
     x, _, _, _, wanted = _node_case(case)
     assert len(via_node["grads"]) == len(wanted)
+    assert via_node["all-reduces"] == via_function["all-reduces"], (via_node["all-reduces"], via_function["all-reduces"])
+    if NODE_CASES[case][-1] > 1e4 and not create_graph:  # two merges, then the backward's all-reduce
+        assert via_node["all-reduces"] == 3, via_node["all-reduces"]
     for name in ("y", "running_mean", "running_var", "tracked", "grads") + (("second",) if create_graph else ()):
         expected, actual = via_function[name], via_node[name]
         for a, e in zip(actual, expected) if isinstance(expected, (list, tuple)) else [(actual, expected)]:
@@ -281,18 +292,26 @@ def test_sync_batch_norm_on_native_cpu_input_takes_the_node_and_w_1_takes_batchn
     assert "NativeBatchNorm" in syncbn.SyncBatchNorm(CHANNELS, process_group=None)(x).grad_fn.name()
 
 
-class _FailsOnBackward(TwoIdenticalRanks):
-    """A stand-in whose second all-reduce (the backward's) fails, as a dead peer's would."""
+class _FailsOnCall(TwoIdenticalRanks):
+    """A stand-in whose all-reduce number ``failing`` (0: the forward's, 1: the backward's) fails,
+    as a dead peer's would."""
+
+    def __init__(self, failing: int) -> None:
+        super().__init__()
+        self.failing = failing
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.calls == 1:
+        if self.calls == self.failing:
             raise RuntimeError("peer rank 1 closed the connection")
         return super().all_reduce_sum_(tensor)
 
 
-def test_a_failed_backward_all_reduce_reaches_the_caller_as_collective_error_naming_the_layer():
-    # Raised in Python inside the C++ node's backward, it must come out of backward() as itself.
-    layer = syncbn.SyncBatchNorm(CHANNELS, process_group=_FailsOnBackward(), name="stem.bn")
-    y = layer(_x(dtype=torch.float32).requires_grad_())
-    with pytest.raises(syncbn.CollectiveError, match="backward all-reduce of SyncBatchNorm.*'stem.bn'.*closed"):
-        y.sum().backward()
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_failed_all_reduce_reaches_the_caller_as_collective_error_naming_the_layer(direction):
+    # Raised in Python inside the native operator or node, it must come out as itself.
+    layer = syncbn.SyncBatchNorm(CHANNELS, process_group=_FailsOnCall(["forward", "backward"].index(direction)),
+                                 name="stem.bn")
+    x = _x(dtype=torch.float32).requires_grad_()
+    with pytest.raises(syncbn.CollectiveError, match=f"{direction} all-reduce of SyncBatchNorm.*'stem.bn'.*closed"):
+        layer(x).sum().backward()
+    assert layer.num_batches_tracked.item() == (0 if direction == "forward" else 1)

@@ -1921,14 +1921,14 @@ Tensor activated_input_grad(const Tensor& dy_in, const Tensor& y_in, const Tenso
 
 // A layer step through a Python autograd.Function pays tens of µs on the host (the engine's call
 // into Python and back, the context, Function.apply): as much as a small layer's kernels. Here the
-// layer's normalize and its backward are one C++ node. The node reaches what only Python has
-// through two operators that syncbn/functional.py defines: the backward all-reduce of the gradient
-// sums (the communicator, the debug guard, the errors every rank raises) and, under
+// layer's normalize and its backward are one C++ node, and the forward's common case one operator
+// call. They reach what only Python has through two operators that syncbn/functional.py defines:
+// the all-reduce (the communicator, the debug guard, the errors every rank raises) and, under
 // create_graph=True, the differentiable backward.
-const auto& all_reduce_gradient_sums_op() {
+const auto& all_reduce_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("syncbn::all_reduce_gradient_sums_", "")
-                             .typed<Tensor(const Tensor&, int64_t, c10::string_view, bool)>();
+                             .findSchemaOrThrow("syncbn::all_reduce_", "")
+                             .typed<Tensor(const Tensor&, int64_t, c10::string_view, c10::string_view, int64_t, bool)>();
   return op;
 }
 
@@ -1987,7 +1987,7 @@ struct SynchronizedNormalize : public torch::autograd::Function<SynchronizedNorm
     if (wanted[1]) result[1] = own_weight;
     if (wanted[2]) result[2] = own_bias.scalar_type() == bias.scalar_type() ? own_bias : own_bias.to(bias.scalar_type());
     if (wanted[0]) {
-      all_reduce_gradient_sums_op().call(sums, comm_key, layer, debug);
+      all_reduce_op().call(sums, comm_key, layer, "backward", x.size(1), debug);
       result[0] = input_grad(dy, x, mean, var, defined_or_none(weight), eps, sums, saved[5]);
     }
     return result;
@@ -1998,6 +1998,35 @@ Tensor synchronized_normalize(const Tensor& x, const optional<Tensor>& weight, c
                               const Tensor& mean, const Tensor& var, const Tensor& count, double eps, int64_t comm_key,
                               c10::string_view layer, bool debug) {
   return SynchronizedNormalize::apply(x, weight, bias, mean, var, count, eps, comm_key, layer, debug);
+}
+
+// The layer's training forward where nothing needs Python but the all-reduce, in one call: the local
+// payload, its all-reduce, the group checks and statistics (checked_finalize; the running statistics
+// updated where `update`), then normalize as the node above. Where the checks leave work first (an
+// error every rank raises, a merge to redo about the global mean: functional._moments_after_checks)
+// y is None and nothing is updated: (y, the reduced payload, whether this rank's own payload was
+// finite, read only with check_finite).
+std::tuple<optional<Tensor>, Tensor, bool> synchronized_batch_norm(
+    const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, bool update, double eps, int64_t comm_key,
+    c10::string_view layer, bool debug, int64_t world_size, bool check_finite, double shift_tolerance,
+    double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
+  Tensor payload = forward_payload(x, running_mean);
+  bool finite_here = true;
+  if (check_finite) {
+    const double* p = payload.const_data_ptr<double>();
+    for (int64_t i = 0; i < payload.numel(); ++i) finite_here = finite_here && std::isfinite(p[i]);
+  }
+  all_reduce_op().call(payload, comm_key, layer, "forward", x.size(1), debug);
+  const optional<Tensor> none;
+  auto [ready, checks, count, mean, var] =
+      checked_finalize(payload, running_mean, update ? running_mean : none, update ? running_var : none,
+                       update ? num_batches_tracked : none, momentum, world_size, shift_tolerance,
+                       mixed_dtype_shift_tolerance, fp32_condition_limit, check_finite);
+  if (!ready) return {std::nullopt, payload, finite_here};
+  return {synchronized_normalize(x, weight, bias, mean, var, count, eps, comm_key, layer, debug), payload,
+          finite_here};
 }
 
 }  // namespace
@@ -2030,6 +2059,10 @@ TORCH_LIBRARY(syncbn_native, m) {
         "int activation, float parameter, Tensor group_sums, Tensor count) -> Tensor");
   m.def("synchronized_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, Tensor count, "
         "float eps, int comm_key, str layer, bool debug) -> Tensor");
+  m.def("synchronized_batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, bool update, float eps, "
+        "int comm_key, str layer, bool debug, int world_size, bool check_finite, float shift_tolerance, "
+        "float mixed_dtype_shift_tolerance, float fp32_condition_limit) -> (Tensor?, Tensor, bool)");
 }
 
 TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
@@ -2051,5 +2084,6 @@ TORCH_LIBRARY_IMPL(syncbn_native, CPU, m) {
 // Above autograd: the kernel is the node's apply, which records the node where a gradient is wanted.
 TORCH_LIBRARY_IMPL(syncbn_native, CompositeImplicitAutograd, m) {
   m.impl("synchronized_normalize", &synchronized_normalize);
+  m.impl("synchronized_batch_norm", &synchronized_batch_norm);
 }
 #endif  // part 2

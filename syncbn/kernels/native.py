@@ -23,8 +23,9 @@ it does not enter) has a fake implementation, so torch.compile traces through th
 
 Beyond the kernel interface, ``synchronized_normalize(x, weight, bias, mean, var, count, eps,
 comm_key, layer, debug)`` is the synchronized layer's normalize as a C++ autograd node, whose
-backward is the layer's fused backward (syncbn.functional calls it in eager mode; its backward
-calls back into syncbn.functional's operators for the all-reduce). Eager only: it has no fake.
+backward is the layer's fused backward, and :func:`synchronized_batch_norm` its training forward
+in one call where the group's checks pass (syncbn.functional calls them in eager mode; they call
+back into syncbn.functional's operators for the all-reduce). Eager only: they have no fake.
 """
 from __future__ import annotations
 
@@ -52,13 +53,14 @@ except ImportError:  # not POSIX: no build (the reference serves)
 __all__ = ["SUPPORTED_DTYPES", "available", "forward_payload", "finalize", "normalize",
            "backward_sums", "input_grad", "group_totals", "checked_finalize", "moments_about",
            "any_below_floor", "update_stats", "normalize_activate", "activated_backward_payload",
-           "activated_input_grad", "synchronized_normalize"]
+           "activated_input_grad", "synchronized_normalize", "synchronized_batch_norm"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _OPS = ("forward_payload", "finalize", "normalize", "backward_sums", "input_grad", "group_checks",
         "any_below_floor", "update_stats", "activated_backward_payload", "activated_input_grad",
         "synchronized_normalize")
+_CALLED_THROUGH_WRAPPERS = ("checked_finalize", "synchronized_batch_norm")
 _SOURCE = Path(__file__).with_name("native.cpp")
 _LIBRARY_NAME = "syncbn_native.so"
 
@@ -109,6 +111,23 @@ def checked_finalize(payload: torch.Tensor, shift: Optional[torch.Tensor],
         payload, shift, running_mean, running_var, num_batches_tracked, momentum, world_size,
         bnm.SHIFT_TOLERANCE, bnm.MIXED_DTYPE_SHIFT_TOLERANCE, bnm.FP32_CONDITION_LIMIT, check_finite)
     return (count, mean, var) if ready else _totals(checks)
+
+
+def synchronized_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                            num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float],
+                            update: bool, eps: float, comm_key: int, layer: str, debug: bool,
+                            world_size: int, check_finite: bool
+                            ) -> Tuple[Optional[torch.Tensor], torch.Tensor, bool]:
+    """The synchronized layer's training forward in one operator call where the reduced payload's
+    checks all pass (batchnorm_math.statistics_ready): (y, the reduced payload, whether this rank's
+    payload was finite); y's autograd node is ``synchronized_normalize``'s. The all-reduce is
+    called back through syncbn.functional's operator. Where the checks do not pass, y is None and
+    nothing is updated: the caller raises or merges again from the payload."""
+    return _synchronized_batch_norm(  # noqa: F821 (bound by _bind)
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, update, eps, comm_key,
+        layer, debug, world_size, check_finite, bnm.SHIFT_TOLERANCE, bnm.MIXED_DTYPE_SHIFT_TOLERANCE,
+        bnm.FP32_CONDITION_LIMIT)
 
 
 def moments_about(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -274,7 +293,8 @@ def _bind() -> None:
     module = sys.modules[__name__]
     for name in _OPS:
         setattr(module, name, getattr(ops, name).default)
-    module._checked_finalize = ops.checked_finalize.default  # called by checked_finalize
+    for name in _CALLED_THROUGH_WRAPPERS:  # by the functions of the same name below
+        setattr(module, f"_{name}", getattr(ops, name).default)
 
     @torch.library.register_fake("syncbn_native::forward_payload")
     def _(x, shift):
