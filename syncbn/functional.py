@@ -297,6 +297,12 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _updates_running_stats(running_mean: Optional[Tensor], compiling: bool) -> bool:
+    """Whether this training forward updates the running statistics: where there are some, except
+    in a checkpoint's recompute of a step whose first run did (under torch.compile: always)."""
+    return running_mean is not None and (compiling or not recomputing_checkpoint())
+
+
 def group_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                      comm_key: int, layer: str, debug: bool, check_finite: bool
@@ -304,7 +310,7 @@ def group_statistics(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     """(count, mean, biased var) of the group; the running statistics updated, except in a
     checkpoint's recompute of this step."""
     compiling = torch.compiler.is_compiling()
-    update = running_mean is not None and (compiling or not recomputing_checkpoint())
+    update = _updates_running_stats(running_mean, compiling)
     # Eager calls skip the operator's dispatch (tens of µs a call on CPU): the same body.
     merge = _sync_moments if compiling else _group_moments
     return merge(x, running_mean, running_var, num_batches_tracked, momentum, update, comm_key,
@@ -350,7 +356,7 @@ def _native_layer(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     normalize in one operator call, whose output's autograd node is a C++ one with
     _fused_backward's steps; _group_moments' other cases here, then the same node."""
     comm = communicator_for(comm_key)
-    update = running_mean is not None and not recomputing_checkpoint()
+    update = _updates_running_stats(running_mean, compiling=False)
     y, payload, finite_here = kernels.native.synchronized_batch_norm(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, update, eps, comm_key,
         layer, debug, comm.size, check_finite)
