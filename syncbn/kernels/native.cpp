@@ -101,8 +101,9 @@ constexpr int64_t kMinBlockRows = 64;
 // Interleaved input with fewer rows than this and at least two chunks of kChunkChannels channels
 // (whole vectors) is split among tasks by channels, not by rows (see interleaved_moments).
 constexpr int64_t kChannelSplitRows = 1024;
-// Rows of interleaved input a reduction takes together per channel vector: its fp64 sums are
-// written once per kRowGroup * kFlush rows.
+// Rows of interleaved input a reduction takes together per channel vector: the gradient sums'
+// fp64 sums are written once per kRowGroup * kFlush rows, the moments' first pass's once per
+// kRowGroup rows.
 constexpr int64_t kRowGroup = 4;
 // Values per task at least, and tasks at most: enough tasks to balance many threads, few
 // enough partial results to keep their merge negligible.
@@ -603,21 +604,33 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t stride, int64_t C
   double *sum = w.sum, *res = w.res, *sq = w.sq;
   P* pivot = w.pivot;
   std::fill(sum, sum + C, 0.0);
-  // Pass 1 reads the rows from memory, in order (two at a time: the sums stay in L1).
-  for (int64_t r = r0; r < r1; r += 2) {
+  // Pass 1 reads the rows from memory, in order, kRowGroup at a time: the sums stay in L1, read
+  // and written once per group.
+  for (int64_t r = r0; r < r1; r += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, r1 - r);
     const auto* q = x + r * stride;
-    const auto* q2 = r + 1 < r1 ? q + stride : nullptr;
-    for (int64_t c = 0; c < whole; c += kLanes) {
-      f64v part = load_f64(q + c);
-      if (q2) part += load_f64(q2 + c);
-      add_to(sum + c, part);
+    if (rows == kRowGroup) {
+      const auto *q1 = q + stride, *q2 = q1 + stride, *q3 = q2 + stride;
+      for (int64_t c = 0; c < whole; c += kLanes) {
+        add_to(sum + c, (load_f64(q + c) + load_f64(q1 + c)) + (load_f64(q2 + c) + load_f64(q3 + c)));
+      }
+    } else {
+      for (int64_t c = 0; c < whole; c += kLanes) {
+        f64v part = load_f64(q + c);
+        for (int64_t k = 1; k < rows; ++k) part += load_f64(q + k * stride + c);
+        add_to(sum + c, part);
+      }
     }
     for (int64_t c = whole; c < C; ++c) {
-      sum[c] += static_cast<double>(Elem<T>::load(q[c])) + (q2 ? static_cast<double>(Elem<T>::load(q2[c])) : 0.0);
+      double part = 0;
+      for (int64_t k = 0; k < rows; ++k) part += static_cast<double>(Elem<T>::load(q[k * stride + c]));
+      sum[c] += part;
     }
   }
-  const double nb = static_cast<double>(r1 - r0);
-  for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] / nb);
+  const double nb = static_cast<double>(r1 - r0), inverse_nb = 1.0 / nb;
+  // Any pivot near the mean serves: a product, not a division per channel.
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<P>(sum[c] * inverse_nb);
   for (int64_t c = 0; c < whole; c += kLanes) {
     const V pv = L::load(pivot + c);
     Sum64v<kResidualPass> wide_res, wide_sq;
@@ -650,7 +663,7 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t stride, int64_t C
   for (int64_t c = 0; c < C; ++c) {
     base[c] = static_cast<double>(pivot[c]);
     if (!kResidualPass && c < whole) res[c] = sum[c] - nb * base[c];
-    delta[c] = res[c] / nb;
+    delta[c] = res[c] * inverse_nb;
     m2b[c] = std::max(sq[c] - res[c] * delta[c], 0.0);
     probe += sq[c] * 0.0;
   }
@@ -1473,6 +1486,31 @@ Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
 
 // --- finalize ----------------------------------------------------------------------------------
 
+// The host's per-channel arithmetic on the reduced payload is numpy's and torch's: fp64 operations
+// in their order, none fused (a multiply-add rounds once, they round twice).
+#if defined(__clang__)
+#define SYNCBN_NO_FMA _Pragma("clang fp contract(off)")
+#define SYNCBN_NO_FMA_ATTRIBUTE
+#else
+#define SYNCBN_NO_FMA
+#define SYNCBN_NO_FMA_ATTRIBUTE __attribute__((optimize("fp-contract=off")))
+#endif
+
+// Per channel of the reduced moments [n, S1 (C), S2 (C)]: the mean's offset from the shift,
+// S1 / max(n, 1), and the biased variance, max(S2 / max(n, 1) - offset^2, 0), as
+// batchnorm_math.global_moments takes them: the checks and the statistics read the same values.
+SYNCBN_NO_FMA_ATTRIBUTE void offsets_and_vars(const double* m, int64_t C, double* offset, double* var) {
+  SYNCBN_NO_FMA
+  const double divisor = std::max(m[0], 1.0);
+  const double *s1 = m + 1, *s2 = m + 1 + C;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const double o = s1[c] / divisor, v = s2[c] / divisor - o * o;
+    offset[c] = o;
+    var[c] = v < 0.0 ? 0.0 : v;  // np.maximum and clamp: NaN stays NaN
+  }
+}
+
 // torch's lerp: self + w (end - self) for |w| < 0.5, else end - (end - self)(1 - w).
 template <typename A>
 inline A lerp(A self, A end, A w) {
@@ -1502,25 +1540,22 @@ void update_buffer(Tensor& buffer, const double* value, double factor, const cha
   }
 }
 
-// finalize on the reduced moments m = [n, S1 (C), S2 (C)], read on the host.
-std::tuple<Tensor, Tensor, Tensor> finalize_moments(const double* m, int64_t C, const at::TensorOptions& options,
+// finalize from the reduced moments' total count and their offsets and variances (offsets_and_vars,
+// already in `var`, which becomes the statistics' var).
+std::tuple<Tensor, Tensor, Tensor> finalize_moments(double total, int64_t C, const double* offset, Tensor var,
+                                                    const at::TensorOptions& options,
                                                     const optional<Tensor>& shift,
                                                     const optional<Tensor>& running_mean,
                                                     const optional<Tensor>& running_var,
                                                     const optional<Tensor>& num_batches_tracked,
                                                     optional<double> momentum) {
   const Doubles k = channel_values(shift, C, 0.0, "finalize", "shift");
-  const double total = m[0], divisor = std::max(total, 1.0);
-  Tensor count = at::empty({}, options), mean = at::empty({C}, options), var = at::empty({C}, options);
+  Tensor count = at::empty({}, options), mean = at::empty({C}, options);
   count.mutable_data_ptr<double>()[0] = total;
   double* mu = mean.mutable_data_ptr<double>();
-  double* v = var.mutable_data_ptr<double>();
+  const double* v = var.const_data_ptr<double>();
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const double offset = m[1 + c] / divisor, square = m[1 + C + c] / divisor;
-    mu[c] = k[c] + offset;
-    v[c] = std::max(square - offset * offset, 0.0);
-  }
+  for (int64_t c = 0; c < C; ++c) mu[c] = k[c] + offset[c];
   if (running_mean.has_value() && running_mean->defined()) {
     TORCH_CHECK(running_var.has_value() && running_var->defined(),
                 "syncbn_native::finalize: running_mean without running_var");
@@ -1567,8 +1602,13 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
   TORCH_CHECK(moments_in.dim() == 1 && moments_in.numel() % 2 == 1,
               "syncbn_native::finalize: expected 2C+1 moments, got shape ", moments_in.sizes());
   const Doubles moments = doubles(moments_in);
-  return finalize_moments(moments.data(), (moments_in.numel() - 1) / 2, moments_in.options().dtype(at::kDouble),
-                          shift, running_mean, running_var, num_batches_tracked, momentum);
+  const int64_t C = (moments_in.numel() - 1) / 2;
+  const auto options = moments_in.options().dtype(at::kDouble);
+  std::vector<double> offset(C);
+  Tensor var = at::empty({C}, options);
+  offsets_and_vars(moments.data(), C, offset.data(), var.mutable_data_ptr<double>());
+  return finalize_moments(moments[0], C, offset.data(), var, options, shift, running_mean, running_var,
+                          num_batches_tracked, momentum);
 }
 
 // --- normalize -----------------------------------------------------------------------------------
@@ -1664,50 +1704,61 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
 
 // --- group_checks --------------------------------------------------------------------------------
 
+// Per channel, branch-free (so it vectorizes: a layer has thousands of channels): whether its
+// shifts differ, and whether its merge is ill-conditioned. K / W is a product by the reciprocal
+// where W is a power of two (kByReciprocal): the same value, bitwise, without a division.
+template <bool kByReciprocal>
+SYNCBN_NO_FMA_ATTRIBUTE void channel_checks(const double* k1, const double* k2, const double* offset,
+                                            const double* var, int64_t C, double ranks, double squared_tolerance,
+                                            double limit, uint8_t* differs, int& any_differs, int& ill_conditioned) {
+  SYNCBN_NO_FMA
+  const double inverse_ranks = 1.0 / ranks;
+  int any = 0, ill = 0;
+#pragma omp simd reduction(| : any, ill)
+  for (int64_t c = 0; c < C; ++c) {
+    const double square = offset[c] * offset[c];
+    const double k_mean = kByReciprocal ? k1[c] * inverse_ranks : k1[c] / ranks;
+    const double k2_mean = kByReciprocal ? k2[c] * inverse_ranks : k2[c] / ranks;
+    const double spread = k2_mean - k_mean * k_mean;
+    differs[c] = spread > squared_tolerance * (k2_mean + var[c]);
+    any |= differs[c];
+    ill |= square > limit * var[c];
+  }
+  any_differs = any;
+  ill_conditioned = ill;
+}
+
 // batchnorm_math.group_totals on a reduced forward payload (4C+3 fp64, on the host), without its
 // dozen small numpy calls: [count, invalid ranks, fp64 ranks, finite, ill-conditioned, then the
-// indices of the channels whose shifts differ]. Its thresholds come from batchnorm_math. The
-// same fp64 operations in the same order, none fused (a multiply-add rounds once, numpy twice),
-// so every decision is numpy's, bitwise.
-#if defined(__clang__)
-#define SYNCBN_NO_FMA _Pragma("clang fp contract(off)")
-#define SYNCBN_NO_FMA_ATTRIBUTE
-#else
-#define SYNCBN_NO_FMA
-#define SYNCBN_NO_FMA_ATTRIBUTE __attribute__((optimize("fp-contract=off")))
-#endif
-
+// indices of the channels whose shifts differ]. Its thresholds come from batchnorm_math; every
+// decision is numpy's, bitwise. The channels' offsets and variances are left in `offset` and
+// `var` (C each) for finalize.
 SYNCBN_NO_FMA_ATTRIBUTE std::vector<double> checks_of(const double* p, int64_t n, int64_t world_size,
                                                       double shift_tolerance, double mixed_dtype_shift_tolerance,
-                                                      double fp32_condition_limit) {
+                                                      double fp32_condition_limit, double* offset, double* var) {
   SYNCBN_NO_FMA
   const int64_t C = (n - 3) / 4;
   int finite = 1;
 #pragma omp simd reduction(& : finite)
   for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(p[i]);
-  const double count = p[0], divisor = std::max(count, 1.0), ranks = static_cast<double>(world_size);
+  const double count = p[0], ranks = static_cast<double>(world_size);
   const double fp64_ranks = p[n - 1];
   const double tolerance = (fp64_ranks == 0.0 || fp64_ranks == ranks) ? shift_tolerance : mixed_dtype_shift_tolerance;
   const double squared_tolerance = tolerance * tolerance;
   const double limit = fp64_ranks != 0.0 ? 1.0 : fp32_condition_limit / (ranks + 1.0);
-  // Per channel, branch-free (so it vectorizes: a layer has thousands of channels): whether its
-  // shifts differ, and whether its merge is ill-conditioned; the differing ones listed after.
+  offsets_and_vars(p, C, offset, var);
   std::vector<uint8_t> differs(C);
-  const double *s1 = p + 1, *s2 = p + 1 + C, *k1 = p + 1 + 2 * C, *k2 = p + 1 + 3 * C;
-  int ill_conditioned = 0;
-#pragma omp simd reduction(| : ill_conditioned)
-  for (int64_t c = 0; c < C; ++c) {
-    const double offset = s1[c] / divisor;
-    const double square = offset * offset;
-    double var = s2[c] / divisor - square;
-    var = var < 0.0 ? 0.0 : var;  // np.maximum: NaN stays NaN
-    const double k_mean = k1[c] / ranks, k2_mean = k2[c] / ranks;
-    const double spread = k2_mean - k_mean * k_mean;
-    differs[c] = spread > squared_tolerance * (k2_mean + var);
-    ill_conditioned |= square > limit * var;
+  int any_differs = 0, ill_conditioned = 0;
+  const double *k1 = p + 1 + 2 * C, *k2 = p + 1 + 3 * C;
+  if ((world_size & (world_size - 1)) == 0) {
+    channel_checks<true>(k1, k2, offset, var, C, ranks, squared_tolerance, limit, differs.data(), any_differs,
+                         ill_conditioned);
+  } else {
+    channel_checks<false>(k1, k2, offset, var, C, ranks, squared_tolerance, limit, differs.data(), any_differs,
+                          ill_conditioned);
   }
   std::vector<double> checks = {count, p[n - 2], fp64_ranks, finite ? 1.0 : 0.0, ill_conditioned ? 1.0 : 0.0};
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; any_differs && c < C; ++c) {
     if (differs[c]) checks.push_back(static_cast<double>(c));
   }
   return checks;
@@ -1724,8 +1775,10 @@ Tensor host_payload(const Tensor& payload_in, int64_t world_size, const char* op
 Tensor group_checks(const Tensor& payload_in, int64_t world_size, double shift_tolerance,
                     double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
   const Tensor payload = host_payload(payload_in, world_size, "group_checks");
+  std::vector<double> offset((payload.numel() - 3) / 4), var(offset.size());
   const std::vector<double> checks = checks_of(payload.const_data_ptr<double>(), payload.numel(), world_size,
-                                               shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit);
+                                               shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit,
+                                               offset.data(), var.data());
   Tensor result = at::empty({static_cast<int64_t>(checks.size())}, payload_in.options().dtype(at::kDouble));
   std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
   return result;
@@ -1745,9 +1798,13 @@ std::tuple<bool, Tensor, Tensor, Tensor, Tensor> checked_finalize(
     bool check_finite) {
   const Tensor payload = host_payload(payload_in, world_size, "checked_finalize");
   const double* p = payload.const_data_ptr<double>();
-  std::vector<double> checks = checks_of(p, payload.numel(), world_size, shift_tolerance,
-                                         mixed_dtype_shift_tolerance, fp32_condition_limit);
+  const int64_t C = (payload.numel() - 3) / 4;
   auto options = payload_in.options().dtype(at::kDouble);
+  std::vector<double> offset(C);
+  Tensor var = at::empty({C}, options);
+  std::vector<double> checks = checks_of(p, payload.numel(), world_size, shift_tolerance,
+                                         mixed_dtype_shift_tolerance, fp32_condition_limit, offset.data(),
+                                         var.mutable_data_ptr<double>());
   // [count, invalid ranks, fp64 ranks, finite, ill-conditioned, differing channels...]
   const bool ready = checks.size() == 5 && checks[1] == 0.0 && checks[0] != 1.0 &&
                      (!check_finite || checks[3] != 0.0) && checks[4] == 0.0;
@@ -1757,9 +1814,9 @@ std::tuple<bool, Tensor, Tensor, Tensor, Tensor> checked_finalize(
     Tensor none = at::empty({0}, options);
     return {false, result, none, none, none};
   }
-  auto [count, mean, var] = finalize_moments(p, (payload.numel() - 3) / 4, options, shift, running_mean,
-                                             running_var, num_batches_tracked, momentum);
-  return {true, at::empty({0}, options), count, mean, var};
+  auto [count, mean, stats_var] = finalize_moments(p[0], C, offset.data(), var, options, shift, running_mean,
+                                                   running_var, num_batches_tracked, momentum);
+  return {true, at::empty({0}, options), count, mean, stats_var};
 }
 
 // --- in-place activated BatchNorm in a group of one: update_stats ------------------------------
