@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -448,28 +449,34 @@ inline void merge_into(Moments& acc, double nb, double base, double delta, doubl
   acc.n = n;
 }
 
-// merge_into for C channels at once, na values each in (hi, lo, m2), nb each from the source.
-void merge_channels(int64_t C, double na, double* hi, double* lo, double* m2, double nb, const double* base,
-                    const double* delta, const double* m2b) {
+// merge_into for C channels at once, na values each in (hi, lo, m2), nb each from the source:
+// source(c, base, delta, m2b) gives channel c's mean base + delta and M2 m2b.
+template <typename Source>
+inline void merge_channels(int64_t C, double na, double* hi, double* lo, double* m2, double nb,
+                           const Source& source) {
   if (nb == 0) return;
   if (na == 0) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const double s = base[c] + delta[c], bb = s - base[c];
+      double base, delta, m2b;
+      source(c, base, delta, m2b);
+      const double s = base + delta, bb = s - base;
       hi[c] = s;
-      lo[c] = (base[c] - (s - bb)) + (delta[c] - bb);
-      m2[c] = m2b[c];
+      lo[c] = (base - (s - bb)) + (delta - bb);
+      m2[c] = m2b;
     }
     return;
   }
   const double f = nb / (na + nb), g = na * f;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const double d = ((base[c] - hi[c]) - lo[c]) + delta[c];
+    double base, delta, m2b;
+    source(c, base, delta, m2b);
+    const double d = ((base - hi[c]) - lo[c]) + delta;
     const double a = hi[c], b = d * f, s = a + b, bb = s - a;
     hi[c] = s;
     lo[c] += (a - (s - bb)) + (b - bb);
-    m2[c] += m2b[c] + d * d * g;
+    m2[c] += m2b + d * d * g;
   }
 }
 
@@ -576,15 +583,12 @@ template <typename P>
 struct RowScratch {
   Scratch<double, 1> f64;
   Scratch<P, 2> narrow;
-  double *sum, *res, *sq, *base, *delta, *m2;
+  double *sum, *res, *sq;
   P* pivot;
-  explicit RowScratch(int64_t C) : f64(6 * C), narrow(C) {
+  explicit RowScratch(int64_t C) : f64(3 * C), narrow(C) {
     sum = f64.data();
     res = sum + C;
     sq = res + C;
-    base = sq + C;
-    delta = base + C;
-    m2 = delta + C;
     pivot = narrow.data();
   }
 };
@@ -657,26 +661,29 @@ bool row_block_moments(const typename Elem<T>::raw* x, int64_t stride, int64_t C
     res[c] = tr.total();
     sq[c] = tq.total();
   }
-  double probe = 0;  // NaN if any sum is not finite (inf * 0)
-  double *base = w.base, *delta = w.delta, *m2b = w.m2;
+  if constexpr (std::is_same_v<P, float>) {
+    double probe = 0;  // NaN if any sum is not finite (inf * 0)
 #pragma omp simd reduction(+ : probe)
-  for (int64_t c = 0; c < C; ++c) {
-    base[c] = static_cast<double>(pivot[c]);
-    if (!kResidualPass && c < whole) res[c] = sum[c] - nb * base[c];
-    delta[c] = res[c] * inverse_nb;
-    m2b[c] = std::max(sq[c] - res[c] * delta[c], 0.0);
-    probe += sq[c] * 0.0;
+    for (int64_t c = 0; c < C; ++c) probe += sq[c] * 0.0;
+    if (probe != 0.0) return false;
   }
-  if (std::is_same_v<P, float> && probe != 0.0) return false;
-  merge_channels(C, na, hi, lo, m2, nb, base, delta, m2b);
+  // The block's mean is pivot + res / nb (res: sum - nb * pivot, in fp64 from the exact sum, for
+  // P partials' whole vectors), its M2 sq - res^2 / nb.
+  merge_channels(C, na, hi, lo, m2, nb, [&](int64_t c, double& base, double& delta, double& m2b) {
+    base = static_cast<double>(pivot[c]);
+    const double r = !kResidualPass && c < whole ? sum[c] - nb * base : res[c];
+    delta = r * inverse_nb;
+    m2b = std::max(sq[c] - r * delta, 0.0);
+  });
   return true;
 }
 
-// Per-channel moments of interleaved input, in blocks of `rows_per_block` rows (at least
-// kMinBlockRows), each block two-pass over its channels. Tasks own consecutive rows, and their
-// results are merged for every channel; or, for few rows of many channels (a small batch of a
-// wide layer), tasks own chunks of whole channel vectors over all the rows, and nothing is merged
-// across tasks. Either way the tasks follow from the shape alone.
+// Per-channel moments of interleaved input, in blocks of at least `rows_per_block` rows (at least
+// kMinBlockRows; a task's rows split evenly, fewer than twice that each), each block two-pass over
+// its channels. Tasks own consecutive rows, and their results are merged for every channel; or,
+// for few rows of many channels (a small batch of a wide layer), tasks own chunks of whole
+// channel vectors over all the rows, written straight to the output. Either way the tasks follow
+// from the shape alone.
 template <typename T>
 void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, double* out_hi, double* out_lo,
                          double* out_m2) {
@@ -686,8 +693,9 @@ void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, dou
   auto rows_moments = [&](int64_t c0, int64_t channels, int64_t r0, int64_t r1, double* h, double* l, double* m) {
     RowScratch<float> narrow(std::is_same_v<T, double> ? 0 : channels);
     RowScratch<double> wide(channels);
-    for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
-      const int64_t b1 = std::min(r1, b0 + rows_per_block);
+    const int64_t blocks = std::max<int64_t>(1, (r1 - r0) / rows_per_block);
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t b0 = r0 + (r1 - r0) * block / blocks, b1 = r0 + (r1 - r0) * (block + 1) / blocks;
       const double na = static_cast<double>(b0 - r0);
       with_partials<T>([&]<typename P>() {
         if constexpr (std::is_same_v<P, float>) {
@@ -702,14 +710,10 @@ void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, dou
     const int64_t vectors = C / kLanes;
     const int64_t chunks = task_count(sh.numel(), C / kChunkChannels);
     auto start = [&](int64_t chunk) { return chunk == chunks ? C : kLanes * (vectors * chunk / chunks); };
-    Scratch<double, 3> partials(3 * C);
-    double *hi = partials.data(), *lo = hi + C, *m2 = lo + C;
     for_tasks(chunks, sh.numel() / chunks, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t c0 = start(chunk), channels = start(chunk + 1) - c0;
-        rows_moments(c0, channels, 0, R, hi + c0, lo + c0, m2 + c0);
-        merge_channels(channels, 0, out_hi + c0, out_lo + c0, out_m2 + c0, static_cast<double>(R), hi + c0,
-                       lo + c0, m2 + c0);
+        rows_moments(c0, channels, 0, R, out_hi + c0, out_lo + c0, out_m2 + c0);
       }
     });
     return;
@@ -726,7 +730,12 @@ void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, dou
   double n = 0;
   for (int64_t task = 0; task < tasks; ++task) {
     const double rows = static_cast<double>(R * (task + 1) / tasks - R * task / tasks);
-    merge_channels(C, n, out_hi, out_lo, out_m2, rows, hi + task * C, lo + task * C, m2 + task * C);
+    const double *h = hi + task * C, *l = lo + task * C, *m = m2 + task * C;
+    merge_channels(C, n, out_hi, out_lo, out_m2, rows, [&](int64_t c, double& base, double& delta, double& m2b) {
+      base = h[c];
+      delta = l[c];
+      m2b = m[c];
+    });
     n += rows;
   }
 }
@@ -1470,9 +1479,16 @@ Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
   const int64_t C = sh.c;
   const Doubles k = channel_values(shift, C, 0.0, "forward_payload", "shift");
   const DType dtype = dtype_of(x, "forward_payload");
-  std::vector<double> hi(C, 0.0), lo(C, 0.0), m2(C, 0.0);
   const bool any = sh.count() > 0 && C > 0;
-  if (any) syncbn_native::local_moments(dtype, x.const_data_ptr(), sh, hi.data(), lo.data(), m2.data());
+  // hi, lo, m2: written whole by local_moments (no value-initialized vectors: a pass each at C in
+  // the thousands); zeros for an empty batch.
+  const std::unique_ptr<double[]> moments(new double[3 * C]);
+  double *hi = moments.get(), *lo = hi + C, *m2 = lo + C;
+  if (any) {
+    syncbn_native::local_moments(dtype, x.const_data_ptr(), sh, hi, lo, m2);
+  } else {
+    std::fill(hi, hi + 3 * C, 0.0);
+  }
   Tensor payload = at::empty({4 * C + 3}, x.options().dtype(at::kDouble));
   double* p = payload.mutable_data_ptr<double>();
   const double n = static_cast<double>(sh.count());
