@@ -745,12 +745,15 @@ void interleaved_moments(const typename Elem<T>::raw* base, const Shape& sh, dou
 // for x near the mean), and the rest of the mean, lo, is folded into the shift as - lo * scale.
 template <typename A>
 struct Affine {
-  std::vector<A> hi, scale, shift, gain;
-  explicit Affine(int64_t C) : hi(C), scale(C), shift(C), gain(C) {}
-  // out = gain * dy + (x - mean) * scale + shift, coefficients given in fp64.
-  void set(int64_t c, double mean, double scale_c, double shift_c, double gain_c = 0.0) {
+  std::unique_ptr<A[]> storage;  // every channel is set before use: not value-initialized
+  A *hi, *scale, *shift, *gain;
+  explicit Affine(int64_t C)
+      : storage(new A[4 * C]), hi(storage.get()), scale(hi + C), shift(scale + C), gain(shift + C) {}
+  // out = gain * dy + (x - mean) * scale + shift, coefficients given in fp64; round_mean: the
+  // mean rounded to A first (lo = 0).
+  void set(int64_t c, double mean, bool round_mean, double scale_c, double shift_c, double gain_c = 0.0) {
     hi[c] = static_cast<A>(mean);
-    const double lo = mean - static_cast<double>(hi[c]);
+    const double lo = round_mean ? 0.0 : mean - static_cast<double>(hi[c]);
     scale[c] = static_cast<A>(scale_c);
     shift[c] = static_cast<A>(shift_c - lo * scale_c);
     gain[c] = static_cast<A>(gain_c);
@@ -763,7 +766,7 @@ template <typename T, bool kGrad>
 void affine_pass(const typename Elem<T>::raw* xp, const typename Elem<T>::raw* dp, typename Elem<T>::raw* op,
                  const Shape& sh, const Affine<typename Elem<T>::acc>& k) {
   using A = typename Elem<T>::acc;
-  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data(), *ga = k.gain.data();
+  const A *hi = k.hi, *sc = k.scale, *sf = k.shift, *ga = k.gain;
   auto one = [&](int64_t i, int64_t c) {
     A r = (Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c];
     if constexpr (kGrad) r = ga[c] * Elem<T>::load(dp[i]) + r;
@@ -1008,11 +1011,9 @@ void affine(DType dtype, const void* x, const void* dy, void* out, const Shape& 
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Elem<T>::acc;
-    const std::vector<double> m =
-        round_mean ? round_to_accumulation<T>(mean, shape.c) : std::vector<double>(mean, mean + shape.c);
     Affine<A> k(shape.c);
 #pragma omp simd
-    for (int64_t c = 0; c < shape.c; ++c) k.set(c, m[c], scale[c], shift[c], gain ? gain[c] : 0.0);
+    for (int64_t c = 0; c < shape.c; ++c) k.set(c, mean[c], round_mean, scale[c], shift[c], gain ? gain[c] : 0.0);
     auto* o = static_cast<typename Elem<T>::raw*>(out);
     if (gain) {
       affine_pass<T, true>(raw<T>(x), raw<T>(dy), o, shape, k);
@@ -1117,7 +1118,7 @@ template <typename T, int kAct>
 void normalize_activate_pass(const typename Elem<T>::raw* xp, typename Elem<T>::raw* yp, const Shape& sh,
                              const Affine<typename Elem<T>::acc>& k, double parameter) {
   using A = typename Elem<T>::acc;
-  const A *hi = k.hi.data(), *sc = k.scale.data(), *sf = k.shift.data();
+  const A *hi = k.hi, *sc = k.scale, *sf = k.shift;
   const A p = static_cast<A>(parameter);
   each_value(sh, [&](int64_t i, int64_t c) {
     yp[i] = Elem<T>::store(activate<A, kAct>((Elem<T>::load(xp[i]) - hi[c]) * sc[c] + sf[c], p));
@@ -1263,7 +1264,7 @@ void normalize_activate(DType dtype, const void* x, void* y, const Shape& shape,
   by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     Affine<typename Elem<T>::acc> k(shape.c);
-    for (int64_t c = 0; c < shape.c; ++c) k.set(c, mean[c], scale[c], shift[c]);
+    for (int64_t c = 0; c < shape.c; ++c) k.set(c, mean[c], false, scale[c], shift[c]);
     auto* out = static_cast<typename Elem<T>::raw*>(y);
     by_activation(activation, [&]<int kAct>() { normalize_activate_pass<T, kAct>(raw<T>(x), out, shape, k, parameter); });
   });
@@ -1480,8 +1481,8 @@ Tensor forward_payload(const Tensor& x_in, const optional<Tensor>& shift) {
   const Doubles k = channel_values(shift, C, 0.0, "forward_payload", "shift");
   const DType dtype = dtype_of(x, "forward_payload");
   const bool any = sh.count() > 0 && C > 0;
-  // hi, lo, m2: written whole by local_moments (no value-initialized vectors: a pass each at C in
-  // the thousands); zeros for an empty batch.
+  // hi, lo, m2: written whole by local_moments (not value-initialized: a pass each, at C in the
+  // thousands); zeros for an empty batch.
   const std::unique_ptr<double[]> moments(new double[3 * C]);
   double *hi = moments.get(), *lo = hi + C, *m2 = lo + C;
   if (any) {
@@ -1646,10 +1647,10 @@ Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, cons
   const Doubles b = channel_values(bias, C, 0.0, "normalize", "bias");
   const DType dtype = dtype_of(x, "normalize");
   Output out = output_like(x_in, x);
-  std::vector<double> scale(C);
+  const std::unique_ptr<double[]> scale(new double[C]);  // written whole below: not zero-filled
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
-  syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.data(),
+  syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.get(),
                         b.data(), nullptr, false);
   return finish(out);
 }
@@ -1707,21 +1708,24 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
               " values, expected ", 2 * C);
   const Doubles sums = doubles(group_sums);
   const double* gs = sums.data();
-  const double total = std::max(scalar_of(count), 1.0);
+  // The group means of the sums by a product: fp64 divisions cost a wide layer microseconds, and
+  // one more rounding in fp64 is far below the coefficients' own (fp32 for fp32 input).
+  const double inverse_total = 1.0 / std::max(scalar_of(count), 1.0);
   const DType dtype = dtype_of(x, "input_grad");
   Output out = output_like(x_in, x);
   // dx = a dy + b (x - mean) + c per channel; x - mean about the mean rounded to the accumulation
   // dtype, as backward_sums took it: dx is the exact gradient at the layer's own statistics.
-  std::vector<double> gain(C), scale(C), shift(C);
+  const std::unique_ptr<double[]> coefficients(new double[3 * C]);  // written whole below
+  double *gain = coefficients.get(), *scale = gain + C, *shift = scale + C;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
     gain[c] = a;
-    scale[c] = -a * invstd * (gs[C + c] / total);
-    shift[c] = -a * (gs[c] / total);
+    scale[c] = -a * invstd * (gs[C + c] * inverse_total);
+    shift[c] = -a * (gs[c] * inverse_total);
   }
   syncbn_native::affine(dtype, x.const_data_ptr(), dy.const_data_ptr(), out.work.mutable_data_ptr(), sh, mu.data(),
-                        scale.data(), shift.data(), gain.data(), true);
+                        scale, shift, gain, true);
   return finish(out);
 }
 
