@@ -1635,24 +1635,46 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
                           num_batches_tracked, momentum);
 }
 
+// --- 1 / sqrt(var + eps) ------------------------------------------------------------------------
+
+// Per value of var, 1 / sqrt(var + eps) in fp64: what normalize, backward_sums and input_grad
+// scale by. Each operator takes it from var; the synchronized layer's node takes it once, in its
+// forward, and keeps it for its backward (an fp64 square root and division cost a wide layer
+// microseconds a call): the same values, bitwise.
+Tensor inverse_std(const Tensor& var, double eps) {
+  const Doubles v = doubles(var);
+  const int64_t n = var.numel();
+  Tensor out = at::empty({n}, var.options().dtype(at::kDouble).device(at::kCPU));
+  double* o = out.mutable_data_ptr<double>();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = 1.0 / std::sqrt(v[i] + eps);
+  return out;
+}
+
 // --- normalize -----------------------------------------------------------------------------------
 
-Tensor normalize(const Tensor& x_in, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
-                 const optional<Tensor>& bias, double eps) {
+// invstd: inverse_std(var, eps).
+Tensor normalize_scaled(const Tensor& x_in, const Tensor& mean, const Tensor& invstd, const optional<Tensor>& weight,
+                        const optional<Tensor>& bias) {
   auto [x, sh] = dense(x_in, "normalize");
   const int64_t C = sh.c;
   const Doubles mu = channel_values(mean, C, 0.0, "normalize", "mean");
-  const Doubles v = channel_values(var, C, 0.0, "normalize", "var");
+  const Doubles is = channel_values(invstd, C, 0.0, "normalize", "var");
   const Doubles w = channel_values(weight, C, 1.0, "normalize", "weight");
   const Doubles b = channel_values(bias, C, 0.0, "normalize", "bias");
   const DType dtype = dtype_of(x, "normalize");
   Output out = output_like(x_in, x);
   const std::unique_ptr<double[]> scale(new double[C]);  // written whole below: not zero-filled
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] / std::sqrt(v[c] + eps);
+  for (int64_t c = 0; c < C; ++c) scale[c] = w[c] * is[c];
   syncbn_native::affine(dtype, x.const_data_ptr(), nullptr, out.work.mutable_data_ptr(), sh, mu.data(), scale.get(),
                         b.data(), nullptr, false);
   return finish(out);
+}
+
+Tensor normalize(const Tensor& x, const Tensor& mean, const Tensor& var, const optional<Tensor>& weight,
+                 const optional<Tensor>& bias, double eps) {
+  return normalize_scaled(x, mean, inverse_std(var, eps), weight, bias);
 }
 
 // --- backward_sums -------------------------------------------------------------------------------
@@ -1676,13 +1698,14 @@ Tensor converted(const double* values, int64_t n, const at::TensorOptions& optio
 // [sum dy, sum dy * xhat] (2C fp64), and the same sums in the parameters' dtype as (dbias,
 // dweight): this rank's own gradients, copied out here (one call, not three) before the sums
 // take the backward all-reduce in place; converted as Tensor.to converts.
-std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean,
-                                                 const Tensor& var, double eps, at::ScalarType parameter_dtype) {
+// invstd: inverse_std(var, eps).
+std::tuple<Tensor, Tensor, Tensor> backward_sums_scaled(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean,
+                                                        const Tensor& invstd, at::ScalarType parameter_dtype) {
   auto [x, sh] = dense(x_in, "backward_sums");
   Tensor dy = like(dy_in, x, "backward_sums", "dy");
   const int64_t C = sh.c;
   const Doubles mu = channel_values(mean, C, 0.0, "backward_sums", "mean");
-  const Doubles v = channel_values(var, C, 0.0, "backward_sums", "var");
+  const Doubles is = channel_values(invstd, C, 0.0, "backward_sums", "var");
   Tensor sums = zeroed_doubles(2 * C, x.options());
   double* s = sums.mutable_data_ptr<double>();
   const DType dtype = dtype_of(x, "backward_sums");
@@ -1690,19 +1713,25 @@ std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& dy_in, const Tens
     syncbn_native::gradient_sums(dtype, dy.const_data_ptr(), x.const_data_ptr(), sh, mu.data(), s, s + C);
   }
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) s[C + c] /= std::sqrt(v[c] + eps);
+  for (int64_t c = 0; c < C; ++c) s[C + c] *= is[c];
   return {sums, converted(s, C, sums.options(), parameter_dtype), converted(s + C, C, sums.options(), parameter_dtype)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_sums(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                 const Tensor& var, double eps, at::ScalarType parameter_dtype) {
+  return backward_sums_scaled(dy, x, mean, inverse_std(var, eps), parameter_dtype);
 }
 
 // --- input_grad ----------------------------------------------------------------------------------
 
-Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& var,
-                  const optional<Tensor>& weight, double eps, const Tensor& group_sums, const Tensor& count) {
+// invstd: inverse_std(var, eps).
+Tensor input_grad_scaled(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, const Tensor& invstd,
+                         const optional<Tensor>& weight, const Tensor& group_sums, const Tensor& count) {
   auto [x, sh] = dense(x_in, "input_grad");
   Tensor dy = like(dy_in, x, "input_grad", "dy");
   const int64_t C = sh.c;
   const Doubles mu = channel_values(mean, C, 0.0, "input_grad", "mean");
-  const Doubles v = channel_values(var, C, 0.0, "input_grad", "var");
+  const Doubles is = channel_values(invstd, C, 0.0, "input_grad", "var");
   const Doubles w = channel_values(weight, C, 1.0, "input_grad", "weight");
   TORCH_CHECK(group_sums.numel() == 2 * C, "syncbn_native::input_grad: group_sums has ", group_sums.numel(),
               " values, expected ", 2 * C);
@@ -1719,14 +1748,19 @@ Tensor input_grad(const Tensor& dy_in, const Tensor& x_in, const Tensor& mean, c
   double *gain = coefficients.get(), *scale = gain + C, *shift = scale + C;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(v[c] + eps), a = w[c] * invstd;
+    const double a = w[c] * is[c];
     gain[c] = a;
-    scale[c] = -a * invstd * (gs[C + c] * inverse_total);
+    scale[c] = -a * is[c] * (gs[C + c] * inverse_total);
     shift[c] = -a * (gs[c] * inverse_total);
   }
   syncbn_native::affine(dtype, x.const_data_ptr(), dy.const_data_ptr(), out.work.mutable_data_ptr(), sh, mu.data(),
                         scale, shift, gain, true);
   return finish(out);
+}
+
+Tensor input_grad(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                  const optional<Tensor>& weight, double eps, const Tensor& group_sums, const Tensor& count) {
+  return input_grad_scaled(dy, x, mean, inverse_std(var, eps), weight, group_sums, count);
 }
 
 // --- group_checks --------------------------------------------------------------------------------
@@ -2033,18 +2067,19 @@ struct SynchronizedNormalize : public torch::autograd::Function<SynchronizedNorm
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                         const optional<Tensor>& bias, const Tensor& mean, const Tensor& var, const Tensor& count,
                         double eps, int64_t comm_key, c10::string_view layer, bool debug) {
-    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, var, count});
+    const Tensor invstd = inverse_std(var, eps);  // once a step: the backward scales by it too
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, invstd, count});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["comm_key"] = comm_key;
     ctx->saved_data["layer"] = std::string(layer);
     ctx->saved_data["debug"] = debug;
-    return normalize(x, mean, var, weight, bias, eps);
+    return normalize_scaled(x, mean, invstd, weight, bias);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4];
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &invstd = saved[4];
     const double eps = ctx->saved_data["eps"].toDouble();
     const int64_t comm_key = ctx->saved_data["comm_key"].toInt();
     const std::string& layer = ctx->saved_data["layer"].toStringRef();
@@ -2067,12 +2102,12 @@ struct SynchronizedNormalize : public torch::autograd::Function<SynchronizedNorm
     const Tensor dy = like(grads[0], dense(x, "synchronized_normalize").first, "synchronized_normalize", "dy");
     const Tensor& parameter = weight.defined() ? weight : bias;
     auto [sums, own_bias, own_weight] =
-        backward_sums(dy, x, mean, var, eps, parameter.defined() ? parameter.scalar_type() : at::kDouble);
+        backward_sums_scaled(dy, x, mean, invstd, parameter.defined() ? parameter.scalar_type() : at::kDouble);
     if (wanted[1]) result[1] = own_weight;
     if (wanted[2]) result[2] = own_bias.scalar_type() == bias.scalar_type() ? own_bias : own_bias.to(bias.scalar_type());
     if (wanted[0]) {
       all_reduce_op().call(sums, comm_key, layer, "backward", x.size(1), debug);
-      result[0] = input_grad(dy, x, mean, var, defined_or_none(weight), eps, sums, saved[5]);
+      result[0] = input_grad_scaled(dy, x, mean, invstd, defined_or_none(weight), sums, saved[5]);
     }
     return result;
   }
