@@ -168,7 +168,7 @@ CLAIMS: List[Claim] = [
           DOCS + "test_readme_names_every_package_the_test_extra_installs"),
     claim("the GPU kernels run through its interpreter on CPU", TRITON + "test_kernels_in_interpreter",
           ACT + "test_kernels_in_interpreter"),
-    claim("suite took about 11 minutes on 2 CPU cores when last measured", source=MEASURED),
+    claim("suite took about 9 minutes on 2 CPU cores when last measured", source=MEASURED),
     claim("Long soak, fuzz and real-model runs are marked `slow` and left out",
           DOCS + "test_slow_runs_are_left_out_by_default_and_selected_by_m_slow"),
     claim("install the CPU build from PyTorch's CPU-only index first",
