@@ -7,7 +7,9 @@
    torch.nn.BatchNorm2d in the same process, interleaved (benchmarks/timing.py), per shape: the
    issue's five and ResNet-50's BatchNorm inputs at 2, 8 and 16 samples, NCHW and
    channels_last, fp32 and bf16, at 1 thread and at torch's default thread count. syncbn's
-   compute is its step less the time spent in the stand-in's all-reduces.
+   compute is its step less the time spent in the stand-in's all-reduces. The CLI first keeps
+   freed memory in glibc malloc's heap (:func:`keep_freed_memory`), so that page faults do not
+   land on either peer at random.
 2. Ops per layer step (:func:`ops_per_step`): every aten or custom op one step dispatches
    (TorchDispatchMode), views and the stand-in's own op not counted: syncbn's default path, its
    pure-torch fallback (the reference kernels), and BatchNorm2d.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import sys
@@ -244,7 +248,8 @@ def render(results: Dict[str, object], brief: bool = False) -> str:
                   "ranks, against torch.nn.BatchNorm2d in the same process; forward+backward, peers "
                   f"interleaved, medians of {results['plans']['compute']['reps']} steps. syncbn's compute is "
                   "its step less the stand-in's own time (its two all-reduces, each a `mul_` of the "
-                  "payload, timed around the call): the communication the goal leaves out.",
+                  "payload, timed around the call): the communication the goal leaves out. Allocator: "
+                  f"{results.get('allocator', 'not recorded')} (benchmarks/layer_cost.py: `keep_freed_memory`).",
                   "",
                   "| shape (N, C, H, W) | dtype | layout | threads | BatchNorm2d (ms) | syncbn step (ms) | "
                   "of which the stand-in (ms) | syncbn compute / BatchNorm2d | goal |",
@@ -289,7 +294,35 @@ def render(results: Dict[str, object], brief: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def keep_freed_memory() -> str:
+    """Tensors up to 32 MiB from glibc malloc's heap, and freed memory kept there: what this
+    process's allocator does, as the report states it.
+
+    By default glibc hands a freed block back to the system at times that depend on the
+    allocation history, and whichever peer allocates next maps it again: thousands of page faults
+    (8-10 ms at 16x256x56x56 bf16, a third of a step) that land on either peer at random. Kept,
+    the steps reuse mapped pages, as they do with the jemalloc or tcmalloc that PyTorch's CPU
+    performance guide recommends. Tensors above 32 MiB (glibc's limit) are mapped afresh every
+    step, by both peers alike. The command sets it; it stays set for the life of the process.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return "the platform's default allocator"
+    if not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)):
+        return "glibc malloc's defaults (mallopt refused)"
+    return "glibc malloc, tensors up to 32 MiB from its heap, freed memory kept (mallopt)"
+
+
+def main(argv: Optional[List[str]] = None, allocator: str = "as the caller left it") -> Dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the issue's shapes only, fewer repetitions")
@@ -306,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
     plan = compute_plan(run_mode)
     results: Dict[str, object] = {"machine": machine_stamp(), "mode": run_mode,
-                                  "plans": {"compute": plan.__dict__}}
+                                  "plans": {"compute": plan.__dict__}, "allocator": allocator}
     results["compute"] = run_compute(plan, progress)
     results["ops"] = run_ops()
     backends = [] if args.no_comm else ["gloo"] + (["mpi"] if mpi_available() and run_mode != "smoke" else [])
@@ -337,4 +370,4 @@ def publish(results: Dict[str, object], report: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(allocator=keep_freed_memory())  # the command alone: a test's process keeps its allocator
