@@ -2050,6 +2050,15 @@ const auto& all_reduce_op() {
   return op;
 }
 
+// The all-reduce of a payload, in place. The payload is never differentiated (the differentiable
+// backward has its own operator): the call goes straight to the kernel, past autograd's fallback
+// for an operator without a formula, which checks every argument on each call.
+void all_reduce_payload(const Tensor& payload, int64_t comm_key, c10::string_view layer, const char* direction,
+                        int64_t channels, bool debug) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  all_reduce_op().call(payload, comm_key, layer, direction, channels, debug);
+}
+
 const auto& differentiable_backward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("syncbn::differentiable_backward", "")
@@ -2106,7 +2115,7 @@ struct SynchronizedNormalize : public torch::autograd::Function<SynchronizedNorm
     if (wanted[1]) result[1] = own_weight;
     if (wanted[2]) result[2] = own_bias.scalar_type() == bias.scalar_type() ? own_bias : own_bias.to(bias.scalar_type());
     if (wanted[0]) {
-      all_reduce_op().call(sums, comm_key, layer, "backward", x.size(1), debug);
+      all_reduce_payload(sums, comm_key, layer, "backward", x.size(1), debug);
       result[0] = input_grad_scaled(dy, x, mean, invstd, defined_or_none(weight), sums, saved[5]);
     }
     return result;
@@ -2137,7 +2146,7 @@ std::tuple<optional<Tensor>, Tensor, bool> synchronized_batch_norm(
     const double* p = payload.const_data_ptr<double>();
     for (int64_t i = 0; i < payload.numel(); ++i) finite_here = finite_here && std::isfinite(p[i]);
   }
-  all_reduce_op().call(payload, comm_key, layer, "forward", x.size(1), debug);
+  all_reduce_payload(payload, comm_key, layer, "forward", x.size(1), debug);
   const optional<Tensor> none;
   auto [ready, checks, count, mean, var] =
       checked_finalize(payload, running_mean, update ? running_mean : none, update ? running_var : none,
