@@ -306,8 +306,8 @@ def keep_freed_memory() -> str:
     By default glibc hands a freed block back to the system at times that depend on the
     allocation history, and whichever peer allocates next maps it again: thousands of page faults
     (8-10 ms at 16x256x56x56 bf16, a third of a step) that land on either peer at random. Kept,
-    the steps reuse mapped pages, as they do with the jemalloc or tcmalloc that PyTorch's CPU
-    performance guide recommends. Tensors above 32 MiB (glibc's limit) are mapped afresh every
+    the steps mostly reuse mapped pages (the kernel may still reclaim some), as they do with the
+    jemalloc or tcmalloc that PyTorch's CPU performance guide recommends. Tensors above 32 MiB (glibc's limit) are mapped afresh every
     step, by both peers alike. The command sets it; it stays set for the life of the process.
     """
     name = ctypes.util.find_library("c")

@@ -56,7 +56,7 @@ import resource, torch
 from benchmarks import layer_cost
 print(layer_cost.keep_freed_memory())
 faults = []
-for _ in range(6):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(5 << 20)  # 20 MiB, every page written, freed at once: a step's output
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -67,9 +67,10 @@ print(faults)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_the_command_keeps_freed_memory_so_steps_reuse_mapped_pages():
     """keep_freed_memory, in a child (it stays set for the life of a process): the report's
-    allocator line, and a 20 MiB tensor allocated again and again takes no page faults once warm
-    (glibc's default maps it afresh, 5120 faults, every other time or so)."""
+    allocator line, and a 20 MiB tensor allocated again and again mostly reuses mapped pages once
+    warm (here 8-9 of the 9 allocations after the third took no fault; the kernel may still
+    reclaim a page now and then). glibc's default mapped it afresh, 5120 faults, in 4-6 of them."""
     out = subprocess.run([sys.executable, "-c", _REUSES_PAGES], capture_output=True, text=True, check=True,
                          timeout=120, cwd=Path(layer_cost.__file__).parents[1]).stdout.splitlines()
     assert out[0] == "glibc malloc, tensors up to 32 MiB from its heap, freed memory kept (mallopt)"
-    assert json.loads(out[1])[3:] == [0, 0, 0], out[1]
+    assert sum(faults == 0 for faults in json.loads(out[1])[3:]) >= 6, out[1]
