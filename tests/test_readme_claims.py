@@ -162,7 +162,7 @@ CLAIMS: List[Claim] = [
     claim("The demo prints that the synchronized statistics equal those of the full global batch, "
           "and how much closer they are to the population statistics than each rank's own",
           DEMO + "test_demo_prints_match_and_payoff"),
-    claim("it took 42 s on 2 CPU cores when last measured, the first build of the native CPU kernels "
+    claim("it took 37 s on 2 CPU cores when last measured, the first build of the native CPU kernels "
           "included", source=MEASURED),
     claim("The second command installs the `test` extra:",
           DOCS + "test_readme_names_every_package_the_test_extra_installs"),
