@@ -307,8 +307,9 @@ def keep_freed_memory() -> str:
     allocation history, and whichever peer allocates next maps it again: thousands of page faults
     (8-10 ms at 16x256x56x56 bf16, a third of a step) that land on either peer at random. Kept,
     the steps mostly reuse mapped pages (the kernel may still reclaim some), as they do with the
-    jemalloc or tcmalloc that PyTorch's CPU performance guide recommends. Tensors above 32 MiB (glibc's limit) are mapped afresh every
-    step, by both peers alike. The command sets it; it stays set for the life of the process.
+    jemalloc or tcmalloc that PyTorch's CPU performance guide recommends. Tensors above 32 MiB
+    (glibc's limit) are mapped afresh every step, by both peers alike. The command sets it; it
+    stays set for the life of the process.
     """
     name = ctypes.util.find_library("c")
     try:

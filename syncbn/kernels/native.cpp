@@ -1628,10 +1628,10 @@ std::tuple<Tensor, Tensor, Tensor> finalize(const Tensor& moments_in, const opti
   const Doubles moments = doubles(moments_in);
   const int64_t C = (moments_in.numel() - 1) / 2;
   const auto options = moments_in.options().dtype(at::kDouble);
-  std::vector<double> offset(C);
+  const std::unique_ptr<double[]> offset(new double[C]);  // written whole by offsets_and_vars
   Tensor var = at::empty({C}, options);
-  offsets_and_vars(moments.data(), C, offset.data(), var.mutable_data_ptr<double>());
-  return finalize_moments(moments[0], C, offset.data(), var, options, shift, running_mean, running_var,
+  offsets_and_vars(moments.data(), C, offset.get(), var.mutable_data_ptr<double>());
+  return finalize_moments(moments[0], C, offset.get(), var, options, shift, running_mean, running_var,
                           num_batches_tracked, momentum);
 }
 
@@ -1836,10 +1836,11 @@ Tensor host_payload(const Tensor& payload_in, int64_t world_size, const char* op
 Tensor group_checks(const Tensor& payload_in, int64_t world_size, double shift_tolerance,
                     double mixed_dtype_shift_tolerance, double fp32_condition_limit) {
   const Tensor payload = host_payload(payload_in, world_size, "group_checks");
-  std::vector<double> offset((payload.numel() - 3) / 4), var(offset.size());
+  const int64_t C = (payload.numel() - 3) / 4;
+  const std::unique_ptr<double[]> offset_and_var(new double[2 * C]);  // written whole by checks_of
   const std::vector<double> checks = checks_of(payload.const_data_ptr<double>(), payload.numel(), world_size,
                                                shift_tolerance, mixed_dtype_shift_tolerance, fp32_condition_limit,
-                                               offset.data(), var.data());
+                                               offset_and_var.get(), offset_and_var.get() + C);
   Tensor result = at::empty({static_cast<int64_t>(checks.size())}, payload_in.options().dtype(at::kDouble));
   std::copy(checks.begin(), checks.end(), result.mutable_data_ptr<double>());
   return result;
@@ -1861,10 +1862,10 @@ std::tuple<bool, Tensor, Tensor, Tensor, Tensor> checked_finalize(
   const double* p = payload.const_data_ptr<double>();
   const int64_t C = (payload.numel() - 3) / 4;
   auto options = payload_in.options().dtype(at::kDouble);
-  std::vector<double> offset(C);
+  const std::unique_ptr<double[]> offset(new double[C]);  // written whole by checks_of
   Tensor var = at::empty({C}, options);
   std::vector<double> checks = checks_of(p, payload.numel(), world_size, shift_tolerance,
-                                         mixed_dtype_shift_tolerance, fp32_condition_limit, offset.data(),
+                                         mixed_dtype_shift_tolerance, fp32_condition_limit, offset.get(),
                                          var.mutable_data_ptr<double>());
   // [count, invalid ranks, fp64 ranks, finite, ill-conditioned, differing channels...]
   const bool ready = checks.size() == 5 && checks[1] == 0.0 && checks[0] != 1.0 &&
@@ -1875,7 +1876,7 @@ std::tuple<bool, Tensor, Tensor, Tensor, Tensor> checked_finalize(
     Tensor none = at::empty({0}, options);
     return {false, result, none, none, none};
   }
-  auto [count, mean, stats_var] = finalize_moments(p[0], C, offset.data(), var, options, shift, running_mean,
+  auto [count, mean, stats_var] = finalize_moments(p[0], C, offset.get(), var, options, shift, running_mean,
                                                    running_var, num_batches_tracked, momentum);
   return {true, at::empty({0}, options), count, mean, stats_var};
 }
